@@ -1,0 +1,28 @@
+"""loglinear_grpo — theory-faithful Group Robust Preference Optimization for log-linear policies.
+
+Ramesh et al. (2024), "Group Robust Preference Optimization in Reward-free RLHF",
+arXiv:2405.20304. The toolkit solves
+
+    min_{θ∈Θ} max_{α∈Δ_K} Σ_g α_g L_g(θ),   L_g(θ) = mean_{i∈D_g} ℓ(s_iᵀθ − r_i)
+
+for the DPO, IPO and hinge losses, and certifies the answer (exact optimum, duality gap).
+"""
+from .constraints import Box, ConvexSet, L2Ball, Unconstrained
+from .data import PreferenceData
+from .exact import ExactResult, best_response, duality_gap, solve_exact, weighted_least_squares
+from .losses import pair_loss, pair_loss_derivative
+from .objective import group_losses, group_metrics, margins, weighted_gradient, worst_group_loss
+from .solver import (SolveResult, SolverConfig, SolverState, StepSize, averaged_alpha,
+                     averaged_theta, init, make_config, sample_batch, solve, theory_constants,
+                     theory_step_sizes, update)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Box", "ConvexSet", "ExactResult", "L2Ball", "PreferenceData", "SolveResult", "SolverConfig",
+    "SolverState", "StepSize", "Unconstrained", "averaged_alpha", "averaged_theta", "best_response",
+    "duality_gap", "group_losses", "group_metrics", "init", "make_config", "margins", "pair_loss",
+    "pair_loss_derivative", "sample_batch", "solve", "solve_exact", "theory_constants",
+    "theory_step_sizes", "update", "weighted_gradient", "weighted_least_squares",
+    "worst_group_loss",
+]

@@ -1,0 +1,52 @@
+"""Boundary checks shared by the public API (one place, one message style)."""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+LOSSES = ("dpo", "ipo", "hinge")
+LOSS_ALIASES = {"sigmoid": "dpo", "dpo": "dpo", "ipo": "ipo", "hinge": "hinge"}
+METHODS = ("group_robust", "importance_sampling", "vanilla")
+ESTIMATORS = ("full", "stochastic", "closed_form")
+
+
+def check_choice(name, value, choices, aliases=None):
+    """Return the canonical spelling of ``value`` or raise ``ValueError`` naming ``name``."""
+    table = aliases if aliases is not None else {c: c for c in choices}
+    if not isinstance(value, str) or value not in table:
+        raise ValueError(f"{name} must be one of {sorted(table)}, got {value!r}")
+    return table[value]
+
+
+def check_loss(loss):
+    return check_choice("loss", loss, LOSSES, LOSS_ALIASES)
+
+
+def check_positive_finite(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_unit_interval(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_vector(name, value, dim):
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.shape != (dim,):
+        raise ValueError(f"{name} must have shape ({dim},), got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite")
+    return arr

@@ -1,0 +1,214 @@
+"""Group preference data for a log-linear policy.
+
+For a log-linear policy :math:`\\pi_\\theta(y|x) \\propto \\exp(\\theta^\\top\\phi(x, y))` the
+implicit-reward margin of a pair is (paper Eq. (9), §3.1)
+
+.. math::
+
+    h_i(\\theta) = \\log\\frac{\\pi_\\theta(y_w|x)}{\\pi_\\mathrm{ref}(y_w|x)}
+                 - \\log\\frac{\\pi_\\theta(y_l|x)}{\\pi_\\mathrm{ref}(y_l|x)}
+               = s_i^\\top\\theta - r_i ,
+
+with :math:`s_i = \\phi(x, y_w) - \\phi(x, y_l)` and
+:math:`r_i = \\log\\pi_\\mathrm{ref}(y_w|x) - \\log\\pi_\\mathrm{ref}(y_l|x)`: the partition function
+cancels, so a data set is just the rows ``s_i``, the offsets ``r_i`` and the group labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+#: rows per block when streaming over ``diff`` (about 4 MiB of float64 at d=64)
+CHUNK_ROWS = 8192
+
+
+def _is_sparse(a):
+    return sp.issparse(a)
+
+
+def _check_diff(diff, check_finite):
+    if _is_sparse(diff):
+        diff = sp.csr_matrix(diff) if not isinstance(diff, (sp.csr_matrix, sp.csr_array)) else diff
+        if diff.ndim != 2:
+            raise ValueError(f"diff must be 2-D (N x d), got ndim={diff.ndim}")
+        if diff.dtype.kind != "f":
+            diff = diff.astype(np.float64)
+        if check_finite and not np.all(np.isfinite(diff.data)):
+            raise ValueError("diff contains NaN or inf")
+        return diff
+    if isinstance(diff, np.memmap):
+        if diff.ndim != 2:
+            raise ValueError(f"diff must be 2-D (N x d), got shape {diff.shape}")
+        if diff.dtype.kind != "f":
+            raise ValueError(f"a memory-mapped diff must be float32 or float64, got {diff.dtype}")
+        if check_finite:
+            # stream the file once; never hold it in memory
+            for start in range(0, diff.shape[0], CHUNK_ROWS):
+                if not np.all(np.isfinite(diff[start:start + CHUNK_ROWS])):
+                    raise ValueError("diff contains NaN or inf")
+        return diff
+    arr = np.asarray(diff)
+    if arr.dtype.kind not in "fiub":
+        raise ValueError(f"diff must be numeric, got dtype {arr.dtype}")
+    if arr.dtype.kind != "f":
+        arr = arr.astype(np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"diff must be 2-D (N x d), got shape {arr.shape}")
+    if check_finite and not np.all(np.isfinite(arr)):
+        raise ValueError("diff contains NaN or inf")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class PreferenceData:
+    """Pairs ``(x_g, y_w, y_l)`` of ``K`` groups, reduced to what a log-linear policy needs.
+
+    Parameters
+    ----------
+    diff : array_like, numpy.memmap or scipy.sparse matrix, shape (N, d)
+        Row ``i`` is :math:`s_i = \\phi(x_i, y_{w,i}) - \\phi(x_i, y_{l,i})`. A ``numpy.memmap``
+        is never loaded whole: full passes stream it in blocks of ``CHUNK_ROWS`` rows and the
+        stochastic estimator reads only the rows it samples. Sparse rows (e.g. the
+        ``e_y ⊗ h(x)`` features of an LLM's last layer) stay sparse.
+    groups : array_like of int, shape (N,)
+        Group label of each pair, in ``0..K-1``.
+    ref_margin : array_like, shape (N,), optional
+        :math:`r_i = \\log\\pi_\\mathrm{ref}(y_w|x) - \\log\\pi_\\mathrm{ref}(y_l|x)`;
+        zeros (a uniform reference policy) when omitted.
+    group_names : sequence of str, optional
+        One name per group; its length declares ``K``. Every declared group must hold at
+        least one pair.
+    n_groups : int, optional
+        Declares ``K`` without names (names default to ``"0" .. "K-1"``).
+    check_finite : bool, default True
+        Reject NaN/inf in ``diff`` and ``ref_margin`` (one streamed pass over a memmap).
+
+    Raises
+    ------
+    ValueError
+        On a shape mismatch, NaN/inf, group labels that are negative, non-integer or
+        ``>= K``, or an empty declared group; the message names the argument.
+    """
+
+    diff: object
+    groups: np.ndarray
+    ref_margin: np.ndarray | None = None
+    group_names: tuple | None = None
+    n_groups: int | None = None
+    check_finite: bool = True
+    group_sizes: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        diff = _check_diff(self.diff, self.check_finite)
+        n = diff.shape[0]
+        if n == 0:
+            raise ValueError("diff must hold at least one pair (N >= 1)")
+
+        groups = np.asarray(self.groups)
+        if groups.ndim != 1 or groups.shape[0] != n:
+            raise ValueError(f"groups must have shape ({n},) to match diff, got {groups.shape}")
+        if groups.dtype.kind == "f":
+            if not np.all(np.isfinite(groups)) or not np.all(groups == np.round(groups)):
+                raise ValueError("groups must hold integer labels 0..K-1")
+        elif groups.dtype.kind not in "iub":
+            raise ValueError(f"groups must hold integer labels, got dtype {groups.dtype}")
+        groups = groups.astype(np.intp)
+        if groups.min() < 0:
+            raise ValueError("groups must be non-negative (labels 0..K-1)")
+
+        names = self.group_names
+        k = self.n_groups
+        if names is not None:
+            names = tuple(str(g) for g in names)
+            if k is not None and k != len(names):
+                raise ValueError(f"n_groups={k} disagrees with len(group_names)={len(names)}")
+            k = len(names)
+        if k is None:
+            k = int(groups.max()) + 1
+        elif isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"n_groups must be an integer >= 1, got {k!r}")
+        if groups.max() >= k:
+            raise ValueError(f"groups has label {int(groups.max())} but only K={k} groups are declared")
+        sizes = np.bincount(groups, minlength=k)
+        if np.any(sizes == 0):
+            empty = [names[g] if names else str(g) for g in np.flatnonzero(sizes == 0)]
+            raise ValueError(f"groups: declared group(s) {empty} hold no pairs")
+        if names is None:
+            names = tuple(str(g) for g in range(k))
+
+        if self.ref_margin is None:
+            ref = np.zeros(n)
+        else:
+            ref = np.asarray(self.ref_margin, dtype=np.float64)
+            if ref.shape != (n,):
+                raise ValueError(f"ref_margin must have shape ({n},) to match diff, got {ref.shape}")
+            if self.check_finite and not np.all(np.isfinite(ref)):
+                raise ValueError("ref_margin contains NaN or inf")
+
+        object.__setattr__(self, "diff", diff)
+        object.__setattr__(self, "groups", groups)
+        object.__setattr__(self, "ref_margin", ref)
+        object.__setattr__(self, "group_names", names)
+        object.__setattr__(self, "n_groups", int(k))
+        object.__setattr__(self, "group_sizes", sizes.astype(np.int64))
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_features(cls, phi_chosen, phi_rejected, groups, ref_logp_chosen=None,
+                      ref_logp_rejected=None, **kwargs):
+        """Build the data from features of the chosen and rejected responses.
+
+        ``diff = phi_chosen - phi_rejected`` and, when reference log-probabilities are
+        given, ``ref_margin = ref_logp_chosen - ref_logp_rejected``.
+        """
+        phi_w = np.asarray(phi_chosen, dtype=np.float64)
+        phi_l = np.asarray(phi_rejected, dtype=np.float64)
+        if phi_w.shape != phi_l.shape:
+            raise ValueError(f"phi_chosen {phi_w.shape} and phi_rejected {phi_l.shape} differ in shape")
+        if (ref_logp_chosen is None) != (ref_logp_rejected is None):
+            raise ValueError("give both ref_logp_chosen and ref_logp_rejected, or neither")
+        ref = None
+        if ref_logp_chosen is not None:
+            ref = np.asarray(ref_logp_chosen, dtype=np.float64) - np.asarray(ref_logp_rejected, dtype=np.float64)
+        return cls(phi_w - phi_l, groups, ref_margin=ref, **kwargs)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_samples(self):
+        return self.diff.shape[0]
+
+    @property
+    def dim(self):
+        return self.diff.shape[1]
+
+    @property
+    def is_sparse(self):
+        return _is_sparse(self.diff)
+
+    @property
+    def streamed(self):
+        """True when full passes go block by block: a memory-mapped ``diff``, never loaded whole."""
+        return isinstance(self.diff, np.memmap)
+
+    def subset(self, index):
+        """The pairs at ``index`` (an integer or boolean array), same groups and names."""
+        index = np.asarray(index)
+        return PreferenceData(self.diff[index], self.groups[index], self.ref_margin[index],
+                              group_names=self.group_names, check_finite=False)
+
+    def row_norms(self):
+        """Euclidean norm of every row of ``diff`` (streamed)."""
+        if self.is_sparse:
+            return np.sqrt(np.asarray(self.diff.multiply(self.diff).sum(axis=1)).ravel())
+        out = np.empty(self.n_samples)
+        for start in range(0, self.n_samples, CHUNK_ROWS):
+            block = np.asarray(self.diff[start:start + CHUNK_ROWS], dtype=np.float64)
+            out[start:start + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block))
+        return out
+
+    def __repr__(self):
+        kind = "sparse" if self.is_sparse else ("memmap" if isinstance(self.diff, np.memmap) else "dense")
+        sizes = ", ".join(f"{n}={s}" for n, s in zip(self.group_names, self.group_sizes))
+        return f"PreferenceData(N={self.n_samples}, d={self.dim}, {kind}, groups: {sizes})"

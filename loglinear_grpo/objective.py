@@ -1,0 +1,169 @@
+"""Group losses, their gradients and per-group metrics (paper Eqs. (7)–(9)).
+
+Every full pass costs O(N·d) and runs over ``diff`` in row blocks, so it never copies ``S``
+and never loads a memory-mapped ``S`` whole. The hot path of the full-batch solver,
+:func:`losses_and_group_gradients`, reads ``S`` once per iteration for both the losses and the
+gradients.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ._validation import check_loss, check_positive_finite, check_vector
+from .data import CHUNK_ROWS, PreferenceData
+from .losses import loss_and_derivative, loss_derivative, loss_value
+
+#: above this many groups the fused single pass (K×d partial gradients per block) costs more
+#: than a second pass over S
+FUSED_MAX_GROUPS = 64
+
+
+def _blocks(data):
+    n = data.n_samples
+    if not data.streamed:
+        yield 0, n, data.diff
+        return
+    for start in range(0, n, CHUNK_ROWS):
+        stop = min(start + CHUNK_ROWS, n)
+        yield start, stop, data.diff[start:stop]
+
+
+def margins(theta, data):
+    """:math:`h_i(\\theta) = s_i^\\top\\theta - r_i` for every pair (§3.1), shape (N,)."""
+    if not data.streamed:
+        return np.asarray(data.diff @ theta).ravel() - data.ref_margin
+    h = np.empty(data.n_samples)
+    for start, stop, block in _blocks(data):
+        h[start:stop] = block @ theta
+    h -= data.ref_margin
+    return h
+
+
+def rmatvec(data, v):
+    """:math:`S^\\top v` (streamed), shape (d,)."""
+    if not data.streamed:
+        return np.asarray(data.diff.T @ v).ravel()
+    out = np.zeros(data.dim)
+    for start, stop, block in _blocks(data):
+        out += block.T @ v[start:stop]
+    return out
+
+
+def group_means(values, data):
+    """:math:`\\frac{1}{N_g}\\sum_{i\\in D_g} v_i` for every group, shape (K,)."""
+    return np.bincount(data.groups, weights=values, minlength=data.n_groups) / data.group_sizes
+
+
+def _group_losses(theta, data, loss, beta):
+    return group_means(loss_value(margins(theta, data), loss, beta), data)
+
+
+def group_losses(theta, data, loss="dpo", beta=1.0):
+    """Per-group mean losses :math:`L_g(\\theta) = \\frac{1}{N_g}\\sum_{i\\in D_g}\\ell(h_i(\\theta))`.
+
+    Eq. (7) for DPO; the same mean for IPO (§4.1) and the hinge. The GRPO objective is
+    :math:`\\max_g L_g(\\theta)`.
+
+    Parameters
+    ----------
+    theta : array_like, shape (d,)
+    data : PreferenceData
+    loss : {"dpo", "sigmoid", "ipo", "hinge"}
+    beta : float > 0
+
+    Returns
+    -------
+    ndarray, shape (K,)
+    """
+    loss = check_loss(loss)
+    beta = check_positive_finite("beta", beta)
+    _check_data(data)
+    theta = check_vector("theta", theta, data.dim)
+    return _group_losses(theta, data, loss, beta)
+
+
+def worst_group_loss(theta, data, loss="dpo", beta=1.0):
+    """:math:`\\mathcal{L}_{GR}(\\theta) = \\max_g L_g(\\theta)` (Eq. (7))."""
+    return float(np.max(group_losses(theta, data, loss, beta)))
+
+
+def weighted_gradient(theta, weights, data, loss, beta):
+    """:math:`\\nabla_\\theta \\sum_g w_g L_g(\\theta) = S^\\top u`,
+    :math:`u_i = \\frac{w_{g_i}}{N_{g_i}}\\,\\ell'(h_i)` (Eq. (11) summed over the data)."""
+    h = margins(theta, data)
+    pair_w = (weights / data.group_sizes)[data.groups]
+    return rmatvec(data, pair_w * loss_derivative(h, loss, beta))
+
+
+def _fused_block(theta, data, loss, beta, start, stop):
+    block = data.diff[start:stop]
+    h = block @ theta - data.ref_margin[start:stop]
+    g = data.groups[start:stop]
+    k = data.n_groups
+    values, dl = loss_and_derivative(h, loss, beta)
+    loss_sum = np.bincount(g, weights=values, minlength=k)
+    if k == 1:
+        return loss_sum, (dl @ block)[None, :]
+    if k <= 8:                      # K in-cache matvecs beat a (c×K) one-hot GEMM
+        return loss_sum, np.stack([np.where(g == j, dl, 0.0) @ block for j in range(k)])
+    onehot = np.zeros((stop - start, k))
+    onehot[np.arange(stop - start), g] = dl
+    return loss_sum, onehot.T @ block
+
+
+def _fused_range(theta, data, loss, beta, first, last):
+    loss_sum = np.zeros(data.n_groups)
+    grad_sum = np.zeros((data.n_groups, data.dim))
+    for start in range(first, last, CHUNK_ROWS):
+        ls, gs = _fused_block(theta, data, loss, beta, start, min(start + CHUNK_ROWS, last))
+        loss_sum += ls
+        grad_sum += gs
+    return loss_sum, grad_sum
+
+
+def losses_and_group_gradients(theta, data, loss, beta):
+    """One pass over S: group losses ``L`` (K,) and group gradient sums ``G`` (K, d).
+
+    ``G[g] = Σ_{i∈D_g} ℓ'(h_i) s_i``, so :math:`\\sum_g w_g\\nabla L_g = \\sum_g (w_g/N_g) G_g`
+    for weights chosen *after* the losses are known (the α step of Algorithm 1 comes first).
+    Used when S is streamed and K ≤ ``FUSED_MAX_GROUPS``: each block is read from memory once
+    and used again while it is in cache.
+    """
+    losses, grads = _fused_range(theta, data, loss, beta, 0, data.n_samples)
+    return losses / data.group_sizes, grads
+
+
+def _check_data(data):
+    if not isinstance(data, PreferenceData):
+        raise ValueError(f"data must be a PreferenceData, got {type(data).__name__}")
+
+
+def group_metrics(theta, data, loss="dpo", beta=1.0, alpha=None):
+    """Per-group metrics with TRL's names, plus a ``worst`` row.
+
+    Columns: ``loss`` (:math:`L_g`), ``rewards/accuracies`` (share of pairs with
+    :math:`h_i > 0`), ``rewards/margins`` (mean of :math:`\\beta h_i`, TRL's implicit reward
+    margin), ``n_pairs`` and, when ``alpha`` is given, ``weight``. The ``worst`` row holds the
+    max loss, min accuracy, min margin and max weight over groups.
+    """
+    loss = check_loss(loss)
+    beta = check_positive_finite("beta", beta)
+    _check_data(data)
+    theta = check_vector("theta", theta, data.dim)
+    h = margins(theta, data)
+    table = pd.DataFrame({
+        "loss": group_means(loss_value(h, loss, beta), data),
+        "rewards/accuracies": group_means((h > 0).astype(np.float64), data),
+        "rewards/margins": group_means(beta * h, data),
+        "n_pairs": data.group_sizes,
+    }, index=pd.Index(data.group_names, name="group"))
+    if alpha is not None:
+        table["weight"] = check_vector("alpha", alpha, data.n_groups)
+    worst = {"loss": table["loss"].max(), "rewards/accuracies": table["rewards/accuracies"].min(),
+             "rewards/margins": table["rewards/margins"].min(), "n_pairs": int(data.n_samples)}
+    if alpha is not None:
+        worst["weight"] = table["weight"].max()
+    table.loc["worst"] = pd.Series(worst)
+    table["n_pairs"] = table["n_pairs"].astype(int)
+    return table

@@ -1,0 +1,183 @@
+"""Cross-solver consistency: iterative vs closed form vs the cvxpy exact optimum."""
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import loglinear_grpo as lg
+from conftest import make_problem
+
+RADIUS = 2.0
+STOCHASTIC_STEPS = {"dpo": "1/sqrt(t)", "ipo": "0.1/sqrt(t)", "hinge": "1/sqrt(t)"}
+
+
+@pytest.fixture(scope="module")
+def exact(problem):
+    return {loss: lg.solve_exact(problem, loss, 1.0, radius=RADIUS) for loss in ("dpo", "ipo", "hinge")}
+
+
+def test_exact_solution_is_a_saddle_point(problem, exact):
+    for loss, ex in exact.items():
+        losses = lg.group_losses(ex.theta, problem, loss)
+        assert ex.value == pytest.approx(losses.max())
+        assert abs(ex.alpha.sum() - 1) < 1e-9 and np.all(ex.alpha >= 0)
+        # the groups the dual weighs are the active (worst) ones
+        assert np.all(losses[ex.alpha > 1e-3] >= ex.value - 1e-5)
+        gap = lg.duality_gap(ex.theta, ex.alpha, problem, loss, radius=RADIUS)
+        assert -1e-6 <= gap < 1e-5
+        assert np.linalg.norm(ex.theta) <= RADIUS + 1e-6
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge"])
+def test_full_batch_reaches_exact_optimum(problem, exact, loss):
+    kwargs = {"hinge": dict(step_size="1/sqrt(t)")}.get(loss, {})
+    res = lg.solve(problem, loss, estimator="full", steps=4000, radius=RADIUS,
+                   alpha_step_size=0.5, **kwargs)
+    worst = res.worst_group_loss(problem)
+    assert worst >= exact[loss].value - 1e-6            # never below the true minimum
+    assert worst <= exact[loss].value * 1.01
+    np.testing.assert_allclose(res.alpha_avg, exact[loss].alpha, atol=0.05)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge"])
+def test_stochastic_algorithm1_reaches_exact_optimum(problem, exact, loss):
+    res = lg.solve(problem, loss, estimator="stochastic", steps=20000, radius=RADIUS,
+                   step_size=STOCHASTIC_STEPS[loss], alpha_step_size=STOCHASTIC_STEPS[loss],
+                   seed=1, log_every=20000)
+    worst = res.worst_group_loss(problem)
+    assert exact[loss].value - 1e-6 <= worst <= exact[loss].value * 1.05
+
+
+def test_closed_form_gr_ipo_reaches_exact_optimum(problem, exact):
+    res = lg.solve(problem, "ipo", estimator="closed_form", steps=2000, radius=RADIUS,
+                   alpha_step_size=0.5, log_every=2000)
+    assert res.worst_group_loss(problem) <= exact["ipo"].value * 1.01
+
+
+@pytest.mark.parametrize("theta_set", ["none", "ball_inactive", "ball_active", "ball_centred", "box"])
+def test_closed_form_equals_cvxpy(problem, theta_set):
+    import cvxpy as cp
+    sets = {"none": None, "ball_inactive": lg.L2Ball(100.0), "ball_active": lg.L2Ball(0.3),
+            "ball_centred": lg.L2Ball(0.5, np.linspace(-1, 1, 5)), "box": lg.Box(-0.2, 0.25)}
+    beta = 0.7
+    w = np.array([0.5, 0.2, 0.3])
+    theta = lg.weighted_least_squares(problem, w, 0.5 / beta, sets[theta_set])
+    v = cp.Variable(problem.dim)
+    pw = (w / problem.group_sizes)[problem.groups]
+    obj = cp.sum(cp.multiply(pw, cp.square(problem.diff @ v - problem.ref_margin - 0.5 / beta)))
+    cons = [] if sets[theta_set] is None else sets[theta_set].cvxpy_constraints(v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)      # "may be inaccurate" at this tolerance
+        cp.Problem(cp.Minimize(obj), cons).solve(solver="CLARABEL", tol_gap_abs=1e-10,
+                                                 tol_gap_rel=1e-10, tol_feas=1e-10)
+    np.testing.assert_allclose(theta, v.value, atol=1e-6)
+
+    def value(t):
+        return np.sum(pw * (problem.diff @ t - problem.ref_margin - 0.5 / beta) ** 2)
+
+    assert value(theta) <= value(v.value) + 1e-12             # ours is at least as optimal
+
+
+def test_closed_form_rank_deficient_uses_least_squares():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 2))
+    diff = np.hstack([base, base[:, :1]])                   # third column = first: singular H
+    data = lg.PreferenceData(diff, np.arange(40) % 2)
+    theta = lg.weighted_least_squares(data, np.array([0.5, 0.5]), 0.5)
+    assert np.all(np.isfinite(theta))
+    assert theta[0] == pytest.approx(theta[2])              # the minimum-norm solution
+    ref = np.linalg.lstsq(diff * np.sqrt(1 / 20)[None], np.full(40, 0.5) * np.sqrt(1 / 20), rcond=None)[0]
+    np.testing.assert_allclose(theta, ref, atol=1e-9)
+
+
+def test_one_group_all_methods_coincide():
+    data = make_problem(sizes=(120,), seed=3)
+    results = [lg.solve(data, "dpo", method=m, estimator="stochastic", steps=500, step_size=0.1,
+                        alpha_step_size=0.3, log_every=500) for m in
+               ("group_robust", "importance_sampling", "vanilla")]
+    for r in results[1:]:
+        np.testing.assert_array_equal(r.theta, results[0].theta)
+    full = [lg.solve(data, "ipo", method=m, estimator="full", steps=200, log_every=200).theta
+            for m in ("group_robust", "importance_sampling", "vanilla")]
+    np.testing.assert_array_equal(full[0], full[1])
+    np.testing.assert_allclose(full[0], full[2], rtol=1e-12)
+
+
+def test_chi_zero_is_the_group_average(problem):
+    """χ = 0: the θ step weighs every group 1/K, exactly importance sampling."""
+    kw = dict(loss="dpo", estimator="full", steps=300, step_size=0.5, alpha_step_size=0.5, log_every=300)
+    gr = lg.solve(problem, method="group_robust", chi=0.0, **kw)
+    imp = lg.solve(problem, method="importance_sampling", **kw)
+    np.testing.assert_array_equal(gr.theta, imp.theta)
+    half = lg.solve(problem, method="group_robust", chi=0.5, **kw)
+    assert lg.worst_group_loss(half.theta, problem) <= lg.worst_group_loss(imp.theta, problem) + 1e-12
+
+
+def test_methods_differ_as_the_paper_says(problem, exact):
+    """On unequal groups GR beats IS and vanilla on the worst group; vanilla wins on average."""
+    kw = dict(loss="dpo", estimator="full", steps=3000, radius=RADIUS, alpha_step_size=0.5, log_every=3000)
+    res = {m: lg.solve(problem, method=m, **kw) for m in ("group_robust", "importance_sampling", "vanilla")}
+    worst = {m: r.worst_group_loss(problem) for m, r in res.items()}
+    assert worst["group_robust"] < worst["importance_sampling"] and worst["group_robust"] < worst["vanilla"]
+    np.testing.assert_allclose(res["vanilla"].alpha, problem.group_sizes / problem.n_samples)
+    avg = {m: np.mean(lg.pair_loss(lg.margins(r.theta, problem))) for m, r in res.items()}
+    assert avg["vanilla"] <= avg["group_robust"]
+
+
+def test_sampler_draws_groups_in_proportion(problem):
+    cfg = lg.make_config(problem, estimator="stochastic", steps=10, batch_size=50, radius=1.0)
+    idx = np.concatenate([lg.sample_batch(cfg, t) for t in range(4000)])
+    freq = np.bincount(problem.groups[idx], minlength=3) / idx.size
+    np.testing.assert_allclose(freq, problem.group_sizes / problem.n_samples, atol=0.005)
+    counts = np.bincount(idx, minlength=problem.n_samples)
+    assert counts.min() > 0                                  # every pair can be drawn
+    np.testing.assert_array_equal(lg.sample_batch(cfg, 1234), lg.sample_batch(cfg, 1234))
+
+
+def test_duality_gap_bounds_suboptimality(problem, exact):
+    res = lg.solve(problem, "dpo", estimator="full", steps=200, radius=RADIUS, alpha_step_size=0.5,
+                   duality_gap=True, log_every=50)
+    sub = res.worst_group_loss(problem) - exact["dpo"].value
+    gap = lg.duality_gap(res.theta, res.alpha_avg, problem, "dpo", radius=RADIUS)
+    assert 0 <= sub <= gap + 1e-9
+    assert res.history["gap"].iloc[-1] == pytest.approx(gap, rel=1e-6)
+    assert (res.history["gap"] >= -1e-7).all()
+    assert res.history["gap"].iloc[-1] < res.history["gap"].iloc[1]
+
+
+def test_sparse_and_dense_agree(problem):
+    sparse = lg.PreferenceData(sp.csr_matrix(problem.diff), problem.groups, problem.ref_margin)
+    for est in ("full", "stochastic"):
+        kw = dict(loss="dpo", estimator=est, steps=300, step_size=0.1, alpha_step_size=0.2, log_every=300)
+        np.testing.assert_allclose(lg.solve(sparse, **kw).theta, lg.solve(problem, **kw).theta, rtol=1e-10)
+    np.testing.assert_allclose(lg.weighted_least_squares(sparse, np.ones(3) / 3, 0.5),
+                               lg.weighted_least_squares(problem, np.ones(3) / 3, 0.5), rtol=1e-10)
+
+
+def test_memmap_data_is_streamed(tmp_path, problem):
+    path = tmp_path / "S.f64"
+    mm = np.memmap(path, dtype=np.float64, mode="w+", shape=problem.diff.shape)
+    mm[:] = problem.diff
+    mm.flush()
+    ro = np.memmap(path, dtype=np.float64, mode="r", shape=problem.diff.shape)
+    data = lg.PreferenceData(ro, problem.groups, problem.ref_margin)
+    assert data.streamed and isinstance(data.diff, np.memmap)
+    for est in ("full", "stochastic"):
+        kw = dict(loss="dpo", estimator=est, steps=200, step_size=0.1, alpha_step_size=0.2, log_every=200)
+        np.testing.assert_allclose(lg.solve(data, **kw).theta, lg.solve(problem, **kw).theta, rtol=1e-10)
+    np.testing.assert_allclose(lg.group_losses(np.ones(5), data), lg.group_losses(np.ones(5), problem))
+
+
+def test_theory_step_sizes_follow_the_formula(problem):
+    cfg = lg.make_config(problem, "dpo", estimator="stochastic", steps=10000, radius=2.0,
+                         step_size="theory", alpha_step_size="theory")
+    c = cfg.theory
+    norms = problem.row_norms()
+    assert c["D"] == 4.0 and c["h_max"] == pytest.approx(2.0 * norms.max())
+    c_n = problem.n_samples / problem.group_sizes.min()
+    assert c["G_theta"] == pytest.approx(c_n * norms.max())           # β = 1: |ℓ'| ≤ 1
+    assert cfg.theta_step.scale == pytest.approx(4.0 / (c["G_theta"] * 100))
+    assert cfg.alpha_step.scale == pytest.approx(np.sqrt(2 * np.log(3)) / (c["G_alpha"] * 100))
+    with pytest.raises(ValueError, match="bounded"):
+        lg.make_config(problem, "dpo", estimator="stochastic", step_size="theory")
