@@ -15,6 +15,7 @@ cancels, so a data set is just the rows ``s_i``, the offsets ``r_i`` and the gro
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,9 +45,18 @@ def _check_diff(diff, check_finite):
         if diff.dtype.kind != "f":
             raise ValueError(f"a memory-mapped diff must be float32 or float64, got {diff.dtype}")
         if check_finite:
-            # stream the file once; never hold it in memory
+            # stream the file once through short-lived maps, so its pages do not stay resident
+            row_bytes = diff.shape[1] * diff.dtype.itemsize
             for start in range(0, diff.shape[0], CHUNK_ROWS):
-                if not np.all(np.isfinite(diff[start:start + CHUNK_ROWS])):
+                rows = min(CHUNK_ROWS, diff.shape[0] - start)
+                if diff.filename is not None and isinstance(diff.base, mmap.mmap) and diff.flags.c_contiguous:
+                    block = np.memmap(diff.filename, dtype=diff.dtype, mode="r", shape=(rows, diff.shape[1]),
+                                      offset=diff.offset + start * row_bytes)
+                else:
+                    block = diff[start:start + rows]
+                finite = np.all(np.isfinite(block))
+                del block
+                if not finite:
                     raise ValueError("diff contains NaN or inf")
         return diff
     arr = np.asarray(diff)

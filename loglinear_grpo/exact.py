@@ -175,7 +175,30 @@ def _ball_least_squares(hess, rhs, radius):
     return vec @ (qt / (lam + mu))
 
 
-def weighted_least_squares(data, group_weights, target_offset, theta_set=None):
+def group_normal_equations(data, target_offset, theta_set=None):
+    """Per-group normal equations ``(H_g, q_g)`` of the GR-IPO regression, shapes (K,d,d), (K,d):
+
+    :math:`H_g = S_g^\\top S_g/N_g`, :math:`q_g = S_g^\\top (b_g - S_g c)/N_g` with
+    :math:`b = r + 1/(2\\beta)` and c the centre of an L2-ball Θ (0 otherwise). Then
+    :math:`\\sum_g w_g H_g` and :math:`\\sum_g w_g q_g` are the normal equations for any
+    group weights w, at O(K·d²) per α step instead of O(N·d²). ``None`` for Θ without a
+    closed form (box, general convex set).
+    """
+    theta_set = Unconstrained() if theta_set is None else theta_set
+    if not isinstance(theta_set, (Unconstrained, L2Ball)):
+        return None
+    target = data.ref_margin + target_offset
+    if isinstance(theta_set, L2Ball) and theta_set.center is not None and np.any(theta_set.center):
+        target = target - np.asarray(data.diff @ theta_set.center).ravel()
+    k, d = data.n_groups, data.dim
+    grams, rhs = np.empty((k, d, d)), np.empty((k, d))
+    for g in range(k):
+        one_hot = (data.groups == g) / data.group_sizes[g]
+        grams[g], rhs[g] = _normal_equations(data, one_hot, target)
+    return grams, rhs
+
+
+def weighted_least_squares(data, group_weights, target_offset, theta_set=None, normal_equations=None):
     """Closed-form GR-IPO θ step (§4.1, Algorithm 2):
 
     .. math::
@@ -197,18 +220,23 @@ def weighted_least_squares(data, group_weights, target_offset, theta_set=None):
     target_offset : float
         :math:`1/(2\\beta)`.
     theta_set : Θ object, optional
+    normal_equations : tuple, optional
+        :func:`group_normal_equations` of the same data, offset and Θ, to reuse across calls.
     """
     theta_set = Unconstrained() if theta_set is None else theta_set
-    pair_w = (np.asarray(group_weights, dtype=np.float64) / data.group_sizes)[data.groups]
-    target = data.ref_margin + target_offset
-    if isinstance(theta_set, Unconstrained):
-        hess, rhs = _normal_equations(data, pair_w, target)
-        return _solve_psd(hess, rhs)
-    if isinstance(theta_set, L2Ball):
+    w = np.asarray(group_weights, dtype=np.float64)
+    if isinstance(theta_set, (Unconstrained, L2Ball)):
+        if normal_equations is None:
+            normal_equations = group_normal_equations(data, target_offset, theta_set)
+        grams, rhs = normal_equations
+        hess = np.tensordot(w, grams, axes=1)
+        q = w @ rhs
+        if isinstance(theta_set, Unconstrained):
+            return _solve_psd(hess, q)
         center = theta_set._c(np.zeros(data.dim))
-        shifted = target - (np.asarray(data.diff @ center).ravel() if np.any(center) else 0.0)
-        hess, rhs = _normal_equations(data, pair_w, shifted)
-        return center + _ball_least_squares(hess, rhs, theta_set.radius)
+        return center + _ball_least_squares(hess, q, theta_set.radius)
+    pair_w = (w / data.group_sizes)[data.groups]
+    target = data.ref_margin + target_offset
     root_w = np.sqrt(pair_w)
     if isinstance(theta_set, Box) and not data.is_sparse:
         a = np.asarray(data.diff, dtype=np.float64) * root_w[:, None]

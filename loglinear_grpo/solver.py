@@ -50,7 +50,7 @@ from ._validation import (ESTIMATORS, METHODS, check_choice, check_loss, check_p
                           check_positive_int, check_unit_interval, check_vector)
 from .constraints import Unconstrained, make_constraint
 from .data import CHUNK_ROWS, PreferenceData
-from .exact import _duality_gap, weighted_least_squares
+from .exact import _duality_gap, group_normal_equations, weighted_least_squares
 from .losses import loss_and_derivative, loss_bounds, smoothness
 from .objective import (FUSED_MAX_GROUPS, _check_data, _group_losses, group_metrics,
                         losses_and_group_gradients, margins)
@@ -114,6 +114,7 @@ class SolverConfig:
     members: np.ndarray = field(repr=False)           # pair indices sorted by group
     fused: bool = False
     streamed: bool = False
+    normal_equations: tuple | None = field(default=None, repr=False)   # closed form: (H_g, q_g)
     theory: dict = field(default_factory=dict)
 
     @property
@@ -299,7 +300,9 @@ def make_config(data, loss="dpo", beta=1.0, method="group_robust", estimator="fu
         theta0=theta0, alpha0=alpha0, n_samples=data.n_samples, group_sizes=sizes.astype(np.float64),
         pair_inv_size=(1.0 / sizes)[data.groups], group_cum=np.cumsum(sizes) / sizes.sum(),
         group_offsets=offsets, members=members,
-        fused=data.streamed and k <= FUSED_MAX_GROUPS, streamed=data.streamed, theory=dict(cache))
+        fused=data.streamed and k <= FUSED_MAX_GROUPS, streamed=data.streamed, theory=dict(cache),
+        normal_equations=(group_normal_equations(data, 0.5 / beta, theta_set)
+                          if estimator == "closed_form" else None))
 
 
 # ============================================================================ pure functions
@@ -389,8 +392,11 @@ def update(state, data, config, batch=None):
     else:
         losses = _group_losses(state.theta, data, config.loss, config.beta)
         log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
-        theta = weighted_least_squares(data, _theta_weights(alpha, config), 0.5 / config.beta,
-                                       config.theta_set)
+        if not config.adaptive_alpha and state.step > 0:
+            theta = state.theta          # fixed weights: the same regression, the same answer
+        else:
+            theta = weighted_least_squares(data, _theta_weights(alpha, config), 0.5 / config.beta,
+                                           config.theta_set, config.normal_equations)
     new = SolverState(theta=theta, log_alpha=log_alpha, theta_sum=state.theta_sum + theta,
                       alpha_sum=state.alpha_sum + alpha, step=t)
     return new, {"losses": losses}

@@ -1,0 +1,153 @@
+"""Speed and scale of the solvers, measured against the machine's own limits.
+
+    python benchmarks/speed.py [--quick] [--out benchmarks/results]
+
+1. full-batch iteration at the paper's size (N=300, d=4, K=2) vs a bare NumPy loop of the same
+   update (goal ≤ 1.5×);
+2. full-batch iteration at N=10^6, d=64 vs one NumPy pass over S (``S @ θ``; goal ≥ 50%);
+3. stochastic iterations per second vs batch size;
+4. closed-form GR-IPO alternation time vs d and N;
+5. a memory-mapped S larger than a RAM budget trained with the stochastic estimator: peak
+   resident memory vs the file size.
+
+Prints a table and writes ``speed.csv`` (and ``speed.png``) to ``--out``. Timings are the
+best of several repeats; this machine is shared, so read them as ±10%.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import loglinear_grpo as lg  # noqa: E402
+from _bare import bare_full_batch_dpo  # noqa: E402
+
+
+def best_of(fn, repeats=5):
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def paper_size(rows, steps):
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(300, 4))
+    g = (rng.random(300) < 0.2).astype(int)
+    data = lg.PreferenceData(s, g)
+    bare = best_of(lambda: bare_full_batch_dpo(s, g, steps, 0.5, 0.5, radius=1.0), 3)
+    ours = best_of(lambda: lg.solve(data, "dpo", estimator="full", steps=steps, step_size=0.5,
+                                    alpha_step_size=0.5, radius=1.0, log_every=steps), 3)
+    logged = best_of(lambda: lg.solve(data, "dpo", estimator="full", steps=steps, step_size=0.5,
+                                      alpha_step_size=0.5, radius=1.0), 3)
+    t_b, _ = bare_full_batch_dpo(s, g, 50, 0.5, 0.5, radius=1.0)
+    t_o = lg.solve(data, "dpo", estimator="full", steps=50, step_size=0.5, alpha_step_size=0.5,
+                   radius=1.0, log_every=50).theta
+    assert np.array_equal(t_b, t_o), "the toolkit and the bare loop must compute the same iterates"
+    rows.append({"case": "paper size N=300 d=4 K=2", "what": f"{steps} full-batch iterations",
+                 "toolkit_s": ours, "reference_s": bare, "ratio": ours / bare,
+                 "note": f"vs bare NumPy loop (goal ≤ 1.5); with default logging: {logged / bare:.2f}"})
+
+
+def large(rows, n, d):
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal((n, d))
+    g = rng.integers(0, 2, n)
+    data = lg.PreferenceData(s, g)
+    theta = rng.standard_normal(d) * 0.1
+    one_pass = best_of(lambda: s @ theta)
+    cfg = lg.make_config(data, "dpo", estimator="full", steps=10, step_size=0.1, alpha_step_size=0.1)
+    state = lg.init(data, cfg)
+    it = best_of(lambda: lg.update(state, data, cfg))
+    rows.append({"case": f"N={n:.0e} d={d} K=2", "what": "one full-batch iteration",
+                 "toolkit_s": it, "reference_s": one_pass, "ratio": one_pass / it,
+                 "note": f"share of one NumPy pass S@θ (goal ≥ 0.5); pass = {s.nbytes / one_pass / 1e9:.1f} GB/s"})
+
+
+def stochastic(rows, steps):
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(100_000, 32))
+    data = lg.PreferenceData(s, rng.integers(0, 5, 100_000))
+    for b in (1, 8, 64, 512):
+        t = best_of(lambda: lg.solve(data, "dpo", estimator="stochastic", steps=steps, batch_size=b,
+                                     step_size=0.01, alpha_step_size=0.01, log_every=steps), 2)
+        rows.append({"case": "N=1e5 d=32 K=5", "what": f"stochastic, batch {b}", "toolkit_s": t / steps,
+                     "reference_s": np.nan, "ratio": steps / t, "note": "ratio = iterations per second"})
+
+
+def closed_form(rows):
+    rng = np.random.default_rng(0)
+    for n, d in [(10_000, 4), (10_000, 32), (10_000, 128), (10_000, 512), (1_000, 64), (100_000, 64)]:
+        data = lg.PreferenceData(rng.normal(size=(n, d)), rng.integers(0, 3, n))
+        cfg = lg.make_config(data, "ipo", estimator="closed_form", steps=5, alpha_step_size=0.01)
+        state = lg.init(data, cfg)
+        setup = best_of(lambda: lg.make_config(data, "ipo", estimator="closed_form", steps=5,
+                                               alpha_step_size=0.01), 2)
+        t = best_of(lambda: lg.update(state, data, cfg))
+        rows.append({"case": f"N={n} d={d} K=3", "what": "closed-form GR-IPO alternation",
+                     "toolkit_s": t, "reference_s": setup, "ratio": np.nan,
+                     "note": "reference_s = one-off Gram set-up O(N d^2); a step is O(N d + K d^2 + d^3)"})
+
+
+def memmap(rows, n, d, steps, folder):
+    path = os.path.join(folder, "S.f32")
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, d))
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 1_000_000):
+        stop = min(start + 1_000_000, n)
+        mm[start:stop] = rng.standard_normal((stop - start, d), dtype=np.float32)
+    mm.flush()
+    del mm
+    groups = rng.integers(0, 4, n)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    data = lg.PreferenceData(np.memmap(path, dtype=np.float32, mode="r", shape=(n, d)), groups,
+                             check_finite=False)
+    t = time.perf_counter()
+    res = lg.solve(data, "dpo", estimator="stochastic", steps=steps, batch_size=64, step_size=0.01,
+                   alpha_step_size=0.01, log_every=steps + 1)
+    elapsed = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    size_mb = n * d * 4 / 2**20
+    assert np.all(np.isfinite(res.theta_last))
+    rows.append({"case": f"memmap N={n:.0e} d={d} float32 ({size_mb:.0f} MiB)",
+                 "what": f"{steps} stochastic steps, batch 64", "toolkit_s": elapsed,
+                 "reference_s": np.nan, "ratio": (peak - before) / size_mb,
+                 "note": f"ratio = peak-RSS growth / file size; peak RSS {peak:.0f} MiB (before {before:.0f} MiB)"})
+    os.unlink(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    paper_size(rows, 2000 if args.quick else 20000)
+    large(rows, 10**5 if args.quick else 10**6, 64)
+    stochastic(rows, 500 if args.quick else 5000)
+    closed_form(rows)
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+        memmap(rows, 10**6 if args.quick else 2 * 10**7, 32, 500 if args.quick else 5000, tmp)
+    table = pd.DataFrame(rows)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_colwidth", 90)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    table.to_csv(os.path.join(args.out, "speed.csv"), index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
