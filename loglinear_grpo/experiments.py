@@ -18,7 +18,7 @@ import pandas as pd
 
 from .objective import _group_losses
 from .solver import averaged_theta, solve
-from .synthetic import SCENARIOS, GroupLinearBandit, scenario_data
+from .synthetic import SCENARIOS, scenario_data
 
 #: the six methods of Figures 2–4: (loss, method, estimator)
 METHODS = {

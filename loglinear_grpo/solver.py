@@ -48,8 +48,8 @@ import pandas as pd
 
 from ._validation import (ESTIMATORS, METHODS, check_choice, check_loss, check_positive_finite,
                           check_positive_int, check_unit_interval, check_vector)
-from .constraints import Unconstrained, make_constraint
-from .data import CHUNK_ROWS, PreferenceData
+from .constraints import make_constraint
+from .data import CHUNK_ROWS
 from .exact import _duality_gap, group_normal_equations, weighted_least_squares
 from .losses import loss_and_derivative, loss_bounds, smoothness
 from .objective import (FUSED_MAX_GROUPS, _check_data, _group_losses, group_metrics,

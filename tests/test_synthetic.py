@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-import loglinear_grpo as lg
 from loglinear_grpo.experiments import final_table, run_sweep
 from loglinear_grpo.synthetic import GroupLinearBandit, scenario_data
 
