@@ -8,9 +8,11 @@
 3. stochastic iterations per second vs batch size;
 4. closed-form GR-IPO alternation time vs d and N;
 5. a memory-mapped S larger than a RAM budget trained with the stochastic estimator: peak
-   resident memory vs the file size.
+   resident memory vs the file size;
+6. how the cost of one iteration grows with N, d and K (one log–log panel per axis, full-batch
+   and stochastic estimators; ``--scaling-only`` runs just this).
 
-Prints a table and writes ``speed.csv`` (and ``speed.png``) to ``--out``. Timings are the
+Prints a table and writes ``speed.csv``, ``scaling.csv`` and ``scaling.png`` to ``--out``. Timings are the
 best of several repeats; this machine is shared, so read them as ±10%.
 """
 from __future__ import annotations
@@ -153,10 +155,59 @@ def memmap(rows, n, d, steps, folder):
                           f"{m['RssFile']:.0f} MiB; reference_s = streamed finiteness check")})
 
 
+SCALING_AXES = {
+    "N": [(n, 16, 4) for n in (10**3, 10**4, 10**5, 10**6)],
+    "d": [(10**4, d, 4) for d in (4, 16, 64, 256, 1024)],
+    "K": [(10**5, 16, k) for k in (2, 10, 100, 1000, 10000)],
+}
+
+
+def scaling(quick=False):
+    """Seconds per iteration (full batch; stochastic with batch 64) along each axis, others fixed."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for axis, points in SCALING_AXES.items():
+        for n, d, k in points:
+            if quick and n * d > 10**6:
+                continue
+            data = lg.PreferenceData(rng.standard_normal((n, d)), np.arange(n) % k)
+            for estimator, batch in (("full", 1), ("stochastic", 64)):
+                cfg = lg.make_config(data, "dpo", estimator=estimator, steps=10, batch_size=batch,
+                                     step_size=0.01, alpha_step_size=0.01)
+                state = lg.init(data, cfg)
+                t = best_of(lambda: lg.update(state, data, cfg), 3 if estimator == "full" else 20)
+                rows.append({"axis": axis, "N": n, "d": d, "K": k, "estimator": estimator, "seconds": t})
+    return pd.DataFrame(rows)
+
+
+def plot_scaling(table, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, axis in zip(axes, SCALING_AXES):
+        sub = table[table.axis == axis]
+        fixed = {a: sub[a].iloc[0] for a in ("N", "d", "K") if a != axis}
+        for estimator, tab in sub.groupby("estimator"):
+            x, y = tab[axis].to_numpy(float), tab["seconds"].to_numpy()
+            slope = np.polyfit(np.log(x), np.log(y), 1)[0] if len(x) > 1 else np.nan
+            ax.loglog(x, y * 1e3, "o-", label=f"{estimator} (log-log slope {slope:.2f})")
+        ax.set_xlabel(axis)
+        ax.set_ylabel("ms per iteration")
+        ax.set_title(f"vs {axis} (" + ", ".join(f"{a}={v:g}" for a, v in fixed.items()) + ")")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Cost of one iteration (DPO, group robust), 2-core machine", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--scaling-only", action="store_true", help="run item 6 only")
     parser.add_argument("--memmap-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memmap_worker:
@@ -164,6 +215,12 @@ def main(argv=None):
         memmap_worker(int(n), int(d), int(steps), folder)
         return 0
     os.makedirs(args.out, exist_ok=True)
+    table = scaling(args.quick)
+    table.to_csv(os.path.join(args.out, "scaling.csv"), index=False)
+    plot_scaling(table, os.path.join(args.out, "scaling.png"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if args.scaling_only:
+        return 0
     rows = []
     paper_size(rows, 2000 if args.quick else 20000)
     large(rows, 10**5 if args.quick else 10**6, 64)

