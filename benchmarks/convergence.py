@@ -179,12 +179,14 @@ def draw(raw, slopes, value, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(PROBLEMS), len(LOSSES), figsize=(4.2 * len(LOSSES), 3.6 * len(PROBLEMS)),
+    problems = [p for p in PROBLEMS if p in set(raw.problem)]
+    losses = [loss for loss in LOSSES if loss in set(raw.loss)]
+    fig, axes = plt.subplots(len(problems), len(losses), figsize=(4.2 * len(losses) + 1, 3.6 * len(problems)),
                              squeeze=False)
     colors = {"stochastic": "C0", "full": "C2", "closed_form": "C3"}
     names = {"stochastic": "Alg. 1", "full": "full batch", "closed_form": "closed form"}
-    for i, problem in enumerate(PROBLEMS):
-        for j, loss in enumerate(LOSSES):
+    for i, problem in enumerate(problems):
+        for j, loss in enumerate(losses):
             ax = axes[i, j]
             tab = raw[(raw.problem == problem) & (raw.loss == loss)]
             anchor = None
@@ -247,6 +249,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--t-max", type=float, default=1e5)
     parser.add_argument("--scales", default="1,10", help="multipliers of the theory steps (stochastic)")
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    parser.add_argument("--no-deterministic", action="store_true", help="skip the full-batch and closed-form runs")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "paper_figures", "convergence"))
     parser.add_argument("--redraw", action="store_true", help="redraw from the saved convergence.csv")
@@ -264,11 +269,13 @@ def main(argv=None):
         from tqdm.auto import tqdm
         grid = t_grid(1e2, args.t_max)
         scales = [float(s) for s in args.scales.split(",")]
-        jobs = [(p, loss, s, seed, grid) for p in PROBLEMS for loss in LOSSES for s in scales
+        jobs = [(p, loss, s, seed, grid) for p in args.problems for loss in args.losses for s in scales
                 for seed in range(args.seeds)]
-        det = [(p, loss, "full", s, grid) for p in PROBLEMS for loss in LOSSES for s in scales]
-        det += [(p, "ipo", "closed_form", s, t_grid(1, min(args.t_max, 1e4))) for p in PROBLEMS
-                for s in scales]
+        det = [(p, loss, "full", s, grid) for p in args.problems for loss in args.losses for s in scales]
+        det += [(p, "ipo", "closed_form", s, t_grid(1, min(args.t_max, 1e4))) for p in args.problems
+                for s in scales if "ipo" in args.losses]
+        if args.no_deterministic:
+            det = []
         tic = time.perf_counter()
         rows = []
         with ProcessPoolExecutor(args.workers) as pool:

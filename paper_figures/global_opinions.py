@@ -84,7 +84,7 @@ def run(args):
             problem, _ = load_problem(args.workdir, seed=seed)
             init = lh.evaluate(problem, problem.theta_ref, loss, BETA, "train")
             for g, v in init["logprob_accuracy"].items():
-                rows.append({"loss": loss, "method": "reference", "seed": seed, "group": g,
+                rows.append({"objective": loss, "method": "reference", "seed": seed, "group": g,
                              "split": "train", "logprob_accuracy": v})
             for method in METHODS:
                 tic = time.perf_counter()
@@ -93,7 +93,7 @@ def run(args):
                 seconds = time.perf_counter() - tic
                 table = lh.evaluate(problem, result.theta, loss, BETA, "test")
                 for g, rec in table.iterrows():
-                    rows.append({"loss": loss, "method": method, "seed": seed, "group": g, "split": "test",
+                    rows.append({"objective": loss, "method": method, "seed": seed, "group": g, "split": "test",
                                  "train_seconds": seconds, **rec.to_dict()})
                 if method == "group_robust":
                     curves[(loss, seed)] = curve
@@ -102,7 +102,7 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     metrics.to_csv(os.path.join(args.out, "metrics.csv"), index=False)
     for (loss, seed), curve in curves.items():
-        curve.assign(loss=loss, seed=seed).to_csv(
+        curve.assign(objective=loss, seed=seed).to_csv(
             os.path.join(args.out, "curves.csv"), mode="a" if (loss, seed) != next(iter(curves)) else "w",
             header=(loss, seed) == next(iter(curves)), index=False)
     pd.concat({f"{loss}/{seed}": a for (loss, seed), a in alphas.items()}, names=["run"]).to_csv(
@@ -119,19 +119,19 @@ def mean_se(values):
 
 def summarise(metrics):
     test = metrics[metrics.split == "test"]
-    lines = ["| loss | method | worst-group test loss | min-group reward acc. | mean test loss | "
+    lines = ["| objective | method | worst-group test loss | min-group reward acc. | mean test loss | "
              "min-group log-prob acc. | worst-group JS distance | train time (s) |", "|---|---|---|---|---|---|---|---|"]
     paired = []
-    for loss in test["loss"].unique():
+    for loss in test["objective"].unique():
         for method in METHODS:
-            sub = test[(test.loss == loss) & (test.method == method)]
+            sub = test[(test.objective == loss) & (test.method == method)]
             w = sub[sub.group == "worst"]
             m = sub[sub.group == "mean"]
             cells = [mean_se(w["loss"]), mean_se(w["reward_accuracy"]), mean_se(m["loss"]),
                      mean_se(w["logprob_accuracy"]), mean_se(w["js_distance"]), mean_se(w["train_seconds"])]
             lines.append(f"| {loss} | {LABEL[(loss, method)]} | " +
                          " | ".join(f"{a:.4f} ± {b:.4f}" for a, b in cells) + " |")
-        w = test[(test.loss == loss) & (test.group == "worst")].set_index(["method", "seed"])
+        w = test[(test.objective == loss) & (test.group == "worst")].set_index(["method", "seed"])
         for col in ("loss", "reward_accuracy"):
             diff = w.loc["group_robust", col] - w.loc["vanilla", col]
             a, b = mean_se(diff)
@@ -146,7 +146,7 @@ def draw(metrics, out, loss):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    test = metrics[(metrics.split == "test") & (metrics.loss == loss)]
+    test = metrics[(metrics.split == "test") & (metrics.objective == loss)]
     groups = [g for g in test.group.unique() if g not in ("worst", "mean")]
     short = [g.split(" (")[0] for g in groups]
     names = [LABEL[(loss, m)] for m in METHODS]
@@ -172,7 +172,7 @@ def draw(metrics, out, loss):
     ax.legend()
 
     curves = pd.read_csv(os.path.join(out, "curves.csv"))
-    curves = curves[curves.loss == loss]
+    curves = curves[curves.objective == loss]
     ax = axes[1, 0]
     mean_curve = curves.groupby("step")[groups].mean()
     for g, s in zip(groups, short):
@@ -191,7 +191,7 @@ def draw(metrics, out, loss):
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
 
-    ref = metrics[(metrics.method == "reference") & (metrics.loss == loss)]
+    ref = metrics[(metrics.method == "reference") & (metrics.objective == loss)]
     stats = [mean_se(ref[ref.group == g]["logprob_accuracy"]) for g in groups]
     ax = axes[1, 2]
     ax.bar(short, [s[0] for s in stats], yerr=[s[1] for s in stats], color="C2", capsize=4)
@@ -217,7 +217,7 @@ def main(argv=None):
     if not args.redraw:
         run(args)
     metrics = pd.read_csv(os.path.join(args.out, "metrics.csv"))
-    for loss in metrics["loss"].unique():
+    for loss in metrics["objective"].unique():
         draw(metrics, args.out, loss)
     summary = summarise(metrics)
     with open(os.path.join(args.out, "summary.md"), "w") as fh:
