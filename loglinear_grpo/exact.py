@@ -134,45 +134,83 @@ def _normal_equations(data, pair_weights, target):
 
 
 def _solve_psd(hess, rhs):
-    """Solve H u = q by Cholesky; the least-squares (min-norm) solution when H is singular."""
+    """Solve H u = q by Cholesky; the min-norm least-squares solution when H is (numerically)
+    singular, detected by a failed factorisation or a pivot below √(d·ε) of the largest: rounding
+    can let Cholesky "succeed" on a singular H and return a solution with a huge null-space part."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
-            return scipy.linalg.solve(hess, rhs, assume_a="pos")
+            factor, lower = scipy.linalg.cho_factor(hess)
+        pivots = np.abs(np.diag(factor))
+        if pivots.min() > pivots.max() * np.sqrt(hess.shape[0] * np.finfo(float).eps):
+            return scipy.linalg.cho_solve((factor, lower), rhs)
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning, ValueError):
-        return scipy.linalg.lstsq(hess, rhs, cond=None)[0]
+        pass
+    # cut-off d·ε·σ_max: the default (ε·σ_max) keeps rounding-level singular values of a singular H
+    return scipy.linalg.lstsq(hess, rhs, cond=hess.shape[0] * np.finfo(float).eps)[0]
 
 
-def _ball_least_squares(hess, rhs, radius):
-    """min uᵀHu − 2qᵀu s.t. ‖u‖ ≤ R, exactly (trust-region subproblem, H ⪰ 0).
+def _trust_region_coefficients(lam, qt, radius):
+    r"""Coefficients :math:`c_j = \tilde q_j/(\lambda_j+\mu)` of the solution of
+    :math:`\min_u u^\top H u - 2q^\top u` s.t. :math:`\|u\|\le R`, in the eigenbasis of
+    :math:`H = V\Lambda V^\top \succeq 0` (:math:`\tilde q = V^\top q`).
 
-    With H = VΛVᵀ and q̃ = Vᵀq: if the min-norm unconstrained minimiser lies in the ball it is
-    optimal; otherwise u(μ) = (H + μI)⁻¹q with the unique μ > 0 where ‖u(μ)‖ = R (the
-    secular equation, solved with Brent's method on 1/‖u(μ)‖ − 1/R). Since q ∈ range(H) the
-    "hard case" cannot occur for a PSD H.
+    If the min-norm unconstrained minimiser (μ = 0 on range(H)) lies in the ball it is optimal;
+    otherwise μ > 0 is the unique root of the secular equation :math:`\|u(\mu)\| = R`, solved
+    with Brent's method on :math:`1/\|u(\mu)\| - 1/R`. Since q ∈ range(H) the "hard case"
+    cannot occur for a PSD H. ``radius=inf``: the min-norm least-squares solution.
     """
-    lam, vec = scipy.linalg.eigh(hess)
     lam = np.maximum(lam, 0.0)
-    qt = vec.T @ rhs
-    tol = max(lam.max(initial=0.0), 1e-300) * hess.shape[0] * np.finfo(float).eps
+    tol = max(lam.max(initial=0.0), 1e-300) * lam.size * np.finfo(float).eps
     keep = lam > tol
-    u0 = np.zeros_like(qt)
-    u0[keep] = qt[keep] / lam[keep]
-    if np.linalg.norm(u0) <= radius:
-        return vec @ u0
-
     # components in the null space of H carry q̃ = 0 (q ∈ range(H)); drop their rounding noise
     qt = np.where(keep, qt, 0.0)
     lam = np.where(keep, lam, 1.0)
+    coef = qt / lam
+    if np.linalg.norm(coef) <= radius:
+        return coef, keep
 
     def secular(mu):
         return 1.0 / np.linalg.norm(qt / (lam + mu)) - 1.0 / radius
 
-    hi = np.linalg.norm(rhs) / radius            # ‖u(μ)‖ ≤ ‖q‖/μ ≤ R at μ = ‖q‖/R
+    hi = np.linalg.norm(qt) / radius             # ‖u(μ)‖ ≤ ‖q‖/μ ≤ R at μ = ‖q‖/R
     while secular(hi) < 0:                        # pragma: no cover - guards rounding only
         hi *= 2.0
     mu = scipy.optimize.brentq(secular, 0.0, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps)
-    return vec @ (qt / (lam + mu))
+    return qt / (lam + mu), keep
+
+
+def _ball_least_squares(hess, rhs, radius):
+    """min uᵀHu − 2qᵀu s.t. ‖u‖ ≤ R exactly (trust-region subproblem, H ⪰ 0), in R^d."""
+    lam, vec = scipy.linalg.eigh(hess)
+    coef, _ = _trust_region_coefficients(lam, vec.T @ rhs, radius)
+    return vec @ coef
+
+
+@dataclass(frozen=True)
+class RowSpaceForm:
+    r"""The GR-IPO regression in the row space of S, for d > N: the kernel :math:`G = SS^\top`
+    (N × N) and the targets :math:`b = r + \frac{1}{2\beta} - Sc`.
+
+    With pair weights :math:`w_i` and :math:`A = \mathrm{diag}(\sqrt w)S`, the push-through
+    identity :math:`(A^\top A+\mu I)^{-1}A^\top = A^\top(AA^\top+\mu I)^{-1}` gives the same
+    trust-region solution from the eigen-decomposition of the N × N matrix
+    :math:`AA^\top = \mathrm{diag}(\sqrt w)\,G\,\mathrm{diag}(\sqrt w)` instead of the d × d
+    :math:`A^\top A`: :math:`u = S^\top(\sqrt w \odot V c/\sqrt\Lambda)`.
+    """
+
+    gram: np.ndarray
+    target: np.ndarray
+
+
+def _row_space_least_squares(data, form, pair_weights, radius):
+    root = np.sqrt(pair_weights)
+    lam, vec = scipy.linalg.eigh(form.gram * root[:, None] * root[None, :])
+    lam = np.maximum(lam, 0.0)
+    yt = vec.T @ (root * form.target)
+    coef, keep = _trust_region_coefficients(lam, np.sqrt(lam) * yt, radius)
+    dual = np.where(keep, coef / np.sqrt(np.where(keep, lam, 1.0)), 0.0)
+    return np.asarray(data.diff.T @ (root * (vec @ dual))).ravel()
 
 
 def group_normal_equations(data, target_offset, theta_set=None):
@@ -181,8 +219,10 @@ def group_normal_equations(data, target_offset, theta_set=None):
     :math:`H_g = S_g^\\top S_g/N_g`, :math:`q_g = S_g^\\top (b_g - S_g c)/N_g` with
     :math:`b = r + 1/(2\\beta)` and c the centre of an L2-ball Θ (0 otherwise). Then
     :math:`\\sum_g w_g H_g` and :math:`\\sum_g w_g q_g` are the normal equations for any
-    group weights w, at O(K·d²) per α step instead of O(N·d²). ``None`` for Θ without a
-    closed form (box, general convex set).
+    group weights w, at O(K·d²) per α step instead of O(N·d²). When d > N (e.g. an LLM's
+    last layer), a :class:`RowSpaceForm` (one N × N kernel) is returned instead, which is
+    smaller and gives the same solution. ``None`` for Θ without a closed form (box, general
+    convex set).
     """
     theta_set = Unconstrained() if theta_set is None else theta_set
     if not isinstance(theta_set, (Unconstrained, L2Ball)):
@@ -190,6 +230,10 @@ def group_normal_equations(data, target_offset, theta_set=None):
     target = data.ref_margin + target_offset
     if isinstance(theta_set, L2Ball) and theta_set.center is not None and np.any(theta_set.center):
         target = target - np.asarray(data.diff @ theta_set.center).ravel()
+    if data.dim > data.n_samples and not data.streamed:
+        gram = data.diff @ data.diff.T
+        gram = gram.toarray() if hasattr(gram, "toarray") else np.asarray(gram, dtype=np.float64)
+        return RowSpaceForm(gram=np.asarray(gram, dtype=np.float64), target=target)
     k, d = data.n_groups, data.dim
     grams, rhs = np.empty((k, d, d)), np.empty((k, d))
     for g in range(k):
@@ -220,14 +264,19 @@ def weighted_least_squares(data, group_weights, target_offset, theta_set=None, n
     target_offset : float
         :math:`1/(2\\beta)`.
     theta_set : Θ object, optional
-    normal_equations : tuple, optional
-        :func:`group_normal_equations` of the same data, offset and Θ, to reuse across calls.
+    normal_equations : tuple or RowSpaceForm, optional
+        :func:`group_normal_equations` of the same data, offset and Θ, to reuse across calls
+        (d > N: the row-space form, solved through an N × N eigen-decomposition).
     """
     theta_set = Unconstrained() if theta_set is None else theta_set
     w = np.asarray(group_weights, dtype=np.float64)
     if isinstance(theta_set, (Unconstrained, L2Ball)):
         if normal_equations is None:
             normal_equations = group_normal_equations(data, target_offset, theta_set)
+        radius = theta_set.radius if isinstance(theta_set, L2Ball) else np.inf
+        if isinstance(normal_equations, RowSpaceForm):
+            u = _row_space_least_squares(data, normal_equations, (w / data.group_sizes)[data.groups], radius)
+            return u if radius == np.inf else theta_set._c(np.zeros(data.dim)) + u
         grams, rhs = normal_equations
         hess = np.tensordot(w, grams, axes=1)
         q = w @ rhs

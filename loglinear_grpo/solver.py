@@ -114,7 +114,7 @@ class SolverConfig:
     members: np.ndarray = field(repr=False)           # pair indices sorted by group
     fused: bool = False
     streamed: bool = False
-    normal_equations: tuple | None = field(default=None, repr=False)   # closed form: (H_g, q_g)
+    normal_equations: object = field(default=None, repr=False)   # closed form: (H_g, q_g) or RowSpaceForm
     theory: dict = field(default_factory=dict)
 
     @property

@@ -91,6 +91,48 @@ def test_closed_form_rank_deficient_uses_least_squares():
     np.testing.assert_allclose(theta, ref, atol=1e-9)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("theta_set", ["none", "ball_inactive", "ball_active", "ball_centred"])
+def test_closed_form_row_space_when_wider_than_tall(theta_set, sparse):
+    """d > N (an LLM's last layer): the N × N row-space form equals the d × d primal solve."""
+    import scipy.sparse as sp
+    from loglinear_grpo.exact import RowSpaceForm, _ball_least_squares, _normal_equations, _solve_psd
+    rng = np.random.default_rng(5)
+    n, d = 30, 80
+    diff = rng.normal(size=(n, d)) * (rng.random((n, d)) < 0.3)
+    data = lg.PreferenceData(sp.csr_matrix(diff) if sparse else diff, np.arange(n) % 3,
+                             ref_margin=rng.normal(size=n) * 0.1)
+    center = np.linspace(-0.2, 0.2, d)
+    sets = {"none": None, "ball_inactive": lg.L2Ball(1e3), "ball_active": lg.L2Ball(0.05),
+            "ball_centred": lg.L2Ball(0.05, center)}
+    w = np.array([0.6, 0.1, 0.3])
+    form = lg.exact.group_normal_equations(data, 0.5, sets[theta_set])
+    assert isinstance(form, RowSpaceForm) and form.gram.shape == (n, n)
+    theta = lg.weighted_least_squares(data, w, 0.5, sets[theta_set], form)
+    c = center if theta_set == "ball_centred" else np.zeros(d)
+    pw = (w / data.group_sizes)[data.groups]
+    hess, q = _normal_equations(data, pw, data.ref_margin + 0.5 - diff @ c)
+    primal = _solve_psd(hess, q) if theta_set == "none" else c + _ball_least_squares(hess, q, sets[theta_set].radius)
+    np.testing.assert_allclose(theta, primal, atol=1e-8)
+    if theta_set in ("none", "ball_inactive"):                # singular H: the minimum-norm solution
+        root = np.sqrt(pw)
+        ref = np.linalg.lstsq(diff * root[:, None], root * (data.ref_margin + 0.5), rcond=None)[0]
+        np.testing.assert_allclose(theta, ref, atol=1e-8)
+    else:
+        assert np.linalg.norm(theta - c) == pytest.approx(0.05, rel=1e-9)
+
+
+def test_closed_form_gr_ipo_row_space_reaches_exact_optimum():
+    data = make_problem(sizes=(10, 15, 20), dim=60, seed=2)
+    # R = 0.1 keeps L* ≈ 0.14 (a ball large enough to interpolate all 45 pairs would make L* ≈ 0,
+    # where a relative tolerance means little and Hedge's progress ∝ η_α·loss stalls)
+    exact = lg.solve_exact(data, "ipo", radius=0.1)
+    res = lg.solve(data, "ipo", estimator="closed_form", steps=2000, radius=0.1, alpha_step_size=0.5,
+                   log_every=2000)
+    assert isinstance(res.config.normal_equations, lg.exact.RowSpaceForm)
+    assert exact.value - 1e-6 <= res.worst_group_loss(data) <= exact.value * 1.01
+
+
 def test_one_group_all_methods_coincide():
     data = make_problem(sizes=(120,), seed=3)
     results = [lg.solve(data, "dpo", method=m, estimator="stochastic", steps=500, step_size=0.1,
