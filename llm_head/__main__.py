@@ -154,7 +154,8 @@ def cmd_extract(args):
     items = load_global_opinions(args.data, countries=args.countries, template=args.template)
     if args.limit:
         items.table = items.table.groupby("group", sort=False).head(args.limit).reset_index(drop=True)
-    print(f"{len(items)} items, per country: {dict(zip(items.countries, items.group_sizes()))}; "
+    sizes = {c: int(n) for c, n in zip(items.countries, items.group_sizes())}
+    print(f"{len(items)} items, per country: {sizes}; "
           f"skipped {len(items.skipped)}")
     loaded = ex.load_model(args.model, revision=args.revision, gguf_file=args.gguf_file, device=args.device)
     features = ex.extract_features(loaded, items.table["prompt"].tolist(), items.table["candidates"].tolist(),

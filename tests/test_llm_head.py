@@ -245,7 +245,7 @@ dist.destroy_process_group()
     (tmp_path / "data.json").write_text(json.dumps({"prompts": prompts, "cands": cands}))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", str(script)], env=env, capture_output=True, text=True,
+                          "--standalone", str(script)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     single = lh.extract_features(loaded, prompts, cands, shard_items=5, batch_size=3, progress=False)
