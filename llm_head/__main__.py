@@ -49,11 +49,14 @@ def build_parser():
     p.add_argument("--revision")
     p.add_argument("--gguf-file")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--countries", nargs="+", default=list(PAPER_COUNTRIES))
     p.add_argument("--template", default=DEFAULT_TEMPLATE)
     p.add_argument("--limit", type=int, help="use only the first N items per country")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-items", type=int, default=256)
+    p.add_argument("--shard-items", type=int, default=ex.DEFAULT_SHARD_ITEMS,
+                   help="items per cache shard: the unit of resumption and of work per rank")
     p.add_argument("--padding-side", choices=("right", "left"), default="right")
     p.add_argument("--cache-dir", help="default: <workdir>/cache")
 
@@ -123,21 +126,28 @@ def save_workdir(workdir, features, theta_ref, items, spec):
         json.dump({"countries": list(items.countries), "items": table.to_dict(orient="records")}, fh)
 
 
-def load_problem(workdir, seed=0, split_by="item"):
-    """The :class:`HeadProblem` of a work folder written by ``extract``."""
-    from safetensors.numpy import load_file
+def load_workdir(workdir):
+    """(features, θ_ref, items, model spec) of a work folder written by ``extract``."""
+    from safetensors import safe_open
+    from .opinions import OpinionItems
     paths = _paths(workdir)
     if not os.path.exists(paths["features"]):
         raise FileNotFoundError(f"{paths['features']} not found: run `python -m llm_head extract` first")
-    tensors = load_file(paths["features"])
-    features = LastLayerFeatures.from_arrays(tensors)
+    with safe_open(paths["features"], framework="numpy") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        spec = json.loads((fh.metadata() or {}).get("model", "{}"))
     with open(paths["items"]) as fh:
         saved = json.load(fh)
-    from .opinions import OpinionItems
     items = OpinionItems(table=pd.DataFrame(saved["items"]), countries=tuple(saved["countries"]),
                          skipped=pd.DataFrame())
+    return LastLayerFeatures.from_arrays(tensors), tensors["theta_ref"], items, spec
+
+
+def load_problem(workdir, seed=0, split_by="item"):
+    """The :class:`HeadProblem` of a work folder written by ``extract``, and its items."""
+    features, theta_ref, items, _ = load_workdir(workdir)
     pairs = make_pairs(items, seed=seed, split_by=split_by)
-    return HeadProblem(features, pairs, tensors["theta_ref"], list(items.countries),
+    return HeadProblem(features, pairs, theta_ref, list(items.countries),
                        item_probs=list(items.table["probs"])), items
 
 
@@ -157,7 +167,8 @@ def cmd_extract(args):
     sizes = {c: int(n) for c, n in zip(items.countries, items.group_sizes())}
     print(f"{len(items)} items, per country: {sizes}; "
           f"skipped {len(items.skipped)}")
-    loaded = ex.load_model(args.model, revision=args.revision, gguf_file=args.gguf_file, device=args.device)
+    loaded = ex.load_model(args.model, revision=args.revision, gguf_file=args.gguf_file, device=args.device,
+                           dtype=args.dtype)
     features = ex.extract_features(loaded, items.table["prompt"].tolist(), items.table["candidates"].tolist(),
                                    cache_dir=args.cache_dir or os.path.join(args.workdir, "cache"),
                                    template=args.template, batch_size=args.batch_size,

@@ -124,6 +124,15 @@ class LastLayerFeatures:
             raise ValueError(f"theta must have shape ({self.dim},), got {theta.shape}")
         return theta.reshape(self.vocab.size, self.hidden_size)
 
+    def first_items(self, n):
+        """The features of items ``0..n-1`` alone (entries and hidden rows are stored in item order)."""
+        if not 0 <= n <= self.n_items:
+            raise ValueError(f"n must be in [0, {self.n_items}], got {n}")
+        m = int(np.searchsorted(self.entry_candidate, self.candidate_offsets[n]))
+        h = int(self.entry_hidden[:m].max()) + 1 if m else 0
+        return LastLayerFeatures(self.hidden[:h], self.entry_candidate[:m], self.entry_token[:m],
+                                 self.entry_hidden[:m], self.candidate_offsets[:n + 1], self.has_bias)
+
     def arrays(self):
         return {"hidden": self.hidden, "entry_candidate": self.entry_candidate,
                 "entry_token": self.entry_token, "entry_hidden": self.entry_hidden,

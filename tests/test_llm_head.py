@@ -24,6 +24,8 @@ from llm_head.extract import FeatureCache, cache_key, plan_sequences  # noqa: E4
 from conftest import GLOBAL_OPINIONS, ROOT  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# LLM_HEAD_TEST_DEVICE=cuda runs the same tests on a GPU (in float32, so the tolerances hold)
+DEVICE = os.environ.get("LLM_HEAD_TEST_DEVICE", "cpu")
 README_COUNTS = {"Nigeria": 259, "Egypt": 178, "India (Current national sample)": 128, "China": 189, "Japan": 203}
 
 
@@ -59,7 +61,7 @@ def gemma_folder(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def loaded(gemma_folder):
-    return lh.load_model(gemma_folder, device="cpu")
+    return lh.load_model(gemma_folder, device=DEVICE, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,13 @@ def subset(items):
 
 def _prompts(subset):
     return subset.table["prompt"].tolist(), subset.table["candidates"].tolist()
+
+
+def full_logits(model, ids):
+    """The full model's logits (float64, on the host) for one unpadded sequence of token ids."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return model(torch.tensor([ids], device=device)).logits[0].double().cpu()
 
 
 # ============================================================================ GlobalOpinionQA
@@ -138,8 +147,7 @@ def test_features_are_the_model_logits(loaded, subset):
         p_ids = tok(p).input_ids
         for k, c in enumerate(cs):
             c_ids = tok(c, add_special_tokens=False).input_ids
-            with torch.inference_mode():
-                logits = model(torch.tensor([p_ids + c_ids])).logits[0].double().numpy()
+            logits = full_logits(model, p_ids + c_ids).numpy()
             # f(x, y) = Σ_t logit_t[y_t] at the positions that predict y_t (teacher forcing)
             expected = sum(logits[len(p_ids) - 1 + t, c_ids[t]] for t in range(len(c_ids)))
             assert scores[feats.candidate_offsets[i] + k] == pytest.approx(expected, abs=1e-4)
@@ -157,15 +165,37 @@ def test_padding_sides_agree(loaded, subset, batch_size):
     assert np.array_equal(left.entry_token, one.entry_token)
 
 
+def test_first_items_is_the_extraction_of_those_items(loaded, subset):
+    prompts, cands = _prompts(subset)
+    cands = [list(c) for c in cands[:7]]
+    cands[1] = [" yes, strongly", " no"]                 # multi-token: extra hidden rows
+    whole = lh.extract_features(loaded, prompts[:7], cands, batch_size=3, progress=False)
+    part = lh.extract_features(loaded, prompts[:4], cands[:4], batch_size=3, progress=False)
+    head = whole.first_items(4)
+    for name in ("entry_candidate", "entry_token", "entry_hidden", "candidate_offsets"):
+        assert np.array_equal(getattr(head, name), getattr(part, name)), name
+    np.testing.assert_allclose(head.hidden, part.hidden, atol=2e-5)
+    assert np.array_equal(head.vocab, part.vocab)
+    with pytest.raises(ValueError, match="n must be"):
+        whole.first_items(8)
+
+
+def test_dtype_names():
+    from llm_head.extract import resolve_dtype
+    assert resolve_dtype("cuda") is torch.bfloat16 and resolve_dtype("cpu") is torch.float32
+    assert resolve_dtype("cpu", "float16") is torch.float16
+    with pytest.raises(ValueError, match="floating-point"):
+        resolve_dtype("cpu", "int8")
+
+
 def test_candidate_policy_is_renormalised_next_token_distribution(loaded, subset):
     prompts, cands = _prompts(subset)
     feats = lh.extract_features(loaded, prompts[:8], cands[:8], progress=False)
     logp = feats.candidate_log_probs(lh.reference_theta(loaded.model, feats))
     for i in range(8):
         ids = [loaded.tokenizer(c, add_special_tokens=False).input_ids[0] for c in cands[i]]
-        with torch.inference_mode():
-            last = loaded.model(torch.tensor([loaded.tokenizer(prompts[i]).input_ids])).logits[0, -1]
-        expect = torch.log_softmax(last.double()[ids], 0).numpy()
+        last = full_logits(loaded.model, loaded.tokenizer(prompts[i]).input_ids)[-1]
+        expect = torch.log_softmax(last[ids], 0).numpy()
         np.testing.assert_allclose(logp[feats.candidate_offsets[i]:feats.candidate_offsets[i + 1]], expect,
                                    atol=1e-5)
 
@@ -231,11 +261,11 @@ def test_torchrun_two_processes_merge_exactly(loaded, gemma_folder, subset, tmp_
     prompts, cands = prompts[:24], cands[:24]
     script = tmp_path / "worker.py"
     script.write_text(f"""
-import json, sys, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
 import llm_head as lh
 dist.init_process_group("gloo")
 data = json.load(open({str(tmp_path / 'data.json')!r}))
-loaded = lh.load_model({gemma_folder!r}, device="cpu")
+loaded = lh.load_model({gemma_folder!r}, device={DEVICE!r}, dtype=torch.float32)
 f = lh.extract_features(loaded, data["prompts"], data["cands"], cache_dir={str(tmp_path / 'cache')!r},
                         shard_items=5, batch_size=3, progress=False)
 assert f.hidden.shape[0] > 0
@@ -302,7 +332,7 @@ def test_export_reload_and_delta(loaded, gemma_folder, tiny_problem, subset, tmp
         loaded.model.get_input_embeddings().weight.data_ptr()                # the original is untouched
     tuned = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     base = loaded.model
-    assert torch.equal(tuned.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    assert torch.equal(tuned.get_input_embeddings().weight, base.get_input_embeddings().weight.cpu())
     feats = tiny_problem.features
     rows = tuned.get_output_embeddings().weight.detach()[torch.as_tensor(feats.vocab)].double().numpy()
     np.testing.assert_allclose(rows.ravel(), result.theta, atol=1e-6)
@@ -310,9 +340,8 @@ def test_export_reload_and_delta(loaded, gemma_folder, tiny_problem, subset, tmp
     prompts, cands = _prompts(subset)
     for i in range(5):
         ids = [loaded.tokenizer(c, add_special_tokens=False).input_ids[0] for c in cands[i]]
-        with torch.inference_mode():
-            last = tuned(torch.tensor([loaded.tokenizer(prompts[i]).input_ids])).logits[0, -1]
-        expect = torch.log_softmax(last.double()[ids], 0).numpy()
+        last = full_logits(tuned, loaded.tokenizer(prompts[i]).input_ids)[-1]
+        expect = torch.log_softmax(last[ids], 0).numpy()
         np.testing.assert_allclose(logp[feats.candidate_offsets[i]:feats.candidate_offsets[i + 1]], expect,
                                    atol=1e-4)
     fresh = transformers.AutoModelForCausalLM.from_pretrained(gemma_folder)
@@ -333,7 +362,7 @@ def test_cli_end_to_end(gemma_folder, tmp_path):
     settings.write_text('[train]\nsteps = 40\nloss = "ipo"\nradius = 0.5\n')
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert cli(["extract", "--data", str(csv), "--model", gemma_folder, "--workdir", work, "--device", "cpu",
+        assert cli(["extract", "--data", str(csv), "--model", gemma_folder, "--workdir", work, "--device", DEVICE,
                     "--countries", "Egypt", "Japan", "--shard-items", "16"]) == 0
         assert cli(["train", "--config", str(settings), "--workdir", work, "--seed", "1", "--run", "r"]) == 0
         assert cli(["evaluate", "--workdir", work, "--run", "r"]) == 0
@@ -353,17 +382,16 @@ def test_cli_end_to_end(gemma_folder, tmp_path):
 def test_real_smollm2_on_real_data(subset):
     """SmolLM2-135M-Instruct (GGUF → transformers) on GlobalOpinionQA: features match its logits;
     GR-IPO does not have a worse worst group than IPO on the training pairs."""
-    loaded = lh.load_model("smollm2", device="cpu")
+    loaded = lh.load_model("smollm2", device=DEVICE, dtype=torch.float32)
     assert loaded.model.config.hidden_size == 576
     small = subset.table.groupby("group", sort=False).head(6).reset_index(drop=True)
     subset = lh.OpinionItems(table=small, countries=subset.countries, skipped=subset.skipped)
     prompts, cands = _prompts(subset)
     feats = lh.extract_features(loaded, prompts, cands, batch_size=8, progress=False)
     theta_ref = lh.reference_theta(loaded.model, feats)
-    with torch.inference_mode():
-        last = loaded.model(torch.tensor([loaded.tokenizer(prompts[0]).input_ids])).logits[0, -1]
+    last = full_logits(loaded.model, loaded.tokenizer(prompts[0]).input_ids)[-1]
     ids = [loaded.tokenizer(c, add_special_tokens=False).input_ids[0] for c in cands[0]]
-    np.testing.assert_allclose(feats.candidate_scores(theta_ref)[:len(ids)], last[ids].double().numpy(),
+    np.testing.assert_allclose(feats.candidate_scores(theta_ref)[:len(ids)], last[ids].numpy(),
                                rtol=1e-4, atol=1e-3)
     problem = lh.HeadProblem(feats, lh.make_pairs(subset, seed=0), theta_ref, list(subset.countries),
                              item_probs=list(subset.table["probs"]))

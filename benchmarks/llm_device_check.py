@@ -1,0 +1,133 @@
+"""Check llm_head's features on another device or dtype (the GPU path: bf16, ``cuda``) against a reference.
+
+    python benchmarks/llm_device_check.py --reference results/llm [--model smollm2] [--device cuda]
+                                          [--dtype bfloat16] [--save results/llm_gpu] [--rtol 0.05]
+
+The reference is a work folder written by ``python -m llm_head extract`` (here: float32 on the
+CPU). The same items are extracted again with ``--model`` on ``--device`` (default: cuda when
+available, in its default dtype) and compared:
+
+* hidden states: ‖H − H_ref‖_F / ‖H_ref‖_F, the median and largest per-row relative error;
+* θ_ref (the model's own output rows, rounded to the device dtype);
+* the reference policy over each item's candidates, log π_ref(y|x): largest |Δ log π| and the share
+  of items whose most likely answer is the same;
+* right- vs left-padded batches on the device (they must agree up to the dtype's rounding).
+
+``--save`` writes the new features as a work folder, so that the whole Figure-5 run can be
+repeated on them (``paper_figures/global_opinions.py --workdir``). Exits 1 when the relative
+error of the hidden states exceeds ``--rtol``. Writes ``llm_device_check.csv`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import llm_head as lh  # noqa: E402
+from llm_head.__main__ import load_workdir, save_workdir  # noqa: E402
+
+
+def relative_errors(a, b):
+    """Frobenius relative error of ``a`` against ``b``, and the per-row relative errors."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    rows = np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), np.finfo(float).tiny)
+    return np.linalg.norm(a - b) / np.linalg.norm(b), rows
+
+
+def compare_policies(features, theta, features_ref, theta_ref):
+    """Largest |Δ log π| over all candidates, and the share of items with the same most likely answer."""
+    logp, logp_ref = features.candidate_log_probs(theta), features_ref.candidate_log_probs(theta_ref)
+    owner = np.repeat(np.arange(features.n_items), np.diff(features.candidate_offsets))
+    starts = features.candidate_offsets[:-1]
+    top = np.lexsort((-logp, owner))[starts]            # per item, its most likely candidate
+    top_ref = np.lexsort((-logp_ref, owner))[starts]
+    return np.max(np.abs(logp - logp_ref)), np.mean(top == top_ref)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default=os.path.join(ROOT, "results", "llm"))
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--device")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--limit", type=int, help="check only the first N items of the reference")
+    parser.add_argument("--padding-items", type=int, default=256, help="items for the left/right padding check")
+    parser.add_argument("--rtol", type=float, default=0.05)
+    parser.add_argument("--save", help="write the new features as a work folder here")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+    if args.save and args.limit:
+        parser.error("--save needs every item: drop --limit")
+
+    import torch
+    all_features, all_theta, items, ref_spec = load_workdir(args.reference)
+    ref_features = all_features
+    prompts, candidates = items.table["prompt"].tolist(), items.table["candidates"].tolist()
+    if args.limit:
+        prompts, candidates = prompts[:args.limit], candidates[:args.limit]
+        ref_features = ref_features.first_items(len(prompts))
+    loaded = lh.load_model(args.model, device=args.device, dtype=args.dtype)
+    device = str(loaded.device)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    print(f"{args.model} on {name} ({loaded.spec['dtype']}) vs the reference {args.reference} "
+          f"({ref_spec.get('model')}, {ref_spec.get('dtype')}); {len(prompts)} items")
+    if ref_spec.get("tokenizer") not in (None, loaded.spec["tokenizer"]):
+        raise SystemExit("the reference was extracted with another tokenizer")
+
+    lh.extract_features(loaded, prompts[:16], candidates[:16], batch_size=args.batch_size, progress=False)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    features = lh.extract_features(loaded, prompts, candidates, batch_size=args.batch_size, progress=False)
+    seconds = time.perf_counter() - tic
+    for key in ("entry_candidate", "entry_token", "entry_hidden", "candidate_offsets"):
+        if not np.array_equal(getattr(features, key), getattr(ref_features, key)):
+            raise SystemExit(f"{key} differs from the reference: not the same items or tokenizer")
+    theta_all = lh.reference_theta(loaded.model, all_features)
+    theta_err, _ = relative_errors(theta_all, all_theta)
+    keep = np.searchsorted(all_features.vocab, features.vocab)   # θ of the checked items' tokens V′
+    rows_of = lambda t: t.reshape(all_features.vocab.size, -1)[keep].ravel()  # noqa: E731
+    theta, ref_theta = rows_of(theta_all), rows_of(all_theta)
+    hidden_err, hidden_rows = relative_errors(features.hidden, ref_features.hidden)
+    dlogp, same_top = compare_policies(features, theta, ref_features, ref_theta)
+
+    m = min(args.padding_items, len(prompts))
+    left = lh.extract_features(loaded, prompts[:m], candidates[:m], batch_size=args.batch_size,
+                               padding_side="left", progress=False)
+    pad_err, pad_rows = relative_errors(left.hidden, features.hidden[:left.hidden.shape[0]])
+
+    rows = [("items extracted", len(prompts)), ("extraction seconds (all items)", seconds),
+            ("prompts per second", len(prompts) / seconds),
+            ("hidden: relative error (Frobenius)", hidden_err),
+            ("hidden: median row relative error", np.median(hidden_rows)),
+            ("hidden: largest row relative error", np.max(hidden_rows)),
+            ("theta_ref: relative error", theta_err),
+            ("log pi_ref: largest absolute difference", dlogp),
+            ("most likely answer: share of items that agree", same_top),
+            (f"left vs right padding ({m} items): relative error", pad_err),
+            ("left vs right padding: largest row relative error", np.max(pad_rows))]
+    table = pd.DataFrame(rows, columns=["check", "value"])
+    table.insert(0, "device", f"{name} ({loaded.spec['dtype']})")
+    os.makedirs(args.out, exist_ok=True)
+    table.to_csv(os.path.join(args.out, "llm_device_check.csv"), index=False)
+    print(table[["check", "value"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if args.save:
+        save_workdir(args.save, features, theta_all, items, loaded.spec)
+        print(f"features -> {args.save}")
+    if hidden_err > args.rtol or pad_err > args.rtol:
+        print(f"FAILED: a relative error exceeds rtol={args.rtol}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
