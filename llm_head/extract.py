@@ -19,13 +19,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from loglinear_grpo._io import atomic_write
 
 from .features import LastLayerFeatures
 
@@ -294,9 +295,7 @@ def bare_forward(loaded, plan, batch_size=16, padding_side="right"):
             torch.cuda.synchronize()
 
 
-def _features_for_items(loaded, prompts, candidates, first_candidate, batch_size, padding_side, plan=None):
-    if plan is None:
-        plan = plan_sequences(loaded.tokenizer, prompts, candidates, first_candidate)
+def _features_for_items(loaded, plan, batch_size, padding_side):
     hidden = run_plan(loaded, plan, batch_size, padding_side)
     return {"hidden": hidden, "entry_candidate": plan.entry_candidate, "entry_token": plan.entry_token,
             "entry_hidden": plan.entry_hidden}
@@ -311,24 +310,11 @@ def _sha256_file(path):
     return h.hexdigest()
 
 
-def _atomic_write(path, write):
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=1, sort_keys=True)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def data_fingerprint(prompts, candidates):
@@ -387,7 +373,7 @@ class FeatureCache:
     def write_shard(self, j, arrays):
         from safetensors.numpy import save_file
         path = self.shard_path(j)
-        _atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp))
+        atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp))
         _write_json(path + ".json", {"shard": j, "key_hash": self.key_hash, "sha256": _sha256_file(path)})
 
     def read_shard(self, j):
@@ -471,10 +457,9 @@ def extract_features(loaded, prompts, candidates, cache_dir=None, template="", b
                 plan = pending.result()
                 if k + 1 < len(todo):
                     pending = pool.submit(plan_shard, todo[k + 1])
-                a, b = shard_range(j)
-                arrays = _features_for_items(loaded, prompts[a:b], candidates[a:b], int(offsets[a]), batch_size,
-                                             padding_side, plan=plan)
+                arrays = _features_for_items(loaded, plan, batch_size, padding_side)
                 if bar is not None:
+                    a, b = shard_range(j)
                     bar.update(b - a)
                 yield j, arrays
 

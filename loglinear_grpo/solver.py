@@ -39,13 +39,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from ._io import atomic_write
 from ._validation import (ESTIMATORS, METHODS, check_choice, check_loss, check_positive_finite,
                           check_positive_int, check_unit_interval, check_vector)
 from .constraints import make_constraint
@@ -473,22 +473,12 @@ def _fingerprint(data, config):
 
 def save_checkpoint(path, state, history_rows, fingerprint):
     """Write the state atomically (temp file in the same folder, fsync, ``os.replace``)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, theta=state.theta, log_alpha=state.log_alpha, theta_sum=state.theta_sum,
-                     alpha_sum=state.alpha_sum, step=np.int64(state.step),
-                     fingerprint=np.array(fingerprint), history=np.array(json.dumps(history_rows)))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def write(tmp):
+        np.savez(tmp, theta=state.theta, log_alpha=state.log_alpha, theta_sum=state.theta_sum,
+                 alpha_sum=state.alpha_sum, step=np.int64(state.step),
+                 fingerprint=np.array(fingerprint), history=np.array(json.dumps(history_rows)))
+
+    atomic_write(path, write, prefix=".ckpt-", suffix=".npz")
 
 
 def load_checkpoint(path, fingerprint):

@@ -219,7 +219,7 @@ def test_cache_resume_corruption_and_staleness(loaded, subset, tmp_path, monkeyp
 
     calls = []
     real = ex._features_for_items
-    monkeypatch.setattr(ex, "_features_for_items", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(ex, "_features_for_items", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     again = lh.extract_features(loaded, prompts, cands, **kw)            # all from disk
     assert calls == [] and np.array_equal(again.hidden, fresh.hidden)
 

@@ -1,0 +1,26 @@
+"""Atomic file writes, shared by the solver's checkpoints and llm_head's feature cache."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def atomic_write(path, write, prefix=".tmp-", suffix=""):
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it onto
+    ``path``: a reader sees the old file or the whole new one, never a partial one. The temporary file
+    is removed if ``write`` fails."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
