@@ -5,10 +5,8 @@ import numbers
 
 import numpy as np
 
-LOSSES = ("dpo", "ipo", "hinge")
-LOSS_ALIASES = {"sigmoid": "dpo", "dpo": "dpo", "ipo": "ipo", "hinge": "hinge"}
 METHODS = ("group_robust", "importance_sampling", "vanilla")
-ESTIMATORS = ("full", "stochastic", "closed_form")
+ESTIMATORS = ("auto", "newton", "full", "stochastic", "closed_form")
 
 
 def check_choice(name, value, choices, aliases=None):
@@ -20,7 +18,9 @@ def check_choice(name, value, choices, aliases=None):
 
 
 def check_loss(loss):
-    return check_choice("loss", loss, LOSSES, LOSS_ALIASES)
+    """Canonical loss name (``"sigmoid"`` → ``"dpo"``); ``ValueError`` for an unknown name."""
+    from .losses import get_loss
+    return get_loss(loss).name
 
 
 def check_positive_finite(name, value):

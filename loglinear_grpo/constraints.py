@@ -1,13 +1,69 @@
-"""Convex parameter sets Θ and their Euclidean projections :math:`P_\\Theta` (Algorithm 1, line 9).
+"""Convex parameter sets Θ: projections :math:`P_\\Theta` (Algorithm 1, line 9), support functions
+(for the duality-gap certificate) and exact quadratic-model steps (for the Newton solver).
 
-Every set exposes ``project(theta)``, ``contains(theta)``, ``bounding_ball(dim) -> (c, ρ)``
-with Θ ⊆ {‖θ − c‖ ≤ ρ} (``ρ = inf`` when unbounded; used by the constants of Proposition 3)
-and ``cvxpy_constraints(var)`` (used by the exact solvers). Closed forms are used wherever one exists; :class:`ConvexSet` handles any
-other convex set through a cvxpy problem compiled once (DPP) and re-solved per call.
+Every set exposes
+
+* ``project(theta)`` and ``contains(theta)``;
+* ``bounding_ball(dim) -> (c, ρ)`` with Θ ⊆ {‖θ − c‖ ≤ ρ} (``ρ = inf`` when unbounded; used by the
+  constants of Proposition 3);
+* ``support(v)`` :math:`=\\sigma_\\Theta(v)=\\sup_{\\theta\\in\\Theta} v^\\top\\theta` (``inf`` when
+  unbounded in the direction v) and ``min_linear(theta, g)`` :math:`=\\min_{x\\in\\Theta} g^\\top(x-\\theta)`,
+  which turn any dual point into a certified lower bound;
+* ``minimize_quadratic(theta, grad, hess)`` :math:`=\\arg\\min_{x\\in\\Theta}\\,
+  g^\\top(x-\\theta)+\\tfrac12(x-\\theta)^\\top H(x-\\theta)` for a PSD H (the Newton step);
+* ``cvxpy_constraints(var)`` (the exact solvers) and ``fingerprint()`` (checkpoints).
+
+Closed forms are used wherever one exists (ball: the trust-region subproblem; box: bounded least
+squares); :class:`ConvexSet` handles any other convex set through cvxpy problems compiled once (DPP)
+and re-solved per call.
 """
 from __future__ import annotations
 
+import hashlib
+import numbers
+
 import numpy as np
+import scipy.linalg
+import scipy.optimize
+
+from ._linalg import EPS, ball_quadratic_min, safe_norm
+
+
+def _hash_arrays(*arrays):
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _ridge(hess):
+    """A tiny ridge (10·d·ε of the largest diagonal entry: the size of the rounding errors of a
+    computed Gram matrix) that makes a PSD model strictly convex without changing its minimiser
+    beyond rounding; linear directions then get a long but finite step, which the caller's line
+    search shortens."""
+    scale = float(np.max(np.abs(np.diag(hess)), initial=0.0))
+    return max(scale, 1e-300) * 10.0 * hess.shape[0] * EPS
+
+
+def _cholesky_ridged(hess):
+    """Lower Cholesky factor of H + εI, the ridge grown tenfold until the factorisation succeeds."""
+    ridge = _ridge(hess)
+    eye = np.eye(hess.shape[0])
+    for _ in range(8):
+        try:
+            return scipy.linalg.cholesky(hess + ridge * eye, lower=True)
+        except np.linalg.LinAlgError:
+            ridge *= 10.0
+    raise ValueError("the Newton model's Hessian is not positive semi-definite (non-finite data?)")
+
+
+def _check_real(name, value, positive=True):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) \
+            or (positive and value <= 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 class Unconstrained:
@@ -22,8 +78,25 @@ class Unconstrained:
     def bounding_ball(self, dim):
         return None, np.inf
 
+    def check_dim(self, dim):
+        return self
+
+    def support(self, v):
+        return 0.0 if not np.any(v) else np.inf
+
+    def min_linear(self, theta, grad):
+        return 0.0 if not np.any(grad) else -np.inf
+
+    def minimize_quadratic(self, theta, grad, hess):
+        """θ − (H + εI)⁻¹ g by Cholesky, with the rounding-level ridge of :func:`_ridge`."""
+        factor = _cholesky_ridged(hess)
+        return theta - scipy.linalg.cho_solve((factor, True), grad)
+
     def cvxpy_constraints(self, var):
         return []
+
+    def fingerprint(self):
+        return "Unconstrained()"
 
     def __repr__(self):
         return "Unconstrained()"
@@ -36,20 +109,32 @@ class L2Ball:
     ----------
     radius : float
         R > 0.
-    center : array_like, optional
+    center : array_like, shape (d,), optional
         c (default 0). The LLM head centres the ball on the reference weights.
     """
 
     def __init__(self, radius, center=None):
-        if isinstance(radius, bool) or not np.isscalar(radius) or not np.isfinite(radius) or radius <= 0:
-            raise ValueError(f"radius must be a positive finite number, got {radius!r}")
-        self.radius = float(radius)
-        self.center = None if center is None else np.asarray(center, dtype=np.float64)
-        if self.center is not None and not np.all(np.isfinite(self.center)):
-            raise ValueError("center must be finite")
+        self.radius = _check_real("radius", radius)
+        if center is None:
+            self.center = None
+        else:
+            try:
+                center = np.asarray(center, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError("center must be a numeric vector") from None
+            if center.ndim != 1:
+                raise ValueError(f"center must be a vector of shape (d,), got shape {center.shape}")
+            if not np.all(np.isfinite(center)):
+                raise ValueError("center must be finite")
+            self.center = center
 
     def bounding_ball(self, dim):
         return self.center, self.radius
+
+    def check_dim(self, dim):
+        if self.center is not None and self.center.shape != (dim,):
+            raise ValueError(f"center must have shape ({dim},), got {self.center.shape}")
+        return self
 
     def _c(self, theta):
         return np.zeros_like(theta) if self.center is None else self.center
@@ -57,40 +142,80 @@ class L2Ball:
     def project(self, theta):
         c = self._c(theta)
         delta = theta - c
-        norm = np.sqrt(delta @ delta)
+        norm = safe_norm(delta)
         if norm <= self.radius:
             return theta
-        return c + delta * (self.radius / norm)
+        if not np.isfinite(norm):
+            raise ValueError("cannot project a non-finite θ onto the ball")
+        return c + (delta / norm) * self.radius
 
     def contains(self, theta, tol=1e-9):
-        return bool(np.linalg.norm(theta - self._c(theta)) <= self.radius * (1 + tol) + tol)
+        return bool(safe_norm(theta - self._c(theta)) <= self.radius * (1 + tol) + tol)
+
+    def support(self, v):
+        shift = 0.0 if self.center is None else float(v @ self.center)
+        return shift + self.radius * safe_norm(v)
+
+    def min_linear(self, theta, grad):
+        """min over the ball of gᵀ(x − θ) = gᵀ(c − θ) − R‖g‖ (no cancellation against a large c)."""
+        return float(grad @ (self._c(theta) - theta)) - self.radius * safe_norm(grad)
+
+    def minimize_quadratic(self, theta, grad, hess):
+        """Exact trust-region step: with v = x − c and δ = θ − c, minimise
+        ½vᵀHv − (Hδ − g)ᵀv over ‖v‖ ≤ R (Moré–Sorensen, :func:`ball_quadratic_min`)."""
+        c = self._c(theta)
+        delta = theta - c
+        return c + ball_quadratic_min(hess, hess @ delta - grad, self.radius)
 
     def cvxpy_constraints(self, var):
         import cvxpy as cp
         c = 0.0 if self.center is None else self.center
         return [cp.norm(var - c, 2) <= self.radius]
 
+    def fingerprint(self):
+        center = "0" if self.center is None else _hash_arrays(self.center)
+        return f"L2Ball(radius={self.radius!r}, center={center})"
+
     def __repr__(self):
-        return f"L2Ball(radius={self.radius}, center={'0' if self.center is None else 'given'})"
+        if self.center is None:
+            return f"L2Ball(radius={self.radius})"
+        return f"L2Ball(radius={self.radius}, center=<{self.center.size} values, sha {_hash_arrays(self.center)}>)"
 
 
 class Box:
-    """Θ = {θ : lower ≤ θ ≤ upper} (elementwise); the projection is a clip."""
+    """Θ = {θ : lower ≤ θ ≤ upper} (elementwise, scalars broadcast); the projection is a clip."""
 
     def __init__(self, lower, upper):
-        self.lower = np.asarray(lower, dtype=np.float64)
-        self.upper = np.asarray(upper, dtype=np.float64)
+        try:
+            self.lower = np.asarray(lower, dtype=np.float64)
+            self.upper = np.asarray(upper, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError("Box bounds must be numbers or numeric vectors") from None
+        if self.lower.ndim > 1 or self.upper.ndim > 1:
+            raise ValueError("Box bounds must be scalars or vectors")
         if np.any(np.isnan(self.lower)) or np.any(np.isnan(self.upper)):
             raise ValueError("lower and upper must not be NaN")
+        if self.lower.shape != self.upper.shape and self.lower.ndim and self.upper.ndim:
+            raise ValueError(f"lower {self.lower.shape} and upper {self.upper.shape} differ in shape")
         if np.any(self.lower > self.upper):
             raise ValueError("lower must be <= upper everywhere")
+        if np.any(self.lower == np.inf) or np.any(self.upper == -np.inf):
+            raise ValueError("Box is empty: lower = +inf or upper = -inf")
+
+    def check_dim(self, dim):
+        for name, b in (("lower", self.lower), ("upper", self.upper)):
+            if b.ndim == 1 and b.shape != (dim,):
+                raise ValueError(f"Box {name} must be a scalar or have shape ({dim},), got {b.shape}")
+        return self
+
+    def _bounds(self, dim):
+        return np.broadcast_to(self.lower, (dim,)), np.broadcast_to(self.upper, (dim,))
 
     def bounding_ball(self, dim):
-        width = np.broadcast_to(self.upper - self.lower, (dim,))
-        if not np.all(np.isfinite(width)):
+        lo, hi = self._bounds(dim)
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
             return None, np.inf
-        center = np.broadcast_to(0.5 * (self.upper + self.lower), (dim,)).copy()
-        return center, 0.5 * float(np.linalg.norm(width))
+        return 0.5 * (lo + hi), 0.5 * safe_norm(hi - lo)
 
     def project(self, theta):
         return np.clip(theta, self.lower, self.upper)
@@ -98,11 +223,49 @@ class Box:
     def contains(self, theta, tol=1e-9):
         return bool(np.all(theta >= self.lower - tol) and np.all(theta <= self.upper + tol))
 
+    def support(self, v):
+        lo, hi = self._bounds(v.size)
+        with np.errstate(invalid="ignore"):
+            terms = np.where(v > 0, v * hi, np.where(v < 0, v * lo, 0.0))
+        return float(np.sum(terms))
+
+    def min_linear(self, theta, grad):
+        """min over the box of gᵀ(x − θ), coordinate by coordinate (−inf along an open side)."""
+        lo, hi = self._bounds(theta.size)
+        with np.errstate(invalid="ignore"):
+            terms = np.where(grad > 0, grad * (lo - theta), np.where(grad < 0, grad * (hi - theta), 0.0))
+        return float(np.sum(terms))
+
+    def minimize_quadratic(self, theta, grad, hess):
+        """Bounded least squares: with H + εI = LLᵀ the model is ½‖Lᵀu + L⁻¹g‖² + const over the
+        box lower − θ ≤ u ≤ upper − θ (``scipy.optimize.lsq_linear``, BVLS: an exact active-set
+        method)."""
+        d = theta.size
+        lo, hi = self._bounds(d)
+        factor = _cholesky_ridged(hess)
+        rhs = -scipy.linalg.solve_triangular(factor, grad, lower=True)
+        method = "bvls" if d <= 400 else "trf"
+        res = scipy.optimize.lsq_linear(factor.T, rhs, bounds=(lo - theta, hi - theta), method=method,
+                                        tol=1e-14 if method == "bvls" else 1e-12, lsmr_tol="auto")
+        return np.clip(theta + res.x, lo, hi)
+
     def cvxpy_constraints(self, var):
-        return [var >= self.lower, var <= self.upper]
+        cons = []
+        for bound, lower in ((self.lower, True), (self.upper, False)):
+            b = np.broadcast_to(bound, var.shape)
+            finite = np.flatnonzero(np.isfinite(b))
+            if finite.size:
+                part = var if finite.size == b.size else var[finite]
+                cons.append(part >= b[finite] if lower else part <= b[finite])
+        return cons
+
+    def fingerprint(self):
+        return f"Box(lower={_hash_arrays(self.lower)}, upper={_hash_arrays(self.upper)})"
 
     def __repr__(self):
-        return "Box(lower, upper)"
+        def show(b):
+            return repr(float(b)) if b.ndim == 0 else f"<{b.size} values>"
+        return f"Box(lower={show(self.lower)}, upper={show(self.upper)})"
 
 
 #: Clarabel's tolerances for projections: the defaults (1e-8 on the gap) leave ~1e-5 in x
@@ -111,7 +274,8 @@ _TIGHT = {"tol_gap_abs": 1e-11, "tol_gap_rel": 1e-11, "tol_feas": 1e-11}
 
 
 class ConvexSet:
-    """Any convex Θ given as cvxpy constraints; projection by a DPP-compiled QP.
+    """Any convex Θ given as cvxpy constraints; projections, support functions and Newton steps by
+    cvxpy problems compiled once (DPP) and re-solved.
 
     Parameters
     ----------
@@ -119,33 +283,59 @@ class ConvexSet:
         d.
     constraints : callable
         ``constraints(var) -> list`` of cvxpy constraints on the ``cp.Variable(dim)``.
-    max_norm : float, optional
+    max_norm : float > 0, optional
         :math:`B_\\Theta` with ‖θ‖ ≤ B_Θ on Θ (needed only for ``step_size="theory"``).
     solver : str, optional
         cvxpy solver name (default: Clarabel, an interior-point solver accurate to ~1e-8;
         first-order QP solvers such as OSQP are only accurate to ~1e-4).
 
+    Raises
+    ------
+    ValueError
+        If the constraints are not DCP/DPP, ``max_norm`` is not positive, or the set is empty
+        (checked once, here).
+
     Notes
     -----
-    The problem ``min ‖x − p‖²  s.t.  x ∈ Θ`` is built once with ``p`` a ``cp.Parameter``
-    so that cvxpy canonicalises it once (Disciplined Parametrized Programming) and each
-    projection only re-solves it. An interior-point solver leaves about 1e-6 of error when the
-    projection lands on the boundary; the closed-form sets (:class:`L2Ball`, :class:`Box`) are
-    exact to rounding.
+    The problem ``min ‖x − p‖²  s.t.  x ∈ Θ`` is built once with ``p`` a ``cp.Parameter`` so that
+    cvxpy canonicalises it once (Disciplined Parametrized Programming) and each projection only
+    re-solves it. An interior-point solver leaves about 1e-6 of error when the projection lands
+    on the boundary; the closed-form sets (:class:`L2Ball`, :class:`Box`) are exact to rounding.
     """
 
     def __init__(self, dim, constraints, max_norm=np.inf, solver="CLARABEL"):
         import cvxpy as cp
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or np.isnan(max_norm) \
+                or max_norm <= 0:
+            raise ValueError(f"max_norm must be a positive number (or inf), got {max_norm!r}")
+        if not callable(constraints):
+            raise ValueError("constraints must be a callable var -> list of cvxpy constraints")
         self.dim = int(dim)
         self._constraints_fn = constraints
         self.max_norm = float(max_norm)
         self.solver = solver
         self._x = cp.Variable(self.dim)
         self._p = cp.Parameter(self.dim)
-        self._problem = cp.Problem(cp.Minimize(cp.sum_squares(self._x - self._p)),
-                                   list(constraints(self._x)))
+        try:
+            cons = list(constraints(self._x))
+        except Exception as exc:                      # a wrong dimension inside the user's callable
+            raise ValueError(f"constraints(var) failed on a cp.Variable({self.dim}): {exc}") from None
+        self._problem = cp.Problem(cp.Minimize(cp.sum_squares(self._x - self._p)), cons)
         if not self._problem.is_dcp(dpp=True):
             raise ValueError("constraints must be DCP (and DPP-compatible) in the variable")
+        self._support_problem = None
+        self._quadratic_problem = None
+        self._p.value = np.zeros(self.dim)
+        self._problem.solve(solver=self.solver)
+        if self._problem.status in ("infeasible", "infeasible_inaccurate"):
+            raise ValueError("the convex set is empty (its constraints are infeasible)")
+
+    def check_dim(self, dim):
+        if dim != self.dim:
+            raise ValueError(f"ConvexSet has dim={self.dim} but the data have d={dim}")
+        return self
 
     def project(self, theta):
         self._p.value = np.asarray(theta, dtype=np.float64)
@@ -161,8 +351,61 @@ class ConvexSet:
     def bounding_ball(self, dim):
         return None, self.max_norm
 
+    def support(self, v):
+        """:math:`\\sup_{x\\in\\Theta} v^\\top x` by a compiled LP/conic problem (``inf`` if unbounded)."""
+        import cvxpy as cp
+        if self._support_problem is None:
+            x, direction = cp.Variable(self.dim), cp.Parameter(self.dim)
+            self._support_problem = (cp.Problem(cp.Maximize(direction @ x), self.cvxpy_constraints(x)), direction)
+        problem, direction = self._support_problem
+        direction.value = np.asarray(v, dtype=np.float64)
+        problem.solve(solver=self.solver)
+        if problem.status in ("unbounded", "unbounded_inaccurate"):
+            return np.inf
+        if problem.status not in ("optimal", "optimal_inaccurate"):
+            raise RuntimeError(f"support function of the convex set failed: cvxpy status {problem.status}")
+        return float(problem.value)
+
+    def min_linear(self, theta, grad):
+        """min over Θ of gᵀ(x − θ) = −σ_Θ(−g) − gᵀθ."""
+        return -self.support(-grad) - float(grad @ theta)
+
+    def minimize_quadratic(self, theta, grad, hess):
+        """The Newton step over Θ as a compiled QP: minimise ‖Lᵀx − (Lᵀθ − L⁻¹g)‖² with
+        H + εI = LLᵀ (L and the target are cvxpy Parameters)."""
+        import cvxpy as cp
+        d = self.dim
+        if self._quadratic_problem is None:
+            x, lt, b = cp.Variable(d), cp.Parameter((d, d)), cp.Parameter(d)
+            problem = cp.Problem(cp.Minimize(cp.sum_squares(lt @ x - b)), self.cvxpy_constraints(x))
+            self._quadratic_problem = (problem, x, lt, b)
+        problem, x, lt, b = self._quadratic_problem
+        factor = _cholesky_ridged(hess)
+        lt.value = factor.T
+        b.value = factor.T @ theta - scipy.linalg.solve_triangular(factor, grad, lower=True)
+        options = _TIGHT if self.solver == "CLARABEL" else {}
+        problem.solve(solver=self.solver, **options)
+        if problem.status not in ("optimal", "optimal_inaccurate"):
+            raise RuntimeError(f"Newton step over the convex set failed: cvxpy status {problem.status}")
+        return self.project(np.asarray(x.value, dtype=np.float64))
+
     def cvxpy_constraints(self, var):
         return list(self._constraints_fn(var))
+
+    def fingerprint(self):
+        """A hash of the set's canonical conic form (cvxpy's problem data for ``x ∈ Θ``): two
+        ConvexSets with the same constraints hash alike, any change of a constant does not."""
+        data = self._problem.get_problem_data(self.solver)[0]
+        parts = []
+        for key in ("A", "b", "P", "q"):
+            value = data.get(key)
+            if value is None:
+                continue
+            arr = value.toarray() if hasattr(value, "toarray") else np.asarray(value)
+            parts.append(arr)
+        cone = str(data.get("dims", "")).encode()
+        return f"ConvexSet(dim={self.dim}, max_norm={self.max_norm!r}, " \
+               f"form={_hash_arrays(*parts)}{hashlib.sha256(cone).hexdigest()[:8]})"
 
     def __repr__(self):
         return f"ConvexSet(dim={self.dim})"
@@ -173,7 +416,7 @@ def make_constraint(radius=None, center=None, constraint=None):
     if radius is not None and constraint is not None:
         raise ValueError("give either radius or constraint, not both")
     if constraint is not None:
-        if not hasattr(constraint, "project"):
+        if not all(hasattr(constraint, a) for a in ("project", "support", "minimize_quadratic")):
             raise ValueError(f"constraint must be a Θ object (L2Ball, Box, ConvexSet, ...), got {constraint!r}")
         return constraint
     if radius is not None:

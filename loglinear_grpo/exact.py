@@ -15,19 +15,21 @@ LP for the hinge); the optimal group weights α* are the dual variables of the K
 from __future__ import annotations
 
 import warnings
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 import scipy.optimize
+import scipy.sparse as sp
 
+from ._linalg import ball_quadratic_min as _ball_least_squares  # noqa: F401 (re-exported for tests)
+from ._linalg import solve_psd as _solve_psd
+from ._linalg import trust_region_coefficients as _trust_region_coefficients
 from ._validation import check_loss, check_positive_finite, check_vector
 from .constraints import L2Ball, Box, Unconstrained, make_constraint
 from .data import CHUNK_ROWS, PreferenceData
+from .losses import get_loss
 from .objective import _check_data, _group_losses
-
-_PROBLEM_CACHE = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,7 @@ class ExactResult:
 
 
 def _cvxpy_pair_losses(cp, data, theta_var, loss, beta):
-    h = data.diff @ theta_var - data.ref_margin
-    if loss == "dpo":
-        return cp.logistic(-beta * h)          # log(1 + exp(-βh)) = −log σ(βh)
-    if loss == "ipo":
-        return cp.square(h - 0.5 / beta)
-    return cp.pos(1.0 - beta * h)
+    return get_loss(loss).cvxpy(cp, data.diff @ theta_var - data.ref_margin, beta)
 
 
 def _cvxpy_diff(data):
@@ -74,7 +71,7 @@ def _solve_cvxpy(problem, solver=None):
                        "); an unbounded Θ with separable DPO data has no minimiser: give a radius")
 
 
-def solve_exact(data, loss="dpo", beta=1.0, radius=None, center=None, constraint=None, solver=None):
+def solve_exact(data, *, loss="dpo", beta=0.1, radius=None, center=None, constraint=None, solver=None):
     """Exact GRPO optimum :math:`\\min_{\\theta\\in\\Theta}\\max_g L_g(\\theta)` with cvxpy.
 
     Parameters
@@ -131,60 +128,6 @@ def _normal_equations(data, pair_weights, target):
         hess += block.T @ wb
         rhs += wb.T @ target[start:start + len(block)]
     return hess, rhs
-
-
-def _solve_psd(hess, rhs):
-    """Solve H u = q by Cholesky; the min-norm least-squares solution when H is (numerically)
-    singular, detected by a failed factorisation or a pivot below √(d·ε) of the largest: rounding
-    can let Cholesky "succeed" on a singular H and return a solution with a huge null-space part."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
-            factor, lower = scipy.linalg.cho_factor(hess)
-        pivots = np.abs(np.diag(factor))
-        if pivots.min() > pivots.max() * np.sqrt(hess.shape[0] * np.finfo(float).eps):
-            return scipy.linalg.cho_solve((factor, lower), rhs)
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning, ValueError):
-        pass
-    # cut-off d·ε·σ_max: the default (ε·σ_max) keeps rounding-level singular values of a singular H
-    return scipy.linalg.lstsq(hess, rhs, cond=hess.shape[0] * np.finfo(float).eps)[0]
-
-
-def _trust_region_coefficients(lam, qt, radius):
-    r"""Coefficients :math:`c_j = \tilde q_j/(\lambda_j+\mu)` of the solution of
-    :math:`\min_u u^\top H u - 2q^\top u` s.t. :math:`\|u\|\le R`, in the eigenbasis of
-    :math:`H = V\Lambda V^\top \succeq 0` (:math:`\tilde q = V^\top q`).
-
-    If the min-norm unconstrained minimiser (μ = 0 on range(H)) lies in the ball it is optimal;
-    otherwise μ > 0 is the unique root of the secular equation :math:`\|u(\mu)\| = R`, solved
-    with Brent's method on :math:`1/\|u(\mu)\| - 1/R`. Since q ∈ range(H) the "hard case"
-    cannot occur for a PSD H. ``radius=inf``: the min-norm least-squares solution.
-    """
-    lam = np.maximum(lam, 0.0)
-    tol = max(lam.max(initial=0.0), 1e-300) * lam.size * np.finfo(float).eps
-    keep = lam > tol
-    # components in the null space of H carry q̃ = 0 (q ∈ range(H)); drop their rounding noise
-    qt = np.where(keep, qt, 0.0)
-    lam = np.where(keep, lam, 1.0)
-    coef = qt / lam
-    if np.linalg.norm(coef) <= radius:
-        return coef, keep
-
-    def secular(mu):
-        return 1.0 / np.linalg.norm(qt / (lam + mu)) - 1.0 / radius
-
-    hi = np.linalg.norm(qt) / radius             # ‖u(μ)‖ ≤ ‖q‖/μ ≤ R at μ = ‖q‖/R
-    while secular(hi) < 0:                        # pragma: no cover - guards rounding only
-        hi *= 2.0
-    mu = scipy.optimize.brentq(secular, 0.0, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps)
-    return qt / (lam + mu), keep
-
-
-def _ball_least_squares(hess, rhs, radius):
-    """min uᵀHu − 2qᵀu s.t. ‖u‖ ≤ R exactly (trust-region subproblem, H ⪰ 0), in R^d."""
-    lam, vec = scipy.linalg.eigh(hess)
-    coef, _ = _trust_region_coefficients(lam, vec.T @ rhs, radius)
-    return vec @ coef
 
 
 @dataclass(frozen=True)
@@ -303,54 +246,174 @@ def weighted_least_squares(data, group_weights, target_offset, theta_set=None, n
 
 
 # ---------------------------------------------------------------------- best response / gap
-def best_response(alpha, data, loss="dpo", beta=1.0, theta_set=None, solver=None):
-    """:math:`\\min_{\\theta'\\in\\Theta}\\sum_g \\alpha_g L_g(\\theta')`: ``(theta, value)``.
+def certified_best_response(alpha, data, loss, beta, theta_set, *, tol=1e-12, theta0=None, max_iter=100):
+    r""":math:`\min_{\theta\in\Theta}\sum_g\alpha_g L_g(\theta)` with a certified lower bound
+    (a :class:`~loglinear_grpo.newton.NewtonResult`).
 
-    Exact: the closed form for IPO (:func:`weighted_least_squares`), otherwise a cvxpy problem
-    with the pair weights as a parameter, compiled once per (data, loss, β, Θ) and re-solved.
+    Newton's method with the exact model step over Θ (:mod:`loglinear_grpo.newton`): for IPO one
+    step is the closed form (the model is the function), for DPO a weighted logistic regression
+    converging quadratically; the hinge as one linear (or conic) program, :func:`hinge_program`.
     """
+    from .newton import newton_minimax
+    spec = get_loss(loss)
+    if spec.name == "hinge":
+        return hinge_program(data, beta, theta_set, weights=np.asarray(alpha, dtype=np.float64))
+    return newton_minimax(data, spec.name, beta, theta_set, weights=np.asarray(alpha, dtype=np.float64),
+                          theta0=theta0, tol=tol, max_iter=max_iter)
+
+
+def best_response(alpha, data, *, loss="dpo", beta=0.1, theta_set=None):
+    r""":math:`\min_{\theta'\in\Theta}\sum_g \alpha_g L_g(\theta')`: ``(theta, value)``.
+
+    Exact to a certified relative accuracy of 10⁻¹²: Newton's method with exact model steps over Θ
+    (IPO: the closed form in one step; DPO: a weighted logistic regression; hinge: a linear or
+    conic program); see :func:`certified_best_response`. ``loss`` takes
+    TRL's names too (``"sigmoid"`` is DPO).
+    """
+    loss = check_loss(loss)
+    beta = check_positive_finite("beta", beta)
+    _check_data(data)
     theta_set = Unconstrained() if theta_set is None else theta_set
-    alpha = np.asarray(alpha, dtype=np.float64)
-    if loss == "ipo":
-        theta = weighted_least_squares(data, alpha, 0.5 / beta, theta_set)
-    else:
-        import cvxpy as cp
-        per_data = _PROBLEM_CACHE.setdefault(data, {})
-        key = (loss, beta, id(theta_set), solver)
-        if key not in per_data:
-            var = cp.Variable(data.dim)
-            weights = cp.Parameter(data.n_samples, nonneg=True)
-            pair = _cvxpy_pair_losses(cp, _cvxpy_diff(data), var, loss, beta)
-            problem = cp.Problem(cp.Minimize(weights @ pair), theta_set.cvxpy_constraints(var))
-            per_data[key] = (problem, var, weights, theta_set)
-        problem, var, weights, _ = per_data[key]
-        weights.value = (alpha / data.group_sizes)[data.groups]
-        _solve_cvxpy(problem, solver)
-        theta = np.asarray(var.value, dtype=np.float64)
-    value = float(alpha @ _group_losses(theta, data, loss, beta))
-    return theta, value
+    theta_set.check_dim(data.dim)
+    alpha = _check_simplex(alpha, data.n_groups)
+    res = certified_best_response(alpha, data, loss, beta, theta_set)
+    return res.theta, float(alpha @ _group_losses(res.theta, data, loss, beta))
 
 
-def duality_gap(theta, alpha, data, loss="dpo", beta=1.0, radius=None, center=None,
-                constraint=None, solver=None):
-    """Duality gap :math:`\\max_g L_g(\\theta) - \\min_{\\theta'\\in\\Theta}\\sum_g\\alpha_g L_g(\\theta')`.
+def _check_simplex(alpha, k):
+    alpha = check_vector("alpha", alpha, k)
+    if np.any(alpha < 0) or not np.isclose(alpha.sum(), 1.0, atol=1e-8):
+        raise ValueError("alpha must lie on the probability simplex")
+    return alpha / alpha.sum()
 
-    By weak duality it bounds the suboptimality :math:`\\mathcal L_{GR}(\\theta) - \\min_\\Theta
-    \\mathcal L_{GR}` from above for *any* α on the simplex, without knowing the optimum; it is
-    zero exactly at a saddle point (θ*, α*) of Eq. (9).
+
+def duality_gap(theta, alpha, data, *, loss="dpo", beta=0.1, radius=None, center=None, constraint=None):
+    r"""Certified duality gap :math:`\max_g L_g(\theta) - \underline{\min}_{\theta'\in\Theta}
+    \sum_g\alpha_g L_g(\theta')`.
+
+    The second term is a certified *lower bound* on the best response's value (see
+    :mod:`loglinear_grpo.newton`), so by weak duality the result bounds the suboptimality
+    :math:`\mathcal L_{GR}(\theta) - \min_\Theta\mathcal L_{GR}` from above for *any* α on the
+    simplex, without knowing the optimum; it is zero exactly at a saddle point (θ*, α*) of Eq. (9).
+
+    Raises
+    ------
+    ValueError
+        If θ lies outside Θ (the bound would be meaningless) or α is not on the simplex.
     """
     loss = check_loss(loss)
     beta = check_positive_finite("beta", beta)
     _check_data(data)
     theta = check_vector("theta", theta, data.dim)
-    alpha = check_vector("alpha", alpha, data.n_groups)
-    if np.any(alpha < 0) or not np.isclose(alpha.sum(), 1.0, atol=1e-8):
-        raise ValueError("alpha must lie on the probability simplex")
-    theta_set = make_constraint(radius, center, constraint)
-    return _duality_gap(theta, alpha, data, loss, beta, theta_set, solver)
+    alpha = _check_simplex(alpha, data.n_groups)
+    theta_set = make_constraint(radius, center, constraint).check_dim(data.dim)
+    if not theta_set.contains(theta, tol=1e-9):
+        raise ValueError("theta lies outside Θ: the duality gap bounds the suboptimality of points of Θ "
+                         "only (project it first, e.g. with constraint.project)")
+    return _duality_gap(theta, alpha, data, loss, beta, theta_set)
 
 
-def _duality_gap(theta, alpha, data, loss, beta, theta_set, solver=None):
+def _duality_gap(theta, alpha, data, loss, beta, theta_set):
     upper = float(np.max(_group_losses(theta, data, loss, beta)))
-    _, lower = best_response(alpha, data, loss, beta, theta_set, solver)
-    return upper - lower
+    return upper - certified_best_response(alpha, data, loss, beta, theta_set, theta0=theta).lower_bound
+
+
+def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
+    r"""The hinge problem solved as one linear (or conic) program, with its certificate.
+
+    Variables (θ, ξ, t): minimise :math:`\chi t + \frac{1-\chi}{K}\sum_g \bar\xi_g` (group robust)
+    or :math:`\sum_g w_g\bar\xi_g` (fixed weights), :math:`\bar\xi_g = \frac{1}{N_g}\sum_{i\in D_g}\xi_i`,
+    subject to :math:`\xi_i \ge 1 - \beta(s_i^\top\theta - r_i)` (dual :math:`y_i`), ξ ≥ 0,
+    :math:`\bar\xi_g \le t` (dual α_g) and θ ∈ Θ. On a box or R^d this is a linear program, solved by
+    HiGHS (``scipy.optimize.linprog``, tolerances 10⁻¹⁰); on a ball or a general convex set a conic
+    program, solved by cvxpy (Clarabel).
+
+    The lower bound is the Lagrange dual function at the solver's duals, clipped to their domain
+    :math:`0\le y_i\le\lambda_{g_i}/N_{g_i}` (λ the group weights of the objective):
+
+    .. math::
+
+        L^* \ge \sum_i y_i\,(1 - \beta h_i(\theta)) + \min_{\theta'\in\Theta}\,
+        (-\beta S^\top y)^\top(\theta' - \theta),
+
+    rigorous whatever the solver's accuracy (Fenchel: the hinge's conjugate is u/β on [−β, 0]).
+    Where Θ is unbounded along :math:`S^\top y` the solver's optimal value is used instead
+    (``bound_kind="linear program"``).
+    """
+    from .newton import NewtonResult
+    k = data.n_groups
+    robust = weights is None and k > 1
+    w = None if robust else (np.ones(1) if weights is None else np.asarray(weights, dtype=np.float64))
+    inv = 1.0 / data.group_sizes[data.groups]
+    if isinstance(theta_set, (Box, Unconstrained)):
+        theta, alpha, y, reported = _hinge_highs(data, beta, theta_set, robust, w, chi, inv)
+    else:
+        theta, alpha, y, reported = _hinge_conic(data, beta, theta_set, robust, w, chi, inv)
+    theta = theta_set.project(theta)
+    losses = _group_losses(theta, data, "hinge", beta)
+    lam = ((1.0 - chi) / k + chi * alpha) if robust else w
+    value = float((1.0 - chi) * losses.mean() + chi * losses.max()) if robust else float(w @ losses)
+    y = np.clip(y, 0.0, lam[data.groups] * inv)
+    h = np.asarray(data.diff @ theta).ravel() - data.ref_margin
+    direction = -beta * np.asarray(data.diff.T @ y).ravel()
+    linear = theta_set.min_linear(theta, direction)
+    if np.isfinite(linear):
+        lower, kind = float(y @ (1.0 - beta * h)) + linear, "rigorous"
+    else:
+        lower, kind = min(reported, value), "linear program"
+    return NewtonResult(theta=theta, alpha=np.asarray(alpha if robust else w, dtype=np.float64), value=value,
+                        lower_bound=lower, converged=True, n_iter=1, passes=2, bound_kind=kind)
+
+
+def _hinge_highs(data, beta, theta_set, robust, w, chi, inv):
+    n, d, k = data.n_samples, data.dim, data.n_groups
+    diff = data.diff if sp.issparse(data.diff) else sp.csr_matrix(np.asarray(data.diff, dtype=np.float64))
+    rows = [sp.hstack([-beta * diff, -sp.identity(n, format="csr"), sp.csr_matrix((n, 1))])]
+    rhs = [-(1.0 + beta * data.ref_margin)]
+    if robust:
+        indicator = sp.csr_matrix((inv, (data.groups, np.arange(n))), shape=(k, n))
+        rows.append(sp.hstack([sp.csr_matrix((k, d)), indicator, -np.ones((k, 1))]))
+        rhs.append(np.zeros(k))
+        cost = np.concatenate([np.zeros(d), (1.0 - chi) / k * inv, [chi]])
+    else:
+        cost = np.concatenate([np.zeros(d), w[data.groups] * inv, [0.0]])
+    if isinstance(theta_set, Box):
+        lo, hi = theta_set._bounds(d)
+        theta_bounds = [(a if np.isfinite(a) else None, b if np.isfinite(b) else None) for a, b in zip(lo, hi)]
+    else:
+        theta_bounds = [(None, None)] * d
+    bounds = theta_bounds + [(0, None)] * n + [(None, None) if robust else (0, 0)]
+    res = scipy.optimize.linprog(cost, A_ub=sp.vstack(rows).tocsc(), b_ub=np.concatenate(rhs), bounds=bounds,
+                                 method="highs", options={"primal_feasibility_tolerance": 1e-10,
+                                                          "dual_feasibility_tolerance": 1e-10})
+    if res.status != 0:
+        raise RuntimeError(f"HiGHS could not solve the hinge linear program: {res.message}")
+    duals = -np.asarray(res.ineqlin.marginals)
+    alpha = np.full(k, 1.0 / k)
+    if robust:
+        alpha = np.maximum(duals[n:], 0.0)
+        alpha = alpha / alpha.sum() if alpha.sum() > 0 else np.full(k, 1.0 / k)
+    return res.x[:d], alpha, duals[:n], float(res.fun)
+
+
+def _hinge_conic(data, beta, theta_set, robust, w, chi, inv):
+    import cvxpy as cp
+    n, d, k = data.n_samples, data.dim, data.n_groups
+    theta, xi, t = cp.Variable(d), cp.Variable(n, nonneg=True), cp.Variable()
+    pair = xi >= 1.0 - beta * (_cvxpy_diff(data).diff @ theta - data.ref_margin)
+    indicator = sp.csr_matrix((inv, (data.groups, np.arange(n))), shape=(k, n))
+    cons = [pair] + theta_set.cvxpy_constraints(theta)
+    if robust:
+        group = indicator @ xi <= t
+        cons.append(group)
+        objective = chi * t + (1.0 - chi) / k * cp.sum(indicator @ xi)
+    else:
+        objective = (indicator.T @ w) @ xi
+    problem = cp.Problem(cp.Minimize(objective), cons)
+    _solve_cvxpy(problem)
+    alpha = np.full(k, 1.0 / k)
+    if robust:
+        alpha = np.maximum(np.asarray(group.dual_value, dtype=np.float64), 0.0)
+        alpha = alpha / alpha.sum() if alpha.sum() > 0 else np.full(k, 1.0 / k)
+    return (np.asarray(theta.value, dtype=np.float64), alpha, np.asarray(pair.dual_value, dtype=np.float64),
+            float(problem.value))

@@ -1,95 +1,202 @@
-"""Per-pair preference losses as functions of the margin ``h`` (TRL names and β semantics).
+"""Per-pair preference losses as functions of the margin ``h`` — one table, one place.
 
-=========  ===========================================  ==============================
-name       loss :math:`\\ell(h)`                         derivative :math:`\\ell'(h)`
-=========  ===========================================  ==============================
-``dpo``    :math:`-\\log\\sigma(\\beta h)`  (Eq. 5)        :math:`-\\beta\\,\\sigma(-\\beta h)`
-``ipo``    :math:`(h - 1/(2\\beta))^2`  (§4.1)           :math:`2(h - 1/(2\\beta))`
-``hinge``  :math:`\\max(0, 1 - \\beta h)`                :math:`-\\beta\\,[\\beta h < 1]`
-=========  ===========================================  ==============================
+=========  ===========================================  ==============================  =================
+name       loss :math:`\\ell(h)`                         derivative :math:`\\ell'(h)`     conjugate domain
+=========  ===========================================  ==============================  =================
+``dpo``    :math:`-\\log\\sigma(\\beta h)`  (Eq. 5)        :math:`-\\beta\\,\\sigma(-\\beta h)`  :math:`[-\\beta, 0]`
+``ipo``    :math:`(h - 1/(2\\beta))^2`  (§4.1)           :math:`2(h - 1/(2\\beta))`       :math:`\\mathbb R`
+``hinge``  :math:`\\max(0, 1 - \\beta h)`                :math:`-\\beta\\,[\\beta h < 1]`  :math:`[-\\beta, 0]`
+=========  ===========================================  ==============================  =================
 
-``"sigmoid"`` is TRL's name for ``"dpo"``. All three are convex in ``h`` and hence, with the
-log-linear margin :math:`h = s^\\top\\theta - r`, convex in θ (the setting of Proposition 3).
-Values are computed in log space so that ``|h|`` up to 1e6 is exact to rounding.
+``"sigmoid"`` is TRL's name for ``"dpo"``; :func:`get_loss` resolves it everywhere (solvers,
+certificates, cvxpy forms, the CLI) and rejects unknown names with a ``ValueError``. All three
+losses are convex in ``h`` and hence, with the log-linear margin :math:`h = s^\\top\\theta - r`,
+convex in θ (the setting of Proposition 3).
+
+Each :class:`Loss` holds everything the toolkit needs about one loss: value, derivative and
+curvature (computed in log space, exact to rounding for any finite ``h``), the Fenchel conjugate
+behind the duality-gap certificate, the bounds of Proposition 3, and the cvxpy expression of the
+exact solver.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy.special import expit, log_expit
 
-from ._validation import check_loss, check_positive_finite
+from ._validation import check_positive_finite
 
 
-def loss_value(h, loss, beta):
-    """Per-pair loss :math:`\\ell(h)` (table above); ``loss`` already canonical."""
-    if loss == "dpo":
-        return -log_expit(beta * h)
-    if loss == "ipo":
-        return np.square(h - 0.5 / beta)
+def _dpo_value(h, beta):
+    return -log_expit(beta * h)
+
+
+def _dpo_derivative(h, beta):
+    return -beta * expit(-beta * h)
+
+
+def _dpo_curvature(h, beta):
+    z = beta * h
+    return (beta * beta) * expit(z) * expit(-z)
+
+
+def _dpo_value_and_derivative(h, beta):
+    r"""For DPO both come from one :math:`e^{-|\beta h|}`:
+    :math:`-\log\sigma(z) = \max(-z, 0) + \log(1 + e^{-|z|})` and :math:`\sigma(-z) = e^{-|z|}/(1+e^{-|z|})`
+    for z > 0, :math:`1/(1+e^{-|z|})` otherwise (no overflow, no cancellation)."""
+    if h.size <= 4096:                       # few elements: fewer ufunc calls win
+        return _dpo_value(h, beta), _dpo_derivative(h, beta)
+    z = beta * h
+    e = np.exp(-np.abs(z))
+    value = np.maximum(-z, 0.0) + np.log1p(e)
+    deriv = np.where(z > 0, e, 1.0)
+    deriv *= -beta / (1.0 + e)
+    return value, deriv
+
+
+def _dpo_conjugate(u, beta):
+    # ℓ*(u) for ℓ(h) = log(1 + e^{-βh}): with p = -u/β ∈ [0, 1], ℓ*(u) = p log p + (1-p) log(1-p)
+    p = np.clip(-u / beta, 0.0, 1.0)
+    return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0) + \
+        np.where(p < 1, (1 - p) * np.log(np.where(p < 1, 1 - p, 1.0)), 0.0)
+
+
+def _ipo_value(h, beta):
+    return np.square(h - 0.5 / beta)
+
+
+def _ipo_derivative(h, beta):
+    return 2.0 * (h - 0.5 / beta)
+
+
+def _ipo_curvature(h, beta):
+    return np.full(np.shape(h), 2.0)
+
+
+def _ipo_conjugate(u, beta):
+    return 0.25 * u * u + u * (0.5 / beta)
+
+
+def _hinge_value(h, beta):
     return np.maximum(0.0, 1.0 - beta * h)
 
 
-def loss_derivative(h, loss, beta):
-    """:math:`d\\ell/dh` (a subgradient for the hinge at its kink)."""
-    if loss == "dpo":
-        return -beta * expit(-beta * h)
-    if loss == "ipo":
-        return 2.0 * (h - 0.5 / beta)
+def _hinge_derivative(h, beta):
     return np.where(beta * h < 1.0, -beta, 0.0)
 
 
-def loss_and_derivative(h, loss, beta):
-    r"""``(ℓ(h), ℓ'(h))`` in one sweep; for DPO both come from one :math:`e^{-|\beta h|}`:
-
-    :math:`-\log\sigma(z) = \max(-z, 0) + \log(1 + e^{-|z|})` and
-    :math:`\sigma(-z) = e^{-|z|}/(1+e^{-|z|})` for z > 0, :math:`1/(1+e^{-|z|})` otherwise,
-    exact to rounding for any finite z (no overflow, no cancellation).
-    """
-    if loss == "dpo" and h.size <= 4096:      # few elements: fewer ufunc calls win
-        return -log_expit(beta * h), -beta * expit(-beta * h)
-    if loss == "dpo":
-        z = beta * h
-        e = np.exp(-np.abs(z))
-        value = np.maximum(-z, 0.0) + np.log1p(e)
-        deriv = np.where(z > 0, e, 1.0)
-        deriv *= -beta / (1.0 + e)
-        return value, deriv
-    return loss_value(h, loss, beta), loss_derivative(h, loss, beta)
+def _hinge_curvature(h, beta):
+    return np.zeros(np.shape(h))
 
 
-def pair_loss(h, loss="dpo", beta=1.0):
-    """Validated public form of :func:`loss_value`: the loss of each margin in ``h``."""
-    loss = check_loss(loss)
-    beta = check_positive_finite("beta", beta)
-    return loss_value(np.asarray(h, dtype=np.float64), loss, beta)
+def _hinge_conjugate(u, beta):
+    return u / beta                           # on its domain [-β, 0]
 
 
-def pair_loss_derivative(h, loss="dpo", beta=1.0):
-    """Validated public form of :func:`loss_derivative`."""
-    loss = check_loss(loss)
-    beta = check_positive_finite("beta", beta)
-    return loss_derivative(np.asarray(h, dtype=np.float64), loss, beta)
-
-
-def loss_bounds(h_max, loss, beta):
-    """Bounds of Proposition 3 for margins with ``|h| <= h_max``.
-
-    Returns ``(B_l, B_dh)``: the largest loss value and the largest ``|dℓ/dh|``. With
-    :math:`\\nabla_\\theta\\ell = \\ell'(h)\\,s`, the gradient bound is
-    :math:`B_\\nabla = B_{dh}\\max_i\\|s_i\\|`.
-    """
-    if loss == "dpo":
-        return float(np.logaddexp(0.0, beta * h_max)), float(beta)
-    if loss == "ipo":
-        top = h_max + 0.5 / beta
-        return float(top * top), float(2.0 * top)
+def _hinge_bounds(h_max, beta):
     return float(1.0 + beta * h_max), float(beta)
 
 
-def smoothness(loss, beta):
-    """Largest curvature :math:`\\sup_h \\ell''(h)` (``inf`` for the non-smooth hinge)."""
-    if loss == "dpo":
-        return beta * beta / 4.0
-    if loss == "ipo":
-        return 2.0
-    return np.inf
+def _dpo_bounds(h_max, beta):
+    return float(np.logaddexp(0.0, beta * h_max)), float(beta)
+
+
+def _ipo_bounds(h_max, beta):
+    top = h_max + 0.5 / beta
+    return float(top * top), float(2.0 * top)
+
+
+def _cvxpy_dpo(cp, h, beta):
+    return cp.logistic(-beta * h)             # log(1 + exp(-βh)) = −log σ(βh)
+
+
+def _cvxpy_ipo(cp, h, beta):
+    return cp.square(h - 0.5 / beta)
+
+
+def _cvxpy_hinge(cp, h, beta):
+    return cp.pos(1.0 - beta * h)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Everything about one per-pair loss :math:`\\ell(h)` (see the module table).
+
+    Attributes
+    ----------
+    name : str
+        Canonical name (``"dpo"``, ``"ipo"``, ``"hinge"``).
+    value, derivative, curvature : callable ``(h, beta) -> ndarray``
+        :math:`\\ell`, :math:`\\ell'` (a subgradient at the hinge's kink) and :math:`\\ell''`.
+    conjugate : callable ``(u, beta) -> ndarray``
+        Fenchel conjugate :math:`\\ell^*(u) = \\sup_h\\, uh - \\ell(h)` on ``conjugate_domain``.
+    conjugate_domain : (float, float) as multiples of β
+        Where :math:`\\ell^*` is finite; derivatives always lie there.
+    smooth : bool
+        :math:`\\ell'` is Lipschitz (``max_curvature`` finite).
+    bounds : callable ``(h_max, beta) -> (B_l, B_dh)``
+        Proposition 3's bounds for margins with :math:`|h|\\le h_{\\max}`: the largest loss and
+        the largest :math:`|\\ell'|`.
+    cvxpy : callable ``(cp, h_expr, beta)``
+        The loss as a DCP expression, for :func:`~loglinear_grpo.solve_exact`.
+    """
+
+    name: str
+    value: Callable
+    derivative: Callable
+    curvature: Callable
+    conjugate: Callable
+    conjugate_domain: tuple
+    smooth: bool
+    bounds: Callable
+    cvxpy: Callable
+    value_and_derivative: Callable | None = None
+
+    def max_curvature(self, beta):
+        """:math:`\\sup_h \\ell''(h)` (``inf`` for the hinge)."""
+        return {"dpo": beta * beta / 4.0, "ipo": 2.0}.get(self.name, np.inf)
+
+    def value_and_grad(self, h, beta):
+        """``(ℓ(h), ℓ'(h))`` in one sweep where that is cheaper."""
+        if self.value_and_derivative is not None:
+            return self.value_and_derivative(h, beta)
+        return self.value(h, beta), self.derivative(h, beta)
+
+
+LOSSES = {
+    "dpo": Loss("dpo", _dpo_value, _dpo_derivative, _dpo_curvature, _dpo_conjugate, (-1.0, 0.0), True,
+                _dpo_bounds, _cvxpy_dpo, _dpo_value_and_derivative),
+    "ipo": Loss("ipo", _ipo_value, _ipo_derivative, _ipo_curvature, _ipo_conjugate, (-np.inf, np.inf), True,
+                _ipo_bounds, _cvxpy_ipo),
+    "hinge": Loss("hinge", _hinge_value, _hinge_derivative, _hinge_curvature, _hinge_conjugate, (-1.0, 0.0),
+                  False, _hinge_bounds, _cvxpy_hinge),
+}
+
+#: TRL's names (``loss_type``) and ours
+LOSS_ALIASES = {"sigmoid": "dpo", "dpo": "dpo", "ipo": "ipo", "hinge": "hinge"}
+
+
+def get_loss(loss):
+    """The :class:`Loss` for a name or alias (``"sigmoid"`` is DPO); ``ValueError`` otherwise."""
+    if isinstance(loss, Loss):
+        return loss
+    if not isinstance(loss, str) or loss not in LOSS_ALIASES:
+        raise ValueError(f"loss must be one of {sorted(LOSS_ALIASES)}, got {loss!r}")
+    return LOSSES[LOSS_ALIASES[loss]]
+
+
+# ---------------------------------------------------------------------- public, validated forms
+def pair_loss(h, loss="dpo", beta=0.1):
+    """The loss :math:`\\ell(h)` of each margin in ``h`` (see the module table)."""
+    spec = get_loss(loss)
+    beta = check_positive_finite("beta", beta)
+    return spec.value(np.asarray(h, dtype=np.float64), beta)
+
+
+def pair_loss_derivative(h, loss="dpo", beta=0.1):
+    """:math:`\\ell'(h)` of each margin in ``h`` (a subgradient at the hinge's kink)."""
+    spec = get_loss(loss)
+    beta = check_positive_finite("beta", beta)
+    return spec.derivative(np.asarray(h, dtype=np.float64), beta)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ._validation import check_loss, check_positive_finite, check_vector
 from .data import CHUNK_ROWS, PreferenceData
-from .losses import loss_and_derivative, loss_derivative, loss_value
+from .losses import get_loss
 
 #: above this many groups the fused single pass (K×d partial gradients per block) costs more
 #: than a second pass over S
@@ -56,10 +56,10 @@ def group_means(values, data):
 
 
 def _group_losses(theta, data, loss, beta):
-    return group_means(loss_value(margins(theta, data), loss, beta), data)
+    return group_means(get_loss(loss).value(margins(theta, data), beta), data)
 
 
-def group_losses(theta, data, loss="dpo", beta=1.0):
+def group_losses(theta, data, loss="dpo", beta=0.1):
     """Per-group mean losses :math:`L_g(\\theta) = \\frac{1}{N_g}\\sum_{i\\in D_g}\\ell(h_i(\\theta))`.
 
     Eq. (7) for DPO; the same mean for IPO (§4.1) and the hinge. The GRPO objective is
@@ -83,7 +83,7 @@ def group_losses(theta, data, loss="dpo", beta=1.0):
     return _group_losses(theta, data, loss, beta)
 
 
-def worst_group_loss(theta, data, loss="dpo", beta=1.0):
+def worst_group_loss(theta, data, loss="dpo", beta=0.1):
     """:math:`\\mathcal{L}_{GR}(\\theta) = \\max_g L_g(\\theta)` (Eq. (7))."""
     return float(np.max(group_losses(theta, data, loss, beta)))
 
@@ -93,7 +93,7 @@ def weighted_gradient(theta, weights, data, loss, beta):
     :math:`u_i = \\frac{w_{g_i}}{N_{g_i}}\\,\\ell'(h_i)` (Eq. (11) summed over the data)."""
     h = margins(theta, data)
     pair_w = (weights / data.group_sizes)[data.groups]
-    return rmatvec(data, pair_w * loss_derivative(h, loss, beta))
+    return rmatvec(data, pair_w * get_loss(loss).derivative(h, beta))
 
 
 def _fused_block(theta, data, loss, beta, start, stop):
@@ -101,7 +101,7 @@ def _fused_block(theta, data, loss, beta, start, stop):
     h = block @ theta - data.ref_margin[start:stop]
     g = data.groups[start:stop]
     k = data.n_groups
-    values, dl = loss_and_derivative(h, loss, beta)
+    values, dl = get_loss(loss).value_and_grad(h, beta)
     loss_sum = np.bincount(g, weights=values, minlength=k)
     if k == 1:
         return loss_sum, (dl @ block)[None, :]
@@ -139,7 +139,7 @@ def _check_data(data):
         raise ValueError(f"data must be a PreferenceData, got {type(data).__name__}")
 
 
-def group_metrics(theta, data, loss="dpo", beta=1.0, alpha=None):
+def group_metrics(theta, data, loss="dpo", beta=0.1, alpha=None):
     """Per-group metrics with TRL's names, plus a ``worst`` row.
 
     Columns: ``loss`` (:math:`L_g`), ``rewards/accuracies`` (share of pairs with
@@ -153,7 +153,7 @@ def group_metrics(theta, data, loss="dpo", beta=1.0, alpha=None):
     theta = check_vector("theta", theta, data.dim)
     h = margins(theta, data)
     table = pd.DataFrame({
-        "loss": group_means(loss_value(h, loss, beta), data),
+        "loss": group_means(get_loss(loss).value(h, beta), data),
         "rewards/accuracies": group_means((h > 0).astype(np.float64), data),
         "rewards/margins": group_means(beta * h, data),
         "n_pairs": data.group_sizes,

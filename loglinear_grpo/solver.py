@@ -1,6 +1,24 @@
-"""Mirror descent for group robust preference optimisation (Algorithm 1) and its variants.
+"""Solvers for group robust preference optimisation (Eq. (9)) that know when they are done.
 
-The algorithm is written as pure functions over explicit state, in the style of optax::
+:func:`solve` dispatches to one of four estimators; every one of them ends with a *certificate*:
+a point θ ∈ Θ, the value of its objective and a certified lower bound on the optimum, whose
+difference (the duality gap) bounds how far θ is from optimal.
+
+``"newton"`` (the default, ``"auto"``)
+    Smoothed minimax with Newton steps over Θ (:mod:`loglinear_grpo.newton`): tolerance 10⁻⁶ in a
+    few dozen passes over S, for every loss, method and Θ; no step size to choose. On an unbounded
+    Θ the hinge loss is solved as one HiGHS linear program instead.
+``"full"``
+    Full-batch alternating mirror descent: the α step of Algorithm 1 with exact group losses,
+    then a projected gradient step on θ. First order; O(N·d) per iteration.
+``"closed_form"``
+    GR-IPO (§4.1, Algorithm 2): the α step, then the exact weighted least squares.
+``"stochastic"``
+    Algorithm 1 exactly as the paper writes it: g ~ Cat(N_1/N, …, N_K/N), a pair of D_g, the
+    importance-weighted α and θ steps; the averaged iterate θ̄_T is what Proposition 3 bounds.
+
+The first-order estimators are written as pure functions over explicit state, in the style of
+optax::
 
     config = make_config(data, loss="dpo", estimator="stochastic", steps=T, radius=1.0)
     state = init(data, config)
@@ -8,10 +26,8 @@ The algorithm is written as pure functions over explicit state, in the style of 
         state, info = update(state, data, config, sample_batch(config, t))
     theta_bar = averaged_theta(state)
 
-and :func:`solve` is a thin loop over that with logging, checkpoints and a progress bar.
-
-Every method and estimator is one code path. Writing λ for the weights the θ step gives the
-groups, one iteration is
+and :func:`solve` is a thin loop over that with the certificate, logging, checkpoints and a
+progress bar. Writing λ for the weights the θ step gives the groups, one iteration is
 
 1. α step (mirror ascent, in log space): :math:`\\log\\alpha_g \\mathrel{+}= \\eta_\\alpha\\,\\chi\\,\\hat L_g`,
    then renormalise with log-sum-exp. ``group_robust`` only; the other methods keep α fixed
@@ -21,24 +37,20 @@ groups, one iteration is
    :math:`\\hat\\nabla` an estimate of :math:`\\sum_g\\lambda_g\\nabla L_g(\\theta)`, or for
    ``closed_form`` (IPO) the exact minimiser of :math:`\\sum_g \\lambda_g L_g` over Θ.
 
-Estimators of :math:`(\\hat L, \\hat\\nabla)` at :math:`\\theta^{(t-1)}`:
-
-``"stochastic"`` — Algorithm 1 exactly: :math:`g\\sim\\mathrm{Cat}(N_1/N,\\dots,N_K/N)`, a pair
-    of :math:`D_g` uniformly; :math:`\\hat L = (N/N_g)\\,\\ell\\,e_g` and
-    :math:`\\hat\\nabla = (N/N_g)\\,\\lambda_g\\,\\nabla\\ell`, both unbiased. ``batch_size=B``
-    averages B such draws (i.i.d.).
-``"full"`` — :math:`\\hat L = L(\\theta)` and :math:`\\hat\\nabla = \\sum_g\\lambda_g\\nabla L_g(\\theta)`.
-``"closed_form"`` — IPO only: the α step above, then the weighted least squares of §4.1.
-
-The returned ``theta`` is the averaged iterate :math:`\\bar\\theta_T=\\frac1T\\sum_{t=1}^T\\theta^{(t)}`
-that Proposition 3 bounds.
+Estimators of :math:`(\\hat L, \\hat\\nabla)` at :math:`\\theta^{(t-1)}`: ``"stochastic"`` —
+:math:`\\hat L = (N/N_g)\\,\\ell\\,e_g` and :math:`\\hat\\nabla = (N/N_g)\\,\\lambda_g\\,\\nabla\\ell`,
+both unbiased (``batch_size=B`` averages B i.i.d. draws); ``"full"`` — the exact
+:math:`L(\\theta)` and :math:`\\sum_g\\lambda_g\\nabla L_g(\\theta)`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -46,17 +58,29 @@ import numpy as np
 import pandas as pd
 
 from ._io import atomic_write
-from ._validation import (ESTIMATORS, METHODS, check_choice, check_loss, check_positive_finite,
-                          check_positive_int, check_unit_interval, check_vector)
+from ._validation import (METHODS, check_choice, check_loss, check_positive_finite, check_positive_int,
+                          check_unit_interval, check_vector)
 from .constraints import make_constraint
 from .data import CHUNK_ROWS
-from .exact import _duality_gap, group_normal_equations, weighted_least_squares
-from .losses import loss_and_derivative, loss_bounds, smoothness
+from .exact import certified_best_response, group_normal_equations, hinge_program, weighted_least_squares
+from .losses import get_loss
 from .objective import (FUSED_MAX_GROUPS, _check_data, _group_losses, group_metrics,
                         losses_and_group_gradients, margins)
 
 #: steps drawn per call of the counter-based sampler (one Generator per block)
 SAMPLE_BLOCK = 1024
+#: the relative duality gap the deterministic estimators stop at by default
+DEFAULT_TOL = 1e-6
+#: iteration budgets by estimator when ``steps`` is not given
+DEFAULT_STEPS = {"newton": 200, "full": 20_000, "closed_form": 5_000, "stochastic": 1000}
+#: the scale-free default α step: η_α = ALPHA_GAIN / (largest group loss at θ⁽⁰⁾)
+ALPHA_GAIN = 1.0
+
+ESTIMATOR_CHOICES = ("auto", "newton", "full", "stochastic", "closed_form")
+
+
+class ConvergenceWarning(UserWarning):
+    """``solve`` used its whole iteration budget without certifying the requested tolerance."""
 
 
 # ============================================================================ state & config
@@ -85,7 +109,7 @@ class StepSize:
         return self.scale if self.kind == "constant" else self.scale / np.sqrt(t)
 
     def describe(self):
-        return f"{self.scale:.6g}" if self.kind == "constant" else f"{self.scale:.6g}/sqrt(t)"
+        return f"{self.scale!r}" if self.kind == "constant" else f"{self.scale!r}/sqrt(t)"
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,11 +121,13 @@ class SolverConfig:
     method: str
     estimator: str
     steps: int
+    tol: float | None
+    check_every: int | None
     chi: float
     seed: int
     batch_size: int
-    theta_step: StepSize
-    alpha_step: StepSize
+    theta_step: StepSize | None
+    alpha_step: StepSize | None
     theta_set: object
     theta0: np.ndarray
     alpha0: np.ndarray
@@ -121,12 +147,18 @@ class SolverConfig:
     def adaptive_alpha(self):
         return self.method == "group_robust"
 
+    def replace(self, **changes):
+        """A copy with some settings changed (e.g. scaled step sizes), like ``dataclasses.replace``."""
+        return dataclasses.replace(self, **changes)
+
     def describe(self):
-        return {"loss": self.loss, "beta": self.beta, "method": self.method,
-                "estimator": self.estimator, "steps": self.steps, "chi": self.chi,
+        """Every setting that can change the answer, as JSON-able values."""
+        return {"loss": self.loss, "beta": self.beta, "method": self.method, "estimator": self.estimator,
+                "steps": self.steps, "tol": self.tol, "check_every": self.check_every, "chi": self.chi,
                 "seed": self.seed, "batch_size": self.batch_size,
-                "step_size": self.theta_step.describe(), "alpha_step_size": self.alpha_step.describe(),
-                "constraint": repr(self.theta_set)}
+                "step_size": None if self.theta_step is None else self.theta_step.describe(),
+                "alpha_step_size": None if self.alpha_step is None else self.alpha_step.describe(),
+                "constraint": self.theta_set.fingerprint()}
 
 
 # ============================================================================ step sizes
@@ -134,64 +166,100 @@ _DECAY = re.compile(r"^\s*([0-9.eE+-]*)\s*/\s*sqrt\(t\)\s*$")
 
 
 def theory_constants(data, loss, beta, theta_set, estimator="stochastic"):
-    """Constants of Proposition 3 for this data set and Θ.
+    """Constants of Proposition 3's bound for this data set and Θ.
 
-    With Θ ⊆ {‖θ − c‖ ≤ ρ} (the set's bounding ball) and :math:`\\|s_i\\|\\le S_{\\max}`:
+    With Θ ⊆ {‖θ − c‖ ≤ ρ} (the set's bounding ball):
 
-    * :math:`D = 2\\rho` bounds the diameter of Θ (:math:`2B_\\Theta` in the paper's notation);
-    * :math:`h_{\\max} = \\max_i |s_i^\\top c - r_i| + \\rho\\|s_i\\|` bounds every margin on Θ;
-    * :math:`B_l` = the loss at :math:`|h| = h_{\\max}` and :math:`B_\\nabla = \\sup|\\ell'|\\cdot S_{\\max}`;
-    * the gradient estimates are bounded by :math:`G_\\theta = c_N B_\\nabla` (θ, Euclidean norm)
-      and :math:`G_\\alpha = c_N B_l` (α, max-norm), with :math:`c_N = N/\\min_g N_g` for the
-      stochastic estimator of Algorithm 1 and :math:`c_N = 1` for full batches.
+    * :math:`h_{g} = \\max_{i\\in D_g} |s_i^\\top c - r_i| + \\rho\\|s_i\\|` bounds group g's margins on
+      Θ; :math:`B_{l,g}` = the loss at :math:`|h| = h_g`, :math:`B_{\\nabla,g} = \\sup|\\ell'|\\max_{i\\in D_g}\\|s_i\\|`;
+    * the gradient estimates' second moments (Nemirovski et al. 2009 need only these, not sup
+      bounds). For Algorithm 1's estimator (g ~ N_g/N, then a pair of D_g, weights N/N_g):
+
+      .. math::
+
+          E\\|\\hat\\nabla_\\theta\\|^2 = \\sum_g \\frac{N}{N_g}\\lambda_g^2\\,E_{i\\in D_g}\\|\\nabla\\ell_i\\|^2
+          \\le \\max_g\\frac{N}{N_g}B_{\\nabla,g}^2 =: M_\\theta^2, \\qquad
+          E\\|\\hat L\\|_\\infty^2 = \\sum_g\\frac{N}{N_g}E_{i\\in D_g}\\ell_i^2 \\le \\sum_g\\frac{N}{N_g}B_{l,g}^2 =: M_\\alpha^2
+
+      (λ on the simplex, so :math:`\\sum_g c_g\\lambda_g^2 \\le \\max_g c_g`; averaging a batch can
+      only lower a second moment). For full batches :math:`M_\\theta = \\max_g B_{\\nabla,g}` and
+      :math:`M_\\alpha = \\max_g B_{l,g}`.
     """
     center, rho = theta_set.bounding_ball(data.dim)
     if not np.isfinite(rho):
         raise ValueError("step_size='theory' needs a bounded Θ: give radius= (or a bounded constraint)")
+    spec = get_loss(loss)
     norms = data.row_norms()
     center_margins = (-data.ref_margin if center is None or not np.any(center)
                       else margins(np.asarray(center, dtype=np.float64), data))
-    h_max = float(np.max(np.abs(center_margins) + rho * norms))
-    b_l, b_dh = loss_bounds(h_max, loss, beta)
-    b_grad = b_dh * float(norms.max())
-    c_n = data.n_samples / data.group_sizes.min() if estimator == "stochastic" else 1.0
-    return {"D": 2.0 * rho, "h_max": h_max, "B_l": b_l, "B_grad": b_grad,
-            "G_theta": c_n * b_grad, "G_alpha": c_n * b_l, "K": data.n_groups}
+    k = data.n_groups
+    h_group = np.zeros(k)
+    np.maximum.at(h_group, data.groups, np.abs(center_margins) + rho * norms)
+    norm_group = np.zeros(k)
+    np.maximum.at(norm_group, data.groups, norms)
+    bounds = np.array([spec.bounds(hg, beta) for hg in h_group])
+    b_loss, b_grad = bounds[:, 0], bounds[:, 1] * norm_group
+    ratio = data.n_samples / data.group_sizes
+    if estimator == "stochastic":
+        m_theta = float(np.sqrt(np.max(ratio * b_grad ** 2)))
+        m_alpha = float(np.sqrt(np.sum(ratio * b_loss ** 2)))
+    else:
+        m_theta, m_alpha = float(b_grad.max()), float(b_loss.max())
+    return {"D": 2.0 * rho, "rho": float(rho), "h_max": float(h_group.max()), "B_l": float(b_loss.max()),
+            "B_grad": float(b_grad.max()), "M_theta": m_theta, "M_alpha": m_alpha, "K": k,
+            "estimator": estimator}
 
 
 def theory_step_sizes(constants, steps):
-    """Step sizes that minimise the online mirror-descent regret bounds (Nemirovski et al. 2009):
+    """Step sizes of the mirror-descent analysis behind Proposition 3, for T = ``steps``.
+
+    *Stochastic* (Algorithm 1; Nemirovski, Juditsky, Lan & Shapiro 2009, §3.1, constant steps):
+    in the joint geometry of θ (Euclidean, ω-diameter ρ/√2 on a ball of radius ρ) and α (entropy,
+    ω-diameter √log K), with :math:`M_*^2 = \\rho^2M_\\theta^2 + 2\\log K\\,M_\\alpha^2`
+    and :math:`\\gamma = 2/(M_*\\sqrt{5T})`,
 
     .. math::
 
-        \\eta_\\theta = \\frac{D}{G_\\theta\\sqrt T}, \\qquad
-        \\eta_\\alpha = \\frac{\\sqrt{2\\log K}}{G_\\alpha\\sqrt T},
+        \\eta_\\theta = \\gamma\\rho^2, \\qquad \\eta_\\alpha = 2\\gamma\\log K, \\qquad
+        E[\\mathrm{gap}(\\bar\\theta_T, \\bar\\alpha_T)] \\le 2M_*\\sqrt{5/T}.
 
-    for which the expected duality gap of the averaged iterates is at most
+    *Full batch* (deterministic; the regret bounds of the two players): with D = 2ρ,
 
     .. math::
 
-        \\frac{D\\,G_\\theta + G_\\alpha\\sqrt{2\\log K}}{\\sqrt T} = O(T^{-1/2})
-        \\quad\\text{(Proposition 3)}.
+        \\eta_\\theta = \\frac{D}{M_\\theta\\sqrt T}, \\qquad
+        \\eta_\\alpha = \\frac{\\sqrt{2\\log K}}{M_\\alpha\\sqrt T}, \\qquad
+        \\mathrm{gap} \\le \\frac{D M_\\theta + M_\\alpha\\sqrt{2\\log K}}{\\sqrt T}.
 
     Returns ``(eta_theta, eta_alpha, bound)``.
     """
     c = constants
     root_t = np.sqrt(steps)
     log_k = np.log(c["K"])
-    eta_theta = c["D"] / (c["G_theta"] * root_t) if c["G_theta"] > 0 else 1.0
-    eta_alpha = np.sqrt(2.0 * log_k) / (c["G_alpha"] * root_t) if c["G_alpha"] > 0 else 0.0
-    bound = (c["D"] * c["G_theta"] + c["G_alpha"] * np.sqrt(2.0 * log_k)) / root_t
+    if c.get("estimator", "stochastic") == "stochastic":
+        m_star = np.sqrt(c["rho"] ** 2 * c["M_theta"] ** 2 + 2.0 * log_k * c["M_alpha"] ** 2)
+        if m_star == 0:
+            return 1.0, 0.0, 0.0
+        gamma = 2.0 / (m_star * np.sqrt(5.0 * steps))
+        return float(gamma * c["rho"] ** 2), float(2.0 * gamma * log_k), float(2.0 * m_star * np.sqrt(5.0 / steps))
+    eta_theta = c["D"] / (c["M_theta"] * root_t) if c["M_theta"] > 0 else 1.0
+    eta_alpha = np.sqrt(2.0 * log_k) / (c["M_alpha"] * root_t) if c["M_alpha"] > 0 else 0.0
+    bound = (c["D"] * c["M_theta"] + c["M_alpha"] * np.sqrt(2.0 * log_k)) / root_t
     return float(eta_theta), float(eta_alpha), float(bound)
 
 
 def _largest_group_curvature(data, iters=30, seed=0):
-    """max_g λ_max(S_gᵀS_g/N_g) by power iteration on each group (used for a safe 1/L step)."""
+    """max_g λ_max(S_gᵀS_g/N_g) by power iteration on each group (used for a safe 1/L step), on S
+    divided by its largest entry (no overflow or underflow whatever the scale of the features)."""
     rng = np.random.default_rng(seed)
+    scale = _max_abs(data)
+    if scale == 0.0:
+        return 0.0
     best = 0.0
     for g in range(data.n_groups):
         rows = np.flatnonzero(data.groups == g)
         sub = data.diff[rows]
+        sub = sub.multiply(1.0 / scale).tocsr() if data.is_sparse else np.asarray(sub, dtype=np.float64) / scale
         v = rng.standard_normal(data.dim)
         v /= np.linalg.norm(v)
         lam = 0.0
@@ -202,104 +270,152 @@ def _largest_group_curvature(data, iters=30, seed=0):
                 break
             v = w / lam
         best = max(best, lam)
-    return best
+    return best * scale * scale
 
 
-def _resolve_step(name, value, *, theory_value, default):
-    if value is None:
-        value = default
+def _max_abs(data):
+    if data.is_sparse:
+        return float(np.max(np.abs(data.diff.data), initial=0.0))
+    top = 0.0
+    for start in range(0, data.n_samples, CHUNK_ROWS):
+        top = max(top, float(np.max(np.abs(data.diff[start:start + CHUNK_ROWS]), initial=0.0)))
+    return top
+
+
+def _resolve_step(name, value, *, theory_value, auto_value=None):
     if isinstance(value, StepSize):
         return value
     if isinstance(value, str):
         if value == "theory":
             return StepSize("constant", theory_value())
+        if value == "auto" and auto_value is not None:
+            return StepSize("constant", auto_value())
         match = _DECAY.match(value)
         if match:
-            scale = float(match.group(1)) if match.group(1) else 1.0
-            return StepSize("1/sqrt(t)", check_positive_finite(name, scale))
-        raise ValueError(f"{name} must be a number, 'theory' or 'c/sqrt(t)', got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative finite number, 'theory' or 'c/sqrt(t)', got {value!r}")
+            try:
+                scale = float(match.group(1)) if match.group(1) else 1.0
+            except ValueError:
+                scale = None
+            if scale is not None:
+                return StepSize("1/sqrt(t)", check_positive_finite(name, scale))
+        raise ValueError(f"{name} must be a number, 'theory', 'auto' or 'c/sqrt(t)', got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative finite number, 'theory', 'auto' or 'c/sqrt(t)', "
+                         f"got {value!r}")
     return StepSize("constant", float(value))
 
 
-def make_config(data, loss="dpo", beta=1.0, method="group_robust", estimator="full", steps=1000,
-                radius=None, center=None, constraint=None, chi=1.0, seed=0, batch_size=1,
-                step_size=None, alpha_step_size=None, theta0=None):
+def _check_tol(tol):
+    if tol is None:
+        return None
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not np.isfinite(tol) or tol <= 0:
+        raise ValueError(f"tol must be a positive number or None, got {tol!r}")
+    return float(tol)
+
+
+def make_config(data, *, loss="dpo", beta=0.1, method="group_robust", estimator="auto", steps=None,
+                tol="default", radius=None, center=None, constraint=None, chi=1.0, seed=0, batch_size=1,
+                step_size=None, alpha_step_size=None, theta0=None, check_every=None):
     """Validate ``solve``'s settings and precompute what every iteration needs.
 
-    Default step sizes (``None``):
+    See :func:`solve` for the arguments. Defaults that depend on the estimator:
 
-    * θ, ``full`` with DPO/IPO: :math:`1/L`, the inverse of the largest curvature of any group
-      loss, :math:`L=\\sup\\ell''\\cdot\\max_g\\lambda_{\\max}(S_g^\\top S_g/N_g)` (gradient
-      descent on any convex combination of the :math:`L_g` is then monotone);
-    * θ otherwise, and α always: ``"theory"`` (:func:`theory_step_sizes`) when Θ is bounded;
-      for an unbounded Θ, α defaults to ``1/sqrt(t)`` and the stochastic θ step must be given.
+    * ``steps``: the iteration budget — 200 Newton iterations, 20 000 full-batch iterations,
+      5 000 closed-form alternations, 1 000 stochastic steps.
+    * ``tol``: 10⁻⁶ (relative certified duality gap) for ``newton``, ``full`` and ``closed_form``;
+      ``None`` (run all T steps, the theory-verification mode) for ``stochastic``.
+    * θ step (``full``): 1/L for DPO and IPO, L = sup ℓ''·max_g λ_max(S_gᵀS_g/N_g) (gradient
+      descent on any convex combination of the L_g is then monotone); for the hinge the full-batch
+      ``"theory"`` step. ``stochastic``: ``"theory"`` (Θ must be bounded).
+    * α step: ``"auto"`` for ``full`` and ``closed_form``, a scale-free constant
+      η_α = 1/max_g L_g(θ⁽⁰⁾) (the step measured in units of the losses, so that rescaling a loss
+      does not change the iterates); ``"theory"`` for ``stochastic`` when Θ is bounded, else
+      ``1/sqrt(t)``.
     """
     _check_data(data)
     loss = check_loss(loss)
     beta = check_positive_finite("beta", beta)
     method = check_choice("method", method, METHODS)
-    estimator = check_choice("estimator", estimator, ESTIMATORS)
-    steps = check_positive_int("steps", steps)
+    estimator = check_choice("estimator", estimator, ESTIMATOR_CHOICES)
+    if estimator == "auto":
+        estimator = "newton"
+    steps = DEFAULT_STEPS[estimator] if steps is None else check_positive_int("steps", steps)
+    if steps > 2 ** 62:
+        raise ValueError(f"steps must be at most 2**62, got {steps}")
+    tol = (None if estimator == "stochastic" else DEFAULT_TOL) if isinstance(tol, str) and tol == "default" \
+        else _check_tol(tol)
+    if check_every is not None:
+        check_every = check_positive_int("check_every", check_every)
     chi = check_unit_interval("chi", chi)
     batch_size = check_positive_int("batch_size", batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if estimator == "closed_form" and loss != "ipo":
         raise ValueError("estimator='closed_form' is the GR-IPO weighted least squares: it needs loss='ipo'")
     if chi != 1.0 and method != "group_robust":
         raise ValueError("chi trades worst-case for average loss in method='group_robust' only")
-    theta_set = make_constraint(radius, center, constraint)
-    if getattr(theta_set, "center", None) is not None and np.shape(theta_set.center) not in ((data.dim,), ()):
-        raise ValueError(f"center must have shape ({data.dim},)")
+    if estimator == "newton" and (step_size is not None or alpha_step_size is not None):
+        raise ValueError("step_size and alpha_step_size belong to the first-order estimators "
+                         "(estimator='full', 'stochastic' or 'closed_form'); the Newton solver needs none")
+    theta_set = make_constraint(radius, center, constraint).check_dim(data.dim)
 
     k = data.n_groups
     sizes = data.group_sizes
-    if method == "vanilla":
-        alpha0 = sizes / sizes.sum()
-    else:
-        alpha0 = np.full(k, 1.0 / k)
+    alpha0 = sizes / sizes.sum() if method == "vanilla" else np.full(k, 1.0 / k)
+
+    if theta0 is None:
+        theta0 = theta_set.bounding_ball(data.dim)[0] if hasattr(theta_set, "center") else None
+        theta0 = np.zeros(data.dim) if theta0 is None else np.array(theta0, dtype=np.float64)
+    theta0 = theta_set.project(check_vector("theta0", theta0, data.dim))
 
     bounded = np.isfinite(theta_set.bounding_ball(data.dim)[1])
     cache = {}
 
     def theory(which):
-        if "steps" not in cache:
+        if "eta_theta" not in cache:
             const = theory_constants(data, loss, beta, theta_set, estimator)
             eta_t, eta_a, bound = theory_step_sizes(const, steps)
             cache.update(const, eta_theta=eta_t, eta_alpha=eta_a, gap_bound=bound, steps=steps)
         return cache[which]
 
-    if step_size is None:
-        if estimator in ("full", "closed_form") and loss != "hinge":
-            step_size = 1.0 / (smoothness(loss, beta) * max(_largest_group_curvature(data), 1e-300))
-        elif bounded:
-            step_size = "theory"
-        else:
-            raise ValueError("step_size: give a number or 'c/sqrt(t)' (or a radius, for the "
-                             "'theory' default) for this loss/estimator on an unbounded Θ")
-    if alpha_step_size is None:
-        alpha_step_size = "theory" if bounded else "1/sqrt(t)"
-    theta_step = _resolve_step("step_size", step_size, theory_value=lambda: theory("eta_theta"),
-                               default="theory")
-    alpha_step = _resolve_step("alpha_step_size", alpha_step_size,
-                               theory_value=lambda: theory("eta_alpha"), default="theory")
+    def auto_alpha():
+        start = float(np.max(np.abs(_group_losses(theta0, data, loss, beta))))
+        return ALPHA_GAIN / max(start, 1e-12)
 
-    if theta0 is None:
-        theta0 = getattr(theta_set, "center", None)
-        theta0 = np.zeros(data.dim) if theta0 is None else np.broadcast_to(theta0, (data.dim,)).copy()
-    theta0 = theta_set.project(check_vector("theta0", theta0, data.dim))
+    theta_step = alpha_step = None
+    if estimator == "closed_form" and step_size is not None:
+        raise ValueError("step_size: the closed-form θ step is exact; only alpha_step_size applies")
+    if estimator != "newton":
+        spec = get_loss(loss)
+        if estimator == "closed_form":
+            pass                                        # the θ step is the exact least squares
+        elif step_size is None:
+            if estimator in ("full", "closed_form") and spec.smooth:
+                curvature = spec.max_curvature(beta) * _largest_group_curvature(data)
+                step_size = 1.0 / curvature if curvature > 0 else 1.0
+            elif bounded:
+                step_size = "theory"
+            else:
+                raise ValueError("step_size: give a number or 'c/sqrt(t)' (or a radius, for the "
+                                 "'theory' default) for this loss/estimator on an unbounded Θ")
+        if alpha_step_size is None:
+            alpha_step_size = "auto" if estimator != "stochastic" else ("theory" if bounded else "1/sqrt(t)")
+        if estimator != "closed_form":
+            theta_step = _resolve_step("step_size", step_size, theory_value=lambda: theory("eta_theta"))
+        alpha_step = _resolve_step("alpha_step_size", alpha_step_size, theory_value=lambda: theory("eta_alpha"),
+                                   auto_value=auto_alpha)
+        for name, step in (("step_size", theta_step), ("alpha_step_size", alpha_step)):
+            if step is not None and not np.isfinite(step.scale):
+                raise ValueError(f"{name} resolved to a non-finite value ({step.scale}); give it explicitly")
 
     members = np.argsort(data.groups, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     return SolverConfig(
-        loss=loss, beta=beta, method=method, estimator=estimator, steps=steps, chi=chi, seed=int(seed),
-        batch_size=batch_size, theta_step=theta_step, alpha_step=alpha_step, theta_set=theta_set,
-        theta0=theta0, alpha0=alpha0, n_samples=data.n_samples, group_sizes=sizes.astype(np.float64),
-        pair_inv_size=(1.0 / sizes)[data.groups], group_cum=np.cumsum(sizes) / sizes.sum(),
-        group_offsets=offsets, members=members,
+        loss=loss, beta=beta, method=method, estimator=estimator, steps=steps, tol=tol, check_every=check_every,
+        chi=chi, seed=int(seed), batch_size=batch_size, theta_step=theta_step, alpha_step=alpha_step,
+        theta_set=theta_set, theta0=theta0, alpha0=alpha0, n_samples=data.n_samples,
+        group_sizes=sizes.astype(np.float64), pair_inv_size=(1.0 / sizes)[data.groups],
+        group_cum=np.cumsum(sizes) / sizes.sum(), group_offsets=offsets, members=members,
         fused=data.streamed and k <= FUSED_MAX_GROUPS, streamed=data.streamed, theory=dict(cache),
         normal_equations=(group_normal_equations(data, 0.5 / beta, theta_set)
                           if estimator == "closed_form" else None))
@@ -313,29 +429,28 @@ def init(data, config):
                        step=0)
 
 
-def sample_batch(config, step):
+def sample_batch(config, step, cache=None):
     """Pair indices for iteration ``step`` (0-based): a pure function of ``(seed, step)``.
 
     Draws exactly as Algorithm 1: :math:`g \\sim \\mathrm{Cat}(N_1/N,\\dots,N_K/N)`, then a
     pair of :math:`D_g` uniformly, ``batch_size`` times independently. Draws are made a block
-    of ``SAMPLE_BLOCK`` steps at a time from a generator seeded by ``(seed, block)``.
+    of steps at a time from a generator seeded by ``(seed, block)``; a block holds at most
+    ``SAMPLE_BLOCK`` steps and at most ~2²⁰ indices (8 MiB), so memory stays bounded whatever
+    ``batch_size``. ``cache`` (a dict, optional) keeps the last block between calls.
     """
-    block, offset = divmod(step, SAMPLE_BLOCK)
-    return _sample_block(config, block)[offset]
-
-
-def _sample_block(config, block):
-    cached = getattr(config, "_block_cache", None)
-    if cached is not None and cached[0] == block:
-        return cached[1]
+    per_block = max(1, min(SAMPLE_BLOCK, (1 << 20) // config.batch_size))
+    block, offset = divmod(step, per_block)
+    if cache is not None and cache.get("key") == (block, per_block):
+        return cache["indices"][offset]
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([config.seed, block])))
-    shape = (SAMPLE_BLOCK, config.batch_size)
+    shape = (per_block, config.batch_size)
     groups = np.searchsorted(config.group_cum, rng.random(shape), side="right")
     np.minimum(groups, len(config.group_sizes) - 1, out=groups)   # guards cum[-1] rounding
     within = (rng.random(shape) * config.group_sizes[groups]).astype(np.intp)
     idx = config.members[config.group_offsets[groups] + within]
-    object.__setattr__(config, "_block_cache", (block, idx))
-    return idx
+    if cache is not None:
+        cache.update(key=(block, per_block), indices=idx)
+    return idx[offset]
 
 
 def log_normalize(log_w):
@@ -389,7 +504,7 @@ def update(state, data, config, batch=None):
         theta, log_alpha, alpha, losses = _stochastic_step(state, data, config, batch, t)
     elif config.estimator == "full":
         theta, log_alpha, alpha, losses = _full_step(state, data, config, t)
-    else:
+    elif config.estimator == "closed_form":
         losses = _group_losses(state.theta, data, config.loss, config.beta)
         log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
         if not config.adaptive_alpha and state.step > 0:
@@ -397,6 +512,9 @@ def update(state, data, config, batch=None):
         else:
             theta = weighted_least_squares(data, _theta_weights(alpha, config), 0.5 / config.beta,
                                            config.theta_set, config.normal_equations)
+    else:
+        raise ValueError(f"update() runs the first-order estimators; estimator={config.estimator!r} "
+                         "is solved by solve() directly")
     new = SolverState(theta=theta, log_alpha=log_alpha, theta_sum=state.theta_sum + theta,
                       alpha_sum=state.alpha_sum + alpha, step=t)
     return new, {"losses": losses}
@@ -404,6 +522,7 @@ def update(state, data, config, batch=None):
 
 def _full_step(state, data, config, t):
     loss, beta = config.loss, config.beta
+    spec = get_loss(loss)
     if config.fused:
         losses, grad_sum = losses_and_group_gradients(state.theta, data, loss, beta)
         log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
@@ -411,7 +530,7 @@ def _full_step(state, data, config, t):
     else:
         h = (margins(state.theta, data) if config.streamed or data.is_sparse
              else data.diff @ state.theta - data.ref_margin)
-        values, dl = loss_and_derivative(h, loss, beta)
+        values, dl = spec.value_and_grad(h, beta)
         losses = np.bincount(data.groups, weights=values,
                              minlength=config.group_sizes.size) / config.group_sizes
         log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
@@ -438,7 +557,7 @@ def _stochastic_step(state, data, config, batch, t):
         h = rows @ state.theta - data.ref_margin[batch]
     groups = data.groups[batch]
     scale = config.n_samples * config.pair_inv_size[batch] / batch.size    # N/(N_g B)
-    values, dl = loss_and_derivative(h, loss, beta)
+    values, dl = get_loss(loss).value_and_grad(h, beta)
     losses = np.bincount(groups, weights=scale * values, minlength=config.group_sizes.size)
     log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
     u = scale * _theta_weights(alpha, config)[groups] * dl
@@ -455,6 +574,55 @@ def averaged_theta(state):
 def averaged_alpha(state):
     """:math:`\\bar\\alpha_t = \\frac1t\\sum_{s=1}^t\\alpha^{(s)}`."""
     return state.alpha_sum / state.step if state.step else np.exp(state.log_alpha)
+
+
+# ============================================================================ the certificate
+class Certificate(NamedTuple):
+    """A point, its objective value, a certified lower bound on the optimum, and the dual weights
+    that gave the bound."""
+
+    theta: np.ndarray
+    value: float
+    lower_bound: float
+    alpha: np.ndarray
+    candidate: str
+    bound_kind: str
+
+    @property
+    def gap(self):
+        return self.value - self.lower_bound
+
+
+def objective_value(theta, data, config):
+    """The objective the method minimises at θ: :math:`(1-\\chi)\\,\\mathrm{mean}_g L_g + \\chi\\max_g L_g`
+    for ``group_robust`` (χ = 1: the worst-group loss, Eq. (7)); :math:`\\sum_g \\alpha_g L_g` with
+    the method's fixed α otherwise."""
+    losses = _group_losses(theta, data, config.loss, config.beta)
+    if config.adaptive_alpha:
+        return float((1.0 - config.chi) * losses.mean() + config.chi * losses.max())
+    return float(config.alpha0 @ losses)
+
+
+def certify(thetas, alphas, data, config, tol=None):
+    """The best certified pair among candidate points and candidate dual weights.
+
+    ``thetas`` and ``alphas``: dicts name → vector. Each θ's objective is an upper bound on
+    nothing but itself; each α gives a certified lower bound on the optimum through an exact best
+    response (:func:`~loglinear_grpo.exact.certified_best_response`, warm-started at the best θ,
+    solved to a relative gap of ``tol/100``). The certificate pairs the best θ with the best bound.
+    """
+    values = {name: objective_value(theta, data, config) for name, theta in thetas.items()}
+    best_theta = min(values, key=values.get)
+    inner_tol = max(1e-12, (tol if tol is not None else DEFAULT_TOL) * 1e-2)
+    best = (-np.inf, None, "none")
+    for name, alpha in alphas.items():
+        weights = _theta_weights(alpha, config) if config.adaptive_alpha else config.alpha0
+        res = certified_best_response(weights, data, config.loss, config.beta, config.theta_set,
+                                      tol=inner_tol, theta0=thetas[best_theta])
+        if res.lower_bound > best[0]:
+            best = (res.lower_bound, alpha, res.bound_kind)
+    return Certificate(theta=thetas[best_theta], value=values[best_theta], lower_bound=best[0],
+                       alpha=np.asarray(best[1], dtype=np.float64), candidate=best_theta, bound_kind=best[2])
 
 
 # ============================================================================ checkpoints
@@ -497,40 +665,76 @@ def load_checkpoint(path, fingerprint):
 # ============================================================================ solve
 @dataclass
 class SolveResult:
-    """Output of :func:`solve`.
+    """Output of :func:`solve`: the solution and its certificate.
 
     Attributes
     ----------
     theta : ndarray (d,)
-        The averaged iterate :math:`\\bar\\theta_T` (what Proposition 3 bounds).
-    theta_last : ndarray (d,)
-        :math:`\\theta^{(T)}`.
+        The returned solution: for the deterministic estimators the certified best of the
+        candidates (last iterate, averaged iterate); for ``stochastic`` the averaged iterate
+        :math:`\\bar\\theta_T` of Proposition 3.
+    converged : bool
+        ``gap ≤ tol · max(1, |value|)`` (with ``tol=None``, the default tolerance 10⁻⁶).
+    gap : float
+        A certified upper bound on ``value − L*`` (the duality gap at (θ, α)).
+    value : float
+        The method's objective at θ (:func:`objective_value`; for ``group_robust`` with χ = 1 the
+        worst-group loss :math:`\\max_g L_g(\\theta)`).
+    lower_bound : float
+        The certified lower bound on the optimum L* (the dual value).
+    n_iter : int
+        Iterations run.
     alpha : ndarray (K,)
-        Final group weights :math:`\\alpha^{(T)}`.
+        The group weights of the certificate (α⁽ᵀ⁾ or ᾱ_T for the first-order estimators; the
+        smoothed problem's weights for Newton); on the simplex.
     alpha_avg : ndarray (K,)
-        :math:`\\bar\\alpha_T`, the dual average (used by the duality gap).
+        :math:`\\bar\\alpha_T` (= ``alpha`` for Newton).
+    theta_avg, theta_last : ndarray (d,)
+        :math:`\\bar\\theta_T` and :math:`\\theta^{(T)}` (both = ``theta`` for Newton).
+    bound_kind : str
+        ``"rigorous"`` (bounded Θ), ``"second-order"`` (Θ unbounded along the gradient; exact for
+        IPO), ``"linear program"`` (hinge on an unbounded Θ: HiGHS's optimal value).
+    passes : int or None
+        Full passes over S the Newton solver made (``None`` for the other estimators).
     history : pandas.DataFrame
-        One row per logged step: ``step``, ``worst_loss`` (at θ̄), ``worst_loss_last`` (at
-        θ⁽ᵗ⁾), ``loss/<group>`` (at θ̄), ``alpha/<group>`` (α⁽ᵗ⁾) and, when asked, ``gap``
-        (duality gap at (θ̄, ᾱ)).
+        One row per logged step: ``step``, ``worst_loss`` and ``loss/<group>`` (at θ̄ for the
+        first-order estimators, at θ for Newton), ``alpha/<group>``, and ``gap`` where a
+        certificate was computed.
     config : SolverConfig
     state : SolverState
     """
 
     theta: np.ndarray
-    theta_last: np.ndarray
+    converged: bool
+    gap: float
+    value: float
+    lower_bound: float
+    n_iter: int
     alpha: np.ndarray
     alpha_avg: np.ndarray
+    theta_avg: np.ndarray
+    theta_last: np.ndarray
+    bound_kind: str
     history: pd.DataFrame
     config: SolverConfig
     state: SolverState
+    passes: int | None = None
 
     def metrics(self, data):
-        """:func:`~loglinear_grpo.group_metrics` of the averaged iterate on ``data``."""
+        """:func:`~loglinear_grpo.group_metrics` of ``theta`` on ``data``."""
         return group_metrics(self.theta, data, self.config.loss, self.config.beta, alpha=self.alpha)
 
     def worst_group_loss(self, data):
         return float(np.max(_group_losses(self.theta, data, self.config.loss, self.config.beta)))
+
+    @property
+    def relative_gap(self):
+        return self.gap / max(1.0, abs(self.value))
+
+    def summary(self):
+        """One line: converged, value, certified gap, iterations."""
+        return (f"converged={self.converged} value={self.value:.10g} gap={self.gap:.3e} "
+                f"(relative {self.relative_gap:.2e}, {self.bound_kind}) iterations={self.n_iter}")
 
 
 def _history_row(state, data, config, names, with_gap):
@@ -542,66 +746,179 @@ def _history_row(state, data, config, names, with_gap):
     row.update({f"loss/{n}": float(v) for n, v in zip(names, losses)})
     row.update({f"alpha/{n}": float(v) for n, v in zip(names, alpha)})
     if with_gap:
-        row["gap"] = _duality_gap(theta_bar, averaged_alpha(state), data, config.loss, config.beta,
-                                  config.theta_set)
+        cert = certify({"average": theta_bar}, {"average": averaged_alpha(state)}, data, config)
+        row["gap"] = cert.gap
     return row
 
 
-def solve(data, loss="dpo", beta=1.0, method="group_robust", estimator="full", steps=1000,
-          radius=None, center=None, constraint=None, chi=1.0, seed=0, batch_size=1,
-          step_size=None, alpha_step_size=None, theta0=None, log_every=None, duality_gap=False,
-          checkpoint=None, checkpoint_every=None, progress=False, callback: Callable | None = None):
-    """Group robust preference optimisation of a log-linear policy (Eq. (9), Algorithm 1).
+def _candidates(state, config):
+    """θ and α candidates of a first-order run: Proposition 3's averages, and for the
+    deterministic estimators also the last iterate."""
+    thetas = {"average": averaged_theta(state)}
+    alphas = {"average": averaged_alpha(state)}
+    if config.estimator != "stochastic" and state.step:
+        thetas["last"] = state.theta
+        alphas["last"] = np.exp(state.log_alpha)
+    if not config.adaptive_alpha:
+        alphas = {"fixed": config.alpha0}
+    return thetas, alphas
+
+
+def _next_check(t, config):
+    """Iterations between certificates: ``check_every``, or 10% of the iterations so far (at least
+    10) — so the checks, one or two exact best responses each, cost a bounded share of the run."""
+    if config.check_every is not None:
+        return t + config.check_every
+    return t + max(10, t // 10)
+
+
+def solve(data, config=None, *, loss="dpo", beta=0.1, method="group_robust", estimator="auto", steps=None,
+          tol="default", radius=None, center=None, constraint=None, chi=1.0, seed=0, batch_size=1,
+          step_size=None, alpha_step_size=None, theta0=None, check_every=None, log_every=None,
+          duality_gap=False, checkpoint=None, checkpoint_every=None, progress=False,
+          callback: Callable | None = None):
+    """Group robust preference optimisation of a log-linear policy (Eq. (9)), certified.
 
     Solves :math:`\\min_{\\theta\\in\\Theta}\\max_{\\alpha\\in\\Delta_K}\\sum_g\\alpha_g L_g(\\theta)`
-    (``method="group_robust"``), or its importance-sampling / vanilla counterparts with α
-    fixed, by the estimator chosen (see the module docstring).
+    (``method="group_robust"``), or its importance-sampling / vanilla counterparts with α fixed,
+    and returns the solution with a certified duality gap.
 
     Parameters
     ----------
     data : PreferenceData
+    config : SolverConfig, optional
+        Settings built by :func:`make_config` (then give no other setting).
     loss : {"dpo", "sigmoid", "ipo", "hinge"}, default "dpo"
-    beta : float > 0, default 1.0
+        ``"sigmoid"`` is TRL's name for DPO.
+    beta : float > 0, default 0.1
+        TRL's default β.
     method : {"group_robust", "importance_sampling", "vanilla"}
-    estimator : {"full", "stochastic", "closed_form"}
-    steps : int >= 1
-        T, the number of iterations.
+    estimator : {"auto", "newton", "full", "closed_form", "stochastic"}, default "auto" (= "newton")
+        See the module docstring.
+    steps : int, optional
+        The iteration budget (T for ``stochastic``); defaults per estimator in :func:`make_config`.
+    tol : float or None
+        Stop as soon as the certified duality gap ≤ ``tol · max(1, |value|)``. Default 10⁻⁶ for the
+        deterministic estimators, ``None`` (all T steps) for ``stochastic``. When the budget runs out
+        first, a :class:`ConvergenceWarning` says how far it got.
     radius, center : float, array_like, optional
         Θ = L2 ball of radius R around ``center`` (default 0).
     constraint : Θ object, optional
         :class:`~loglinear_grpo.Box`, :class:`~loglinear_grpo.ConvexSet`, ... (instead of radius).
     chi : float in [0, 1], default 1
-        Worst-case/average trade-off (Appendix B.4): the θ step weighs group g by
-        (1−χ)/K + χα_g and the α exponent is scaled by χ.
+        Worst-case/average trade-off (Appendix B.4): the objective is (1−χ)·mean + χ·max.
     seed : int
         Seed of the counter-based sampler (stochastic estimator).
     batch_size : int
         i.i.d. draws per stochastic step.
-    step_size, alpha_step_size : float, "theory", "c/sqrt(t)" or None
-        η_θ and η_α; see :func:`make_config` for the defaults and :func:`theory_step_sizes`.
+    step_size, alpha_step_size : float, "theory", "auto", "c/sqrt(t)" or None
+        η_θ and η_α of the first-order estimators; see :func:`make_config` for the defaults and
+        :func:`theory_step_sizes`.
     theta0 : array_like, optional
         θ⁽⁰⁾ (default: Θ's centre, else 0).
+    check_every : int, optional
+        First-order estimators: iterations between certificates (default: 10% of the iterations
+        so far, at least 10). A certificate costs one or two exact best responses — about as much
+        as 5–20 full-batch iterations — and is also computed once at the end.
     log_every : int, optional
-        History period (default: T/100, at least 1). Each log costs about one full pass.
+        History period of the first-order estimators (default: T/100, at least 1).
     duality_gap : bool
-        Also log the duality gap (one best-response solve per log).
+        Also certify at every logged row (column ``gap``).
     checkpoint : path, optional
-        Resume from this file if it exists (it must match data and settings), and write the
-        state to it atomically every ``checkpoint_every`` steps and at the end. A resumed run
-        is bit-identical to an uninterrupted one.
+        First-order estimators: resume from this file if it exists (it must match data and
+        settings), and write the state to it atomically every ``checkpoint_every`` steps and at the
+        end. A resumed run is bit-identical to an uninterrupted one.
     progress : bool
         Show a tqdm progress bar.
     callback : callable, optional
-        ``callback(state, info)`` after every step.
+        ``callback(state, info)`` after every iteration (Newton: ``info`` is the iteration record).
 
     Returns
     -------
     SolveResult
+
+    Warns
+    -----
+    ConvergenceWarning
+        ``tol`` was set and the budget ran out before the gap reached it.
     """
-    config = make_config(data, loss=loss, beta=beta, method=method, estimator=estimator,
-                         steps=steps, radius=radius, center=center, constraint=constraint, chi=chi,
-                         seed=seed, batch_size=batch_size, step_size=step_size,
-                         alpha_step_size=alpha_step_size, theta0=theta0)
+    if config is None:
+        config = make_config(data, loss=loss, beta=beta, method=method, estimator=estimator, steps=steps,
+                             tol=tol, radius=radius, center=center, constraint=constraint, chi=chi, seed=seed,
+                             batch_size=batch_size, step_size=step_size, alpha_step_size=alpha_step_size,
+                             theta0=theta0, check_every=check_every)
+    elif not isinstance(config, SolverConfig):
+        raise ValueError(f"config must be a SolverConfig from make_config, got {type(config).__name__}")
+    else:
+        _check_data(data)
+        if config.n_samples != data.n_samples or config.theta0.shape != (data.dim,):
+            raise ValueError("config was made for other data (N or d differ)")
+    if config.estimator == "newton":
+        if checkpoint is not None:
+            raise ValueError("checkpoint is for the iterative first-order estimators; the Newton solver "
+                             "finishes in a few dozen passes over S")
+        return _solve_newton(data, config, progress, callback)
+    return _solve_first_order(data, config, log_every, duality_gap, checkpoint, checkpoint_every, progress,
+                              callback)
+
+
+def _warn_unconverged(result, config, what):
+    if config.tol is not None and not result.converged:
+        warnings.warn(
+            f"solve ({config.estimator}) stopped after {result.n_iter} {what} (steps={config.steps}) with a "
+            f"certified relative gap of {result.relative_gap:.2e} > tol={config.tol:g}; raise steps, loosen "
+            "tol, or use the default estimator ('newton')", ConvergenceWarning, stacklevel=4)
+
+
+def _solve_newton(data, config, progress, callback):
+    from .newton import newton_minimax
+    names = data.group_names
+    rows = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.steps, desc=f"newton/{config.method}/{config.loss}", unit="it", mininterval=0.5)
+
+    def record(row):
+        losses, alpha = row.pop("losses"), row.pop("alpha")
+        theta = row.pop("theta")
+        out = {"step": row["iteration"], "worst_loss": float(np.max(losses)),
+               **{f"loss/{n}": float(v) for n, v in zip(names, losses)},
+               **{f"alpha/{n}": float(v) for n, v in zip(names, alpha)},
+               "gap": row["gap"], **{k: v for k, v in row.items() if k not in ("iteration", "gap")}}
+        rows.append(out)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(gap=f"{row['gap']:.2e}", refresh=False)
+        if callback is not None:
+            callback(SolverState(theta=theta, log_alpha=np.log(np.maximum(alpha, 1e-300)), theta_sum=theta,
+                                 alpha_sum=alpha, step=row["iteration"]), out)
+
+    weights = None if config.adaptive_alpha else config.alpha0
+    tol = config.tol if config.tol is not None else DEFAULT_TOL
+    try:
+        if get_loss(config.loss).name == "hinge":
+            res = hinge_program(data, config.beta, config.theta_set, weights=weights, chi=config.chi)
+        else:
+            res = newton_minimax(data, config.loss, config.beta, config.theta_set, weights=weights, chi=config.chi,
+                                 theta0=config.theta0, tol=tol, max_iter=config.steps, callback=record)
+    finally:
+        if bar is not None:
+            bar.close()
+    alpha = res.alpha
+    state = SolverState(theta=res.theta, log_alpha=np.log(np.maximum(alpha, 1e-300)), theta_sum=res.theta.copy(),
+                        alpha_sum=alpha.copy(), step=res.n_iter)
+    value = objective_value(res.theta, data, config)
+    result = SolveResult(theta=res.theta, converged=value - res.lower_bound <= tol * max(1.0, abs(value)),
+                         gap=value - res.lower_bound, value=value, lower_bound=res.lower_bound, n_iter=res.n_iter,
+                         alpha=alpha, alpha_avg=alpha, theta_avg=res.theta, theta_last=res.theta,
+                         bound_kind=res.bound_kind, history=pd.DataFrame(rows), config=config, state=state,
+                         passes=res.passes)
+    _warn_unconverged(result, config, "Newton iterations")
+    return result
+
+
+def _solve_first_order(data, config, log_every, duality_gap, checkpoint, checkpoint_every, progress, callback):
     if log_every is None:
         log_every = max(1, config.steps // 100)
     log_every = check_positive_int("log_every", log_every)
@@ -623,18 +940,32 @@ def solve(data, loss="dpo", beta=1.0, method="group_robust", estimator="full", s
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=config.steps, initial=state.step, desc=f"{config.method}/{config.loss}",
+        bar = tqdm(total=config.steps, initial=state.step, desc=f"{config.estimator}/{config.method}/{config.loss}",
                    unit="it", mininterval=0.5)
-    step_fn = update
+    sampler_cache = {}
+    certified = config.tol is not None
+    next_check = _next_check(state.step, config) if state.step else 10
+    cert, cert_step = None, -1
     try:
         while state.step < config.steps:
-            state, info = step_fn(state, data, config)
+            batch = sample_batch(config, state.step, sampler_cache) if config.estimator == "stochastic" else None
+            state, info = update(state, data, config, batch)
             t = state.step
-            if t % log_every == 0 or t == config.steps:
+            logged = t % log_every == 0 or t == config.steps
+            if logged:
                 rows.append(_history_row(state, data, config, names, duality_gap))
-                if bar is not None:
-                    bar.update(t - bar.n)
-                    bar.set_postfix(worst=f"{rows[-1]['worst_loss']:.4g}", refresh=False)
+            if certified and (t >= next_check or t == config.steps):
+                cert, cert_step = certify(*_candidates(state, config), data, config, config.tol), t
+                next_check = _next_check(t, config)
+                if logged:
+                    rows[-1]["gap"] = cert.gap
+                if cert.gap <= config.tol * max(1.0, abs(cert.value)):
+                    if not logged:
+                        rows.append({**_history_row(state, data, config, names, False), "gap": cert.gap})
+                    break
+            if bar is not None and logged:
+                bar.update(t - bar.n)
+                bar.set_postfix(worst=f"{rows[-1]['worst_loss']:.4g}", refresh=False)
             if fingerprint is not None and (t % checkpoint_every == 0 or t == config.steps):
                 save_checkpoint(checkpoint, state, rows, fingerprint)
             if callback is not None:
@@ -642,7 +973,17 @@ def solve(data, loss="dpo", beta=1.0, method="group_robust", estimator="full", s
     finally:
         if bar is not None:
             bar.close()
-
-    return SolveResult(theta=averaged_theta(state), theta_last=state.theta.copy(),
-                       alpha=np.exp(state.log_alpha), alpha_avg=averaged_alpha(state),
-                       history=pd.DataFrame(rows), config=config, state=state)
+    if fingerprint is not None:
+        save_checkpoint(checkpoint, state, rows, fingerprint)
+    if cert_step != state.step:
+        cert = certify(*_candidates(state, config), data, config, config.tol)
+    tol = config.tol if config.tol is not None else DEFAULT_TOL
+    theta = averaged_theta(state) if config.estimator == "stochastic" else cert.theta
+    value = cert.value
+    result = SolveResult(theta=theta, converged=cert.gap <= tol * max(1.0, abs(value)), gap=cert.gap, value=value,
+                         lower_bound=cert.lower_bound, n_iter=state.step, alpha=cert.alpha,
+                         alpha_avg=averaged_alpha(state), theta_avg=averaged_theta(state),
+                         theta_last=state.theta.copy(), bound_kind=cert.bound_kind, history=pd.DataFrame(rows),
+                         config=config, state=state)
+    _warn_unconverged(result, config, "iterations")
+    return result

@@ -46,7 +46,7 @@ def test_bad_data_raises_naming_the_argument(kwargs, match):
 ])
 def test_bad_settings_raise_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        lg.solve(_data(), **{"steps": 5, **kwargs})
+        lg.solve(_data(), **{"steps": 5, "estimator": "full", **kwargs})
 
 
 def test_group_losses_validates():
@@ -68,7 +68,7 @@ def test_from_features_and_margins():
 
 
 def test_history_and_metrics(problem):
-    res = lg.solve(problem, "dpo", estimator="full", steps=100, log_every=10, radius=1.0)
+    res = lg.solve(problem, loss="dpo", estimator="full", steps=100, log_every=10, radius=1.0, tol=None)
     h = res.history
     assert list(h["step"]) == list(range(0, 101, 10))
     for name in problem.group_names:
@@ -86,7 +86,7 @@ def test_history_and_metrics(problem):
 def test_resume_is_bit_identical(tmp_path, problem, estimator):
     kw = dict(loss="ipo" if estimator == "closed_form" else "dpo", estimator=estimator, steps=250,
               radius=2.0, step_size=None if estimator != "stochastic" else 0.05, alpha_step_size=0.3,
-              batch_size=4, log_every=25, seed=3)
+              batch_size=4, log_every=25, seed=3, tol=None)
     reference = lg.solve(problem, **kw)
     ckpt = tmp_path / "run.npz"
 
@@ -122,7 +122,7 @@ def test_resume_after_sigkill(tmp_path):
         def die(state, info):
             if sys.argv[1] == "kill" and state.step == 777:
                 os.kill(os.getpid(), signal.SIGKILL)
-        res = lg.solve(data, "dpo", estimator="stochastic", steps=1500, radius=2.0, step_size=0.05,
+        res = lg.solve(data, loss="dpo", estimator="stochastic", steps=1500, radius=2.0, step_size=0.05,
                        alpha_step_size=0.1, checkpoint=sys.argv[2], checkpoint_every=100, callback=die)
         np.save(sys.argv[3], np.concatenate([res.theta, res.state.log_alpha]))
     """))

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import loglinear_grpo as lg
-from loglinear_grpo.losses import loss_and_derivative, loss_derivative, loss_value
+from loglinear_grpo.losses import get_loss
 from loglinear_grpo.solver import log_normalize
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
@@ -47,7 +47,7 @@ def test_solver_with_thousand_groups_and_large_losses():
     groups = np.repeat(np.arange(k), per)
     diff = rng.normal(size=(k * per, 4)) * 1e2
     data = lg.PreferenceData(diff, groups, ref_margin=np.full(k * per, 1e2))   # losses ≈ 1e4
-    res = lg.solve(data, "dpo", estimator="stochastic", steps=300, step_size=1e-4,
+    res = lg.solve(data, loss="dpo", estimator="stochastic", steps=300, step_size=1e-4,
                    alpha_step_size=1.0, batch_size=4, log_every=300)
     assert np.all(np.isfinite(res.state.log_alpha))
     assert abs(res.alpha.sum() - 1) < 1e-12 and np.all(np.isfinite(res.theta))
@@ -136,10 +136,11 @@ def test_gradient_equals_finite_differences(problem, loss, theta, alpha, beta):
 @given(h=arrays(np.float64, st.integers(1, 6000), elements=st.floats(-1e6, 1e6)), beta=st.floats(1e-3, 10))
 @settings(deadline=None, max_examples=30)
 def test_losses_finite_and_derivative_consistent(loss, h, beta):
-    value, deriv = loss_and_derivative(h, loss, beta)
+    spec = get_loss(loss)
+    value, deriv = spec.value_and_grad(h, beta)
     assert np.all(np.isfinite(value)) and np.all(value >= 0) and np.all(np.isfinite(deriv))
-    np.testing.assert_allclose(value, loss_value(h, loss, beta), rtol=1e-12, atol=1e-300)
-    np.testing.assert_allclose(deriv, loss_derivative(h, loss, beta), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(value, spec.value(h, beta), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(deriv, spec.derivative(h, beta), rtol=1e-12, atol=1e-300)
 
 
 def test_dpo_loss_extremes_exact():

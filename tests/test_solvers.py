@@ -14,17 +14,17 @@ STOCHASTIC_STEPS = {"dpo": "1/sqrt(t)", "ipo": "0.1/sqrt(t)", "hinge": "1/sqrt(t
 
 @pytest.fixture(scope="module")
 def exact(problem):
-    return {loss: lg.solve_exact(problem, loss, 1.0, radius=RADIUS) for loss in ("dpo", "ipo", "hinge")}
+    return {loss: lg.solve_exact(problem, loss=loss, beta=1.0, radius=RADIUS) for loss in ("dpo", "ipo", "hinge")}
 
 
 def test_exact_solution_is_a_saddle_point(problem, exact):
     for loss, ex in exact.items():
-        losses = lg.group_losses(ex.theta, problem, loss)
+        losses = lg.group_losses(ex.theta, problem, loss, 1.0)
         assert ex.value == pytest.approx(losses.max())
         assert abs(ex.alpha.sum() - 1) < 1e-9 and np.all(ex.alpha >= 0)
         # the groups the dual weighs are the active (worst) ones
         assert np.all(losses[ex.alpha > 1e-3] >= ex.value - 1e-5)
-        gap = lg.duality_gap(ex.theta, ex.alpha, problem, loss, radius=RADIUS)
+        gap = lg.duality_gap(ex.theta, ex.alpha, problem, loss=loss, beta=1.0, radius=RADIUS)
         assert -1e-6 <= gap < 1e-5
         assert np.linalg.norm(ex.theta) <= RADIUS + 1e-6
 
@@ -32,8 +32,8 @@ def test_exact_solution_is_a_saddle_point(problem, exact):
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge"])
 def test_full_batch_reaches_exact_optimum(problem, exact, loss):
     kwargs = {"hinge": dict(step_size="1/sqrt(t)")}.get(loss, {})
-    res = lg.solve(problem, loss, estimator="full", steps=4000, radius=RADIUS,
-                   alpha_step_size=0.5, **kwargs)
+    res = lg.solve(problem, loss=loss, beta=1.0, estimator="full", steps=4000, radius=RADIUS,
+                   alpha_step_size=0.5, tol=None, **kwargs)
     worst = res.worst_group_loss(problem)
     assert worst >= exact[loss].value - 1e-6            # never below the true minimum
     assert worst <= exact[loss].value * 1.01
@@ -42,7 +42,7 @@ def test_full_batch_reaches_exact_optimum(problem, exact, loss):
 
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge"])
 def test_stochastic_algorithm1_reaches_exact_optimum(problem, exact, loss):
-    res = lg.solve(problem, loss, estimator="stochastic", steps=20000, radius=RADIUS,
+    res = lg.solve(problem, loss=loss, beta=1.0, estimator="stochastic", steps=20000, radius=RADIUS,
                    step_size=STOCHASTIC_STEPS[loss], alpha_step_size=STOCHASTIC_STEPS[loss],
                    seed=1, log_every=20000)
     worst = res.worst_group_loss(problem)
@@ -50,8 +50,8 @@ def test_stochastic_algorithm1_reaches_exact_optimum(problem, exact, loss):
 
 
 def test_closed_form_gr_ipo_reaches_exact_optimum(problem, exact):
-    res = lg.solve(problem, "ipo", estimator="closed_form", steps=2000, radius=RADIUS,
-                   alpha_step_size=0.5, log_every=2000)
+    res = lg.solve(problem, loss="ipo", beta=1.0, estimator="closed_form", steps=2000, radius=RADIUS,
+                   alpha_step_size=0.5, log_every=2000, tol=None)
     assert res.worst_group_loss(problem) <= exact["ipo"].value * 1.01
 
 
@@ -126,21 +126,21 @@ def test_closed_form_gr_ipo_row_space_reaches_exact_optimum():
     data = make_problem(sizes=(10, 15, 20), dim=60, seed=2)
     # R = 0.1 keeps L* ≈ 0.14 (a ball large enough to interpolate all 45 pairs would make L* ≈ 0,
     # where a relative tolerance means little and Hedge's progress ∝ η_α·loss stalls)
-    exact = lg.solve_exact(data, "ipo", radius=0.1)
-    res = lg.solve(data, "ipo", estimator="closed_form", steps=2000, radius=0.1, alpha_step_size=0.5,
-                   log_every=2000)
+    exact = lg.solve_exact(data, loss="ipo", beta=1.0, radius=0.1)
+    res = lg.solve(data, loss="ipo", beta=1.0, estimator="closed_form", steps=2000, radius=0.1, alpha_step_size=0.5,
+                   log_every=2000, tol=None)
     assert isinstance(res.config.normal_equations, lg.exact.RowSpaceForm)
     assert exact.value - 1e-6 <= res.worst_group_loss(data) <= exact.value * 1.01
 
 
 def test_one_group_all_methods_coincide():
     data = make_problem(sizes=(120,), seed=3)
-    results = [lg.solve(data, "dpo", method=m, estimator="stochastic", steps=500, step_size=0.1,
+    results = [lg.solve(data, loss="dpo", method=m, estimator="stochastic", steps=500, step_size=0.1,
                         alpha_step_size=0.3, log_every=500) for m in
                ("group_robust", "importance_sampling", "vanilla")]
     for r in results[1:]:
         np.testing.assert_array_equal(r.theta, results[0].theta)
-    full = [lg.solve(data, "ipo", method=m, estimator="full", steps=200, log_every=200).theta
+    full = [lg.solve(data, loss="ipo", method=m, estimator="full", steps=200, log_every=200, tol=None).theta_last
             for m in ("group_robust", "importance_sampling", "vanilla")]
     np.testing.assert_array_equal(full[0], full[1])
     np.testing.assert_allclose(full[0], full[2], rtol=1e-12)
@@ -148,28 +148,31 @@ def test_one_group_all_methods_coincide():
 
 def test_chi_zero_is_the_group_average(problem):
     """χ = 0: the θ step weighs every group 1/K, exactly importance sampling."""
-    kw = dict(loss="dpo", estimator="full", steps=300, step_size=0.5, alpha_step_size=0.5, log_every=300)
+    kw = dict(loss="dpo", beta=1.0, estimator="full", steps=300, step_size=0.5, alpha_step_size=0.5, log_every=300,
+              tol=None)
     gr = lg.solve(problem, method="group_robust", chi=0.0, **kw)
     imp = lg.solve(problem, method="importance_sampling", **kw)
-    np.testing.assert_array_equal(gr.theta, imp.theta)
+    np.testing.assert_array_equal(gr.theta_avg, imp.theta_avg)
     half = lg.solve(problem, method="group_robust", chi=0.5, **kw)
-    assert lg.worst_group_loss(half.theta, problem) <= lg.worst_group_loss(imp.theta, problem) + 1e-12
+    assert lg.worst_group_loss(half.theta_avg, problem, "dpo", 1.0) <= \
+        lg.worst_group_loss(imp.theta_avg, problem, "dpo", 1.0) + 1e-12
 
 
 def test_methods_differ_as_the_paper_says(problem, exact):
     """On unequal groups GR beats IS and vanilla on the worst group; vanilla wins on average."""
-    kw = dict(loss="dpo", estimator="full", steps=3000, radius=RADIUS, alpha_step_size=0.5, log_every=3000)
+    kw = dict(loss="dpo", beta=1.0, radius=RADIUS)
     res = {m: lg.solve(problem, method=m, **kw) for m in ("group_robust", "importance_sampling", "vanilla")}
     worst = {m: r.worst_group_loss(problem) for m, r in res.items()}
     assert worst["group_robust"] < worst["importance_sampling"] and worst["group_robust"] < worst["vanilla"]
     np.testing.assert_allclose(res["vanilla"].alpha, problem.group_sizes / problem.n_samples)
-    avg = {m: np.mean(lg.pair_loss(lg.margins(r.theta, problem))) for m, r in res.items()}
+    avg = {m: np.mean(lg.pair_loss(lg.margins(r.theta, problem), "dpo", 1.0)) for m, r in res.items()}
     assert avg["vanilla"] <= avg["group_robust"]
 
 
 def test_sampler_draws_groups_in_proportion(problem):
     cfg = lg.make_config(problem, estimator="stochastic", steps=10, batch_size=50, radius=1.0)
-    idx = np.concatenate([lg.sample_batch(cfg, t) for t in range(4000)])
+    cache = {}
+    idx = np.concatenate([lg.sample_batch(cfg, t, cache) for t in range(4000)])
     freq = np.bincount(problem.groups[idx], minlength=3) / idx.size
     np.testing.assert_allclose(freq, problem.group_sizes / problem.n_samples, atol=0.005)
     counts = np.bincount(idx, minlength=problem.n_samples)
@@ -178,10 +181,10 @@ def test_sampler_draws_groups_in_proportion(problem):
 
 
 def test_duality_gap_bounds_suboptimality(problem, exact):
-    res = lg.solve(problem, "dpo", estimator="full", steps=200, radius=RADIUS, alpha_step_size=0.5,
-                   duality_gap=True, log_every=50)
-    sub = res.worst_group_loss(problem) - exact["dpo"].value
-    gap = lg.duality_gap(res.theta, res.alpha_avg, problem, "dpo", radius=RADIUS)
+    res = lg.solve(problem, loss="dpo", beta=1.0, estimator="full", steps=200, radius=RADIUS, alpha_step_size=0.5,
+                   duality_gap=True, log_every=50, tol=None)
+    sub = lg.worst_group_loss(res.theta_avg, problem, "dpo", 1.0) - exact["dpo"].value
+    gap = lg.duality_gap(res.theta_avg, res.alpha_avg, problem, loss="dpo", beta=1.0, radius=RADIUS)
     assert 0 <= sub <= gap + 1e-9
     assert res.history["gap"].iloc[-1] == pytest.approx(gap, rel=1e-6)
     assert (res.history["gap"] >= -1e-7).all()
@@ -191,8 +194,8 @@ def test_duality_gap_bounds_suboptimality(problem, exact):
 def test_sparse_and_dense_agree(problem):
     sparse = lg.PreferenceData(sp.csr_matrix(problem.diff), problem.groups, problem.ref_margin)
     for est in ("full", "stochastic"):
-        kw = dict(loss="dpo", estimator=est, steps=300, step_size=0.1, alpha_step_size=0.2, log_every=300)
-        np.testing.assert_allclose(lg.solve(sparse, **kw).theta, lg.solve(problem, **kw).theta, rtol=1e-10)
+        kw = dict(loss="dpo", estimator=est, steps=300, step_size=0.1, alpha_step_size=0.2, log_every=300, tol=None)
+        np.testing.assert_allclose(lg.solve(sparse, **kw).theta_avg, lg.solve(problem, **kw).theta_avg, rtol=1e-10)
     np.testing.assert_allclose(lg.weighted_least_squares(sparse, np.ones(3) / 3, 0.5),
                                lg.weighted_least_squares(problem, np.ones(3) / 3, 0.5), rtol=1e-10)
 
@@ -206,20 +209,33 @@ def test_memmap_data_is_streamed(tmp_path, problem):
     data = lg.PreferenceData(ro, problem.groups, problem.ref_margin)
     assert data.streamed and isinstance(data.diff, np.memmap)
     for est in ("full", "stochastic"):
-        kw = dict(loss="dpo", estimator=est, steps=200, step_size=0.1, alpha_step_size=0.2, log_every=200)
-        np.testing.assert_allclose(lg.solve(data, **kw).theta, lg.solve(problem, **kw).theta, rtol=1e-10)
+        kw = dict(loss="dpo", estimator=est, steps=200, step_size=0.1, alpha_step_size=0.2, log_every=200, tol=None)
+        np.testing.assert_allclose(lg.solve(data, **kw).theta_avg, lg.solve(problem, **kw).theta_avg, rtol=1e-10)
     np.testing.assert_allclose(lg.group_losses(np.ones(5), data), lg.group_losses(np.ones(5), problem))
 
 
 def test_theory_step_sizes_follow_the_formula(problem):
-    cfg = lg.make_config(problem, "dpo", estimator="stochastic", steps=10000, radius=2.0,
+    """Nemirovski et al. (2009) §3.1 with Algorithm 1's second moments (not sup bounds)."""
+    cfg = lg.make_config(problem, loss="dpo", beta=1.0, estimator="stochastic", steps=10000, radius=2.0,
                          step_size="theory", alpha_step_size="theory")
     c = cfg.theory
     norms = problem.row_norms()
-    assert c["D"] == 4.0 and c["h_max"] == pytest.approx(2.0 * norms.max())
-    c_n = problem.n_samples / problem.group_sizes.min()
-    assert c["G_theta"] == pytest.approx(c_n * norms.max())           # β = 1: |ℓ'| ≤ 1
-    assert cfg.theta_step.scale == pytest.approx(4.0 / (c["G_theta"] * 100))
-    assert cfg.alpha_step.scale == pytest.approx(np.sqrt(2 * np.log(3)) / (c["G_alpha"] * 100))
+    ratio = problem.n_samples / problem.group_sizes
+    group_norm = np.array([norms[problem.groups == g].max() for g in range(3)])
+    group_h = 2.0 * group_norm                                   # centre 0, r = 0: h_g = ρ max‖s_i‖
+    assert c["D"] == 4.0 and c["h_max"] == pytest.approx(group_h.max())
+    # β = 1: |ℓ'| ≤ 1, so B_∇,g = max_{i∈g}‖s_i‖; M_θ² = max_g (N/N_g) B_∇,g²
+    assert c["M_theta"] == pytest.approx(np.sqrt(np.max(ratio * group_norm ** 2)))
+    b_loss = np.logaddexp(0.0, group_h)                          # DPO loss at margin −h_g
+    assert c["M_alpha"] == pytest.approx(np.sqrt(np.sum(ratio * b_loss ** 2)))
+    m_star = np.sqrt(4.0 * c["M_theta"] ** 2 + 2 * np.log(3) * c["M_alpha"] ** 2)
+    gamma = 2.0 / (m_star * np.sqrt(5 * 10000))
+    assert cfg.theta_step.scale == pytest.approx(gamma * 4.0)
+    assert cfg.alpha_step.scale == pytest.approx(2 * gamma * np.log(3))
+    assert c["gap_bound"] == pytest.approx(2 * m_star * np.sqrt(5 / 10000))
+    full = lg.make_config(problem, loss="dpo", beta=1.0, estimator="full", steps=10000, radius=2.0,
+                          step_size="theory", alpha_step_size="theory")
+    assert full.theory["M_theta"] == pytest.approx(group_norm.max())
+    assert full.theta_step.scale == pytest.approx(4.0 / (group_norm.max() * 100))
     with pytest.raises(ValueError, match="bounded"):
-        lg.make_config(problem, "dpo", estimator="stochastic", step_size="theory")
+        lg.make_config(problem, loss="dpo", estimator="stochastic", step_size="theory")

@@ -1,0 +1,89 @@
+"""Dense linear algebra shared by the exact solvers: PSD solves, the trust-region subproblem,
+scale-safe norms. No explicit inverses; factorisations only."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.linalg
+import scipy.optimize
+
+EPS = np.finfo(float).eps
+
+
+def safe_norm(x):
+    """Euclidean norm without overflow or underflow: ``max|x| · ‖x / max|x|‖`` (exact for 1e±300)."""
+    x = np.asarray(x, dtype=np.float64)
+    top = float(np.max(np.abs(x), initial=0.0))
+    if top == 0.0 or not np.isfinite(top):
+        return top
+    scaled = x / top
+    return top * float(np.sqrt(scaled @ scaled))
+
+
+def solve_psd(hess, rhs):
+    """Solve H u = q for a symmetric PSD H by Cholesky; the min-norm least-squares solution when H
+    is (numerically) singular, detected by a failed factorisation or a pivot below √(d·ε) of the
+    largest: rounding can let Cholesky "succeed" on a singular H and return a solution with a huge
+    null-space part."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
+            factor, lower = scipy.linalg.cho_factor(hess)
+        pivots = np.abs(np.diag(factor))
+        if pivots.min() > pivots.max() * np.sqrt(hess.shape[0] * EPS):
+            return scipy.linalg.cho_solve((factor, lower), rhs)
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning, ValueError):
+        pass
+    # cut-off d·ε·σ_max: the default (ε·σ_max) keeps rounding-level singular values of a singular H
+    return scipy.linalg.lstsq(hess, rhs, cond=hess.shape[0] * EPS)[0]
+
+
+def trust_region_coefficients(lam, qt, radius):
+    r"""Coefficients :math:`c_j` of the solution of :math:`\min_u u^\top H u - 2q^\top u` s.t.
+    :math:`\|u\|\le R`, in the eigenbasis of :math:`H = V\Lambda V^\top \succeq 0`
+    (:math:`\tilde q = V^\top q`; the solution is :math:`u = Vc`).
+
+    If :math:`\tilde q` has no component on the null space of H (up to rounding, √ε·‖q̃‖) and the
+    min-norm unconstrained minimiser (μ = 0) lies in the ball, it is optimal. Otherwise the
+    solution is :math:`c_j = \tilde q_j/(\lambda_j+\mu)` with μ > 0 the unique root of the
+    secular equation :math:`\|c(\mu)\| = R` (Moré & Sorensen 1983), found by Brent's method on
+    :math:`1/\|c(\mu)\| - 1/R`. A null-space component of q̃ (a direction in which the model is
+    linear) always takes the solution to the boundary. With H ⪰ 0 the "hard case" cannot occur.
+    ``radius=inf``: the min-norm least-squares solution. Returns ``(c, kept)`` where ``kept``
+    marks the eigenvalues treated as non-zero.
+    """
+    lam = np.maximum(np.asarray(lam, dtype=np.float64), 0.0)
+    qt = np.asarray(qt, dtype=np.float64)
+    top = lam.max(initial=0.0)
+    keep = lam > max(top, 1e-300) * lam.size * EPS
+    q_norm = safe_norm(qt)
+    null_q = np.where(keep, 0.0, qt)
+    linear = safe_norm(null_q) > np.sqrt(EPS) * q_norm and np.isfinite(radius)
+    if not linear:
+        qt = np.where(keep, qt, 0.0)
+        coef = qt / np.where(keep, lam, 1.0)
+        if safe_norm(coef) <= radius:
+            return coef, keep
+    lam_eff = np.where(keep, lam, 0.0)
+
+    def secular(mu):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            norm = safe_norm(np.where(qt != 0, qt / (lam_eff + mu), 0.0))
+        return (1.0 / norm if norm > 0 else np.inf) - 1.0 / radius
+
+    hi = max(q_norm / radius, 1e-300)             # ‖c(μ)‖ ≤ ‖q‖/μ ≤ R at μ = ‖q‖/R
+    while secular(hi) < 0:                         # pragma: no cover - guards rounding only
+        hi *= 2.0
+    lo = 0.0
+    if secular(lo) >= 0:                           # pragma: no cover - interior after all
+        return np.where(keep, qt / np.where(keep, lam, 1.0), 0.0), keep
+    mu = scipy.optimize.brentq(secular, lo, hi, xtol=1e-300, rtol=4 * EPS)
+    return qt / (lam_eff + mu), keep
+
+
+def ball_quadratic_min(hess, q, radius):
+    """argmin of uᵀHu − 2qᵀu over ‖u‖ ≤ R exactly (trust-region subproblem, H ⪰ 0), in R^d."""
+    lam, vec = scipy.linalg.eigh(hess)
+    coef, _ = trust_region_coefficients(lam, vec.T @ q, radius)
+    return vec @ coef

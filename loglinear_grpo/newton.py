@@ -1,0 +1,431 @@
+"""A second-order solver for Eq. (9) that certifies its own answer (``estimator="newton"``).
+
+The worst-group objective :math:`\\max_g L_g(\\theta)` is non-smooth where groups tie, which is
+exactly where its optimum lies. The solver replaces the max by its entropic smoothing
+(Nesterov 2005, "Smooth minimization of non-smooth functions")
+
+.. math::
+
+    F_\\mu(\\theta) = (1-\\chi)\\,\\tfrac1K\\textstyle\\sum_g L_g(\\theta)
+                   + \\chi\\,\\mu\\log\\sum_g e^{L_g(\\theta)/\\mu},
+    \\qquad \\max_g L_g \\le \\mu\\log\\sum_g e^{L_g/\\mu} \\le \\max_g L_g + \\mu\\log K,
+
+minimises it by Newton's method over Θ (each step minimises the exact quadratic model over Θ:
+a trust-region subproblem on a ball, bounded least squares on a box, a QP for a general convex
+set; then an Armijo line search — Boyd & Vandenberghe 2004, §9.5) and follows the path μ → 0,
+reducing μ tenfold whenever the Newton decrement is small next to μ (as an interior-point
+method follows its barrier parameter). For the importance-sampling and vanilla methods (α fixed)
+there is no max, and the solver is Newton's method on :math:`\\sum_g\\alpha_g L_g`: an exact best
+response. The non-smooth hinge loss is not solved here but as one linear (or conic) program,
+:func:`loglinear_grpo.exact.hinge_program`.
+
+Every iteration also yields the certificate, at no extra pass over S. With
+:math:`\\lambda = (1-\\chi)/K + \\chi\\,\\mathrm{softmax}(L/\\mu)` (the smoothed problem's group
+weights) and :math:`u_i = \\ell'(h_i)` (a point of the conjugate's domain), weak duality gives,
+for any θ' ∈ Θ (Fenchel–Young, :math:`\\ell(h) \\ge uh - \\ell^*(u)`),
+
+.. math::
+
+    L^* \\;\\ge\\; \\min_{\\theta'\\in\\Theta}\\sum_g \\lambda_g L_g(\\theta')
+       \\;\\ge\\; \\sum_g\\frac{\\lambda_g}{N_g}\\sum_{i\\in D_g}\\big(u_i h_i - \\ell^*(u_i)\\big)
+       + \\min_{\\theta'\\in\\Theta}\\nabla^\\top(\\theta' - \\theta),
+    \\qquad \\nabla = \\textstyle\\sum_g\\lambda_g\\nabla L_g(\\theta),
+
+(for a smooth loss :math:`u_ih_i - \\ell^*(u_i) = \\ell(h_i)`: the bound is the linearisation of
+:math:`\\sum_g\\lambda_g L_g` at θ), and :math:`\\max_g L_g(\\theta)` is an upper bound. Their
+difference, the duality gap, bounds the suboptimality of θ; the solver stops when it is at most
+``tol · max(1, |value|)``. On a bounded Θ the bound is rigorous (to rounding). Where Θ is
+unbounded in the direction of ∇ the linear term is −∞, and the lower bound is instead the
+minimum of the quadratic model of :math:`\\sum_g\\lambda_g L_g` over Θ: exact for IPO (the model
+is the function), second-order accurate for DPO (its error is O(‖∇‖³), negligible once Newton has
+converged); the result's ``bound_kind`` says which was used.
+
+When d > N and Θ is a ball or R^d, the problem is first rewritten in the row space of S
+(:func:`row_space_reduction`): an LLM head with d in the thousands and N in the hundreds costs
+an N × N eigen-decomposition once, then N-dimensional Newton steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.special import logsumexp, softmax
+
+from ._linalg import EPS
+from .constraints import L2Ball, Unconstrained
+from .data import CHUNK_ROWS, PreferenceData
+from .losses import get_loss
+
+#: the temperature μ shrinks by this factor once the Newton decrement is at most DECREMENT_SHARE of it
+SHRINK = 0.1
+DECREMENT_SHARE = 0.1
+
+
+@dataclass
+class NewtonResult:
+    """What :func:`newton_minimax` reached: the best certified point and its certificate."""
+
+    theta: np.ndarray
+    alpha: np.ndarray
+    value: float
+    lower_bound: float
+    converged: bool
+    n_iter: int
+    passes: int
+    bound_kind: str
+    history: list = field(default_factory=list)
+
+    @property
+    def gap(self):
+        return self.value - self.lower_bound
+
+
+class PairOracle:
+    """Full passes over S for the Newton solver, block by block (bounded temporaries; a memory-
+    mapped S is never loaded whole), counting the passes."""
+
+    def __init__(self, data, loss, beta):
+        self.data = data
+        self.spec = get_loss(loss)
+        self.beta = beta
+        self.inv_size = 1.0 / data.group_sizes
+        self.pair_inv_size = self.inv_size[data.groups]
+        self.passes = 0
+
+    # -- S-products ------------------------------------------------------------------
+    def _blocks(self):
+        n = self.data.n_samples
+        if self.data.is_sparse:
+            yield 0, n, self.data.diff
+            return
+        for start in range(0, n, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, n)
+            yield start, stop, np.asarray(self.data.diff[start:stop], dtype=np.float64)
+
+    def product(self, x):
+        """S x, shape (N,)."""
+        self.passes += 1
+        out = np.empty(self.data.n_samples)
+        for start, stop, block in self._blocks():
+            out[start:stop] = np.asarray(block @ x).ravel()
+        return out
+
+    def margins(self, theta):
+        return self.product(theta) - self.data.ref_margin
+
+    def gradients_and_hessian(self, pair_d1, pair_curv):
+        """One pass: the K × d matrix of group gradients :math:`G_g = \\frac{1}{N_g}\\sum_{i\\in D_g}
+        \\ell'_i s_i` and the d × d matrix :math:`S^\\top\\mathrm{diag}(c)S` (``pair_curv`` = c ≥ 0)."""
+        self.passes += 1
+        data = self.data
+        k, d = data.n_groups, data.dim
+        weights = pair_d1 * self.pair_inv_size
+        root = np.sqrt(np.maximum(pair_curv, 0.0))
+        grads = np.zeros((k, d))
+        hess = np.zeros((d, d))
+        for start, stop, block in self._blocks():
+            rows = np.arange(stop - start)
+            indicator = sp.csr_matrix((weights[start:stop], (data.groups[start:stop], rows)),
+                                      shape=(k, stop - start))
+            grads += np.asarray((indicator @ block).todense() if sp.issparse(block) else indicator @ block)
+            if sp.issparse(block):
+                scaled = block.multiply(root[start:stop, None]).tocsr()
+                hess += (scaled.T @ scaled).toarray()
+            else:
+                scaled = block * root[start:stop, None]
+                hess += scaled.T @ scaled
+        return grads, hess
+
+    # -- per-pair terms ------------------------------------------------------------------
+    def terms(self, h):
+        """ℓ, ℓ', ℓ'' of every pair."""
+        value, d1 = self.spec.value_and_grad(h, self.beta)
+        return value, d1, self.spec.curvature(h, self.beta)
+
+    def group_means(self, values):
+        return np.bincount(self.data.groups, weights=values, minlength=self.data.n_groups) * self.inv_size
+
+
+def _objective(losses, weights, chi, mu):
+    """F from group losses: Σ w_g L_g (fixed weights) or (1−χ) mean L + χ μ logsumexp(L/μ)."""
+    if weights is not None:
+        return float(weights @ losses)
+    return float((1.0 - chi) * losses.mean() + chi * mu * logsumexp(losses / mu))
+
+
+def _true_value(losses, weights, chi):
+    if weights is not None:
+        return float(weights @ losses)
+    return float((1.0 - chi) * losses.mean() + chi * losses.max())
+
+
+@dataclass(frozen=True)
+class RowSpaceReduction:
+    """θ = c + Q b with Q = Sᵀ V Λ^{-1/2} (orthonormal columns spanning the row space of S); the
+    reduced rows are Z = S Q = V Λ^{1/2} and the reduced offsets r − S c."""
+
+    data: PreferenceData
+    theta_set: object
+    center: np.ndarray
+    basis: np.ndarray          # V Λ^{-1/2}, shape (N, r)
+
+    def lift(self, b, original):
+        return self.center + np.asarray(original.diff.T @ (self.basis @ b)).ravel()
+
+    def reduce(self, theta, original):
+        return self.basis.T @ np.asarray(original.diff @ (theta - self.center)).ravel()
+
+
+def row_space_reduction(data, theta_set):
+    """For d > N and Θ a ball (centre c) or R^d: the same problem in r = rank(S) ≤ N dimensions.
+
+    The objective depends on θ only through Sθ, and on a ball a component of θ − c outside the
+    row space of S only uses up radius, so an optimum has θ − c = Sᵀa. From the eigen-decomposition
+    of the kernel :math:`SS^\\top = V\\Lambda V^\\top` (one N × N matrix), θ = c + Q b with
+    orthonormal Q = Sᵀ V Λ^{-1/2}; the margins are Z b + (Sc − r) with Z = V Λ^{1/2}, and ‖θ − c‖ =
+    ‖b‖. Returns ``None`` when no reduction applies.
+    """
+    if data.dim <= data.n_samples or not isinstance(theta_set, (L2Ball, Unconstrained)) or data.streamed:
+        return None
+    kernel = data.diff @ data.diff.T
+    kernel = kernel.toarray() if sp.issparse(kernel) else np.asarray(kernel, dtype=np.float64)
+    lam, vec = np.linalg.eigh(kernel)
+    keep = lam > max(lam.max(initial=0.0), 1e-300) * data.n_samples * EPS
+    lam, vec = lam[keep], vec[:, keep]
+    root = np.sqrt(lam)
+    center = np.zeros(data.dim) if getattr(theta_set, "center", None) is None else theta_set.center
+    offsets = data.ref_margin - np.asarray(data.diff @ center).ravel()
+    reduced = PreferenceData(vec * root, data.groups, offsets, group_names=data.group_names,
+                             check_finite=False)
+    reduced_set = L2Ball(theta_set.radius) if isinstance(theta_set, L2Ball) else Unconstrained()
+    return RowSpaceReduction(reduced, reduced_set, center, vec / root)
+
+
+def newton_minimax(data, loss, beta, theta_set, *, weights=None, chi=1.0, theta0=None, tol=1e-6,
+                   max_iter=200, callback=None, reduce=True):
+    """Certified solution of :math:`\\min_{\\theta\\in\\Theta}\\max_{\\alpha}\\sum_g
+    ((1-\\chi)/K + \\chi\\alpha_g) L_g(\\theta)` (``weights=None``) or of
+    :math:`\\min_{\\theta\\in\\Theta}\\sum_g w_g L_g(\\theta)` (fixed ``weights``: a best response),
+    by smoothing and Newton's method (module docstring).
+
+    Parameters
+    ----------
+    data : PreferenceData
+    loss : str
+    beta : float
+    theta_set : Θ object
+    weights : ndarray (K,), optional
+        Fixed group weights (on the simplex); ``None`` for the group-robust max.
+    chi : float in [0, 1]
+        Worst-case/average trade-off (Appendix B.4), group-robust only.
+    theta0 : ndarray (d,), optional
+        Starting point (projected onto Θ); default Θ's centre, else 0.
+    tol : float
+        Stop when the certified gap ≤ tol · max(1, |value|).
+    max_iter : int
+        Newton iterations at most (each costs about two passes over S).
+    callback : callable, optional
+        ``callback(row)`` with the iteration's record (a dict).
+
+    Returns
+    -------
+    NewtonResult
+    """
+    theta_set = Unconstrained() if theta_set is None else theta_set
+    reduction = row_space_reduction(data, theta_set) if reduce else None
+    if reduction is not None:
+        start = None if theta0 is None else reduction.reduce(np.asarray(theta0, dtype=np.float64), data)
+        res = newton_minimax(reduction.data, loss, beta, reduction.theta_set, weights=weights, chi=chi,
+                             theta0=start, tol=tol, max_iter=max_iter, callback=callback, reduce=False)
+        theta = theta_set.project(reduction.lift(res.theta, data))
+        oracle = PairOracle(data, loss, beta)
+        h = oracle.margins(theta)
+        value = _true_value(oracle.group_means(oracle.spec.value(h, beta)),
+                            None if weights is None else np.asarray(weights, dtype=np.float64), chi)
+        res.theta, res.value, res.passes = theta, value, res.passes + oracle.passes + 2
+        res.converged = res.value - res.lower_bound <= tol * max(1.0, abs(res.value))
+        return res
+    return _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, callback)
+
+
+def refined_dual_bound(losses, grads, hess, theta, theta_set, data, loss, beta, chi, tol):
+    """A better certificate from the same first-order information, for the group-robust problem.
+
+    Near the optimum the softmax weights :math:`\\mathrm{softmax}(L/\\mu)` are a noisy estimate
+    of the optimal α* (they react to loss differences of order μ), so their bound can lag. By
+    convexity of every :math:`L_g`,
+
+    .. math::
+
+        L^* \\ge \\min_{\\theta'\\in\\Theta}\\max_g\\; L_g(\\theta) + \\nabla L_g(\\theta)^\\top(\\theta'-\\theta)
+             = \\max_{\\alpha\\in\\Delta}\\; \\alpha^\\top L + \\min_{\\theta'\\in\\Theta}(G^\\top\\alpha)^\\top(\\theta'-\\theta),
+
+    the best bound first-order information at θ gives. Its maximiser α̂ is read off the duals of
+    the small epigraph problem (d + 1 variables, K constraints; cvxpy) and the bound is then
+    evaluated exactly at α̂ (valid for any α on the simplex, whatever the solver's accuracy).
+    On a Θ unbounded along the gradients, α̂ instead maximises the quadratic model
+    :math:`\\alpha^\\top L - \\frac12\\alpha^\\top G H^{+} G^\\top\\alpha` and the bound is the certified
+    best response to α̂ (:func:`newton_minimax` with fixed weights, warm-started at θ).
+    Returns ``(lower_bound, alpha, kind)``; ``(-inf, None, ...)`` if no bound was found.
+    """
+    import cvxpy as cp
+    k, d = grads.shape
+    mix = (1.0 - chi) / k
+    alpha_var = cp.Variable(k, nonneg=True)
+    bounded = np.isfinite(theta_set.bounding_ball(d)[1])
+    try:
+        if bounded:
+            x, t = cp.Variable(d), cp.Variable()
+            scale = max(float(np.max(np.abs(grads))), 1e-300)
+            group = (losses + grads @ (x - theta)) / scale <= t
+            objective = chi * t + mix * cp.sum(losses + grads @ (x - theta)) / scale
+            problem = cp.Problem(cp.Minimize(objective), [group] + theta_set.cvxpy_constraints(x))
+            problem.solve(solver="CLARABEL")
+            alpha = np.asarray(group.dual_value, dtype=np.float64) if group.dual_value is not None else None
+        else:
+            grad_t = np.linalg.lstsq(hess, grads.T, rcond=None)[0]
+            model = grads @ grad_t
+            model = 0.5 * (model + model.T)
+            lam = mix + chi * alpha_var
+            problem = cp.Problem(cp.Maximize(lam @ losses - 0.5 * cp.quad_form(lam, cp.psd_wrap(model))),
+                                 [cp.sum(alpha_var) == 1])
+            problem.solve(solver="CLARABEL")
+            alpha = alpha_var.value
+    except (cp.error.SolverError, ValueError, np.linalg.LinAlgError):
+        return -np.inf, None, "none"
+    if alpha is None or not np.all(np.isfinite(alpha)):
+        return -np.inf, None, "none"
+    alpha = np.maximum(alpha, 0.0)
+    if alpha.sum() <= 0:
+        return -np.inf, None, "none"
+    alpha = alpha / alpha.sum()
+    lam = mix + chi * alpha
+    if bounded:
+        return float(lam @ losses) + theta_set.min_linear(theta, lam @ grads), alpha, "rigorous"
+    res = newton_minimax(data, loss, beta, theta_set, weights=lam, theta0=theta, tol=1e-3 * tol, max_iter=50)
+    return res.lower_bound, alpha, res.bound_kind
+
+
+def _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, callback):
+    oracle = PairOracle(data, loss, beta)
+    if not oracle.spec.smooth:
+        raise ValueError(f"the Newton solver needs a smooth loss, got {loss!r} (see exact.hinge_program)")
+    k = data.n_groups
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+    robust = weights is None and k > 1
+    if weights is None and k == 1:
+        weights = np.ones(1)
+    if theta0 is None:
+        center = theta_set.bounding_ball(data.dim)[0]
+        theta0 = np.zeros(data.dim) if center is None else np.asarray(center, dtype=np.float64)
+    theta = theta_set.project(np.array(theta0, dtype=np.float64))
+    h = oracle.margins(theta)
+    log_k = np.log(max(k, 2))
+    fixed = None if robust else weights
+
+    # the first temperature: the spread of the group losses, or a tenth of their size
+    losses0 = oracle.group_means(oracle.spec.value(h, beta))
+    temp = max(float(np.ptp(losses0)), 0.1 * max(float(np.max(np.abs(losses0))), 1e-300)) if robust else 0.0
+
+    best = {"value": np.inf, "lower": -np.inf, "theta": theta, "alpha": None}
+    bound_kind = "rigorous"
+    history = []
+    converged = False
+    it = 0
+    while it < max_iter:
+        it += 1
+        values, d1, d2 = oracle.terms(h)
+        losses = oracle.group_means(values)
+        if robust:
+            soft = softmax(losses / temp)
+            lam = (1.0 - chi) / k + chi * soft
+        else:
+            soft = lam = weights
+        upper = _true_value(losses, fixed, chi)
+        grads, hess1 = oracle.gradients_and_hessian(d1, lam[data.groups] * d2 * oracle.pair_inv_size)
+        grad = lam @ grads
+
+        # -- certificate (module docstring): Σ_g λ_g L_g(θ) + min over Θ of ∇ᵀ(θ' − θ) -----------
+        weighted = float(lam @ losses)
+        linear = theta_set.min_linear(theta, grad)
+        if np.isfinite(linear):
+            lower, kind = weighted + linear, "rigorous"
+        else:
+            step = theta_set.minimize_quadratic(theta, grad, hess1) - theta
+            decrease = -float(grad @ step + 0.5 * step @ hess1 @ step)
+            if oracle.spec.name == "ipo":
+                lower, kind = weighted - decrease, "second-order"        # the model is the function
+            elif decrease <= 1e-2 * tol * max(1.0, abs(upper)):
+                lower, kind = weighted - 2.0 * decrease, "second-order"  # twice the model's decrease
+            else:
+                lower, kind = -np.inf, "second-order"                     # too far for the model
+        if upper < best["value"]:
+            best.update(value=upper, theta=theta.copy())
+        if lower > best["lower"]:
+            best.update(lower=lower, alpha=np.array(soft, dtype=np.float64))
+            bound_kind = kind
+        gap = best["value"] - best["lower"]
+        target = tol * max(1.0, abs(best["value"]))
+        temp_floor = 0.1 * target / log_k
+        if robust and gap > target and temp <= temp_floor:
+            lower, alpha_hat, kind = refined_dual_bound(losses, grads, hess1, theta, theta_set, data, loss, beta,
+                                                        chi, tol)
+            if lower > best["lower"]:
+                best.update(lower=lower, alpha=alpha_hat)
+                bound_kind = kind
+                gap = best["value"] - best["lower"]
+        row = {"iteration": it, "value": upper, "lower_bound": lower, "gap": gap, "temperature": temp,
+               "passes": oracle.passes}
+        details = {"losses": losses, "alpha": np.array(soft, dtype=np.float64), "theta": theta}
+
+        def emit(row=row, details=details):
+            history.append(row)
+            if callback is not None:
+                callback({**row, **details})
+
+        if gap <= target:
+            converged = True
+            emit()
+            break
+
+        # -- Newton step on F_μ ----------------------------------------------------------------
+        hess = hess1
+        if robust:
+            centred = grads - soft @ grads
+            hess = hess1 + (chi / temp) * (centred.T * soft) @ centred
+        x = theta_set.minimize_quadratic(theta, grad, hess)
+        p = x - theta
+        decrement = max(-float(grad @ p), 0.0)
+        row["decrement"] = decrement
+        if robust and temp > temp_floor and decrement <= DECREMENT_SHARE * temp:
+            temp = max(temp * SHRINK, temp_floor)          # this stage is solved: go colder
+            row["step_length"] = 0.0
+            emit()
+            continue
+        if decrement <= EPS * max(1.0, abs(upper)):
+            emit()
+            break                                           # nothing left to gain in floating point
+        sp_dir = oracle.product(p)
+        f0 = _objective(losses, fixed, chi, temp)
+        t, accepted = 1.0, False
+        for _ in range(60):
+            f_try = _objective(oracle.group_means(oracle.spec.value(h + t * sp_dir, beta)), fixed, chi, temp)
+            if np.isfinite(f_try) and f_try <= f0 - 1e-4 * t * decrement:
+                accepted = True
+                break
+            t *= 0.5
+        row["step_length"] = t if accepted else 0.0
+        emit()
+        if not accepted:
+            if robust and temp > temp_floor:               # no decrease representable: go colder
+                temp = max(temp * SHRINK, temp_floor)
+                continue
+            break
+        theta = theta + t * p if t < 1.0 else x            # a convex combination of two points of Θ
+        h = oracle.margins(theta) if it % 10 == 0 else h + t * sp_dir
+    alpha = best["alpha"] if best["alpha"] is not None else (weights if weights is not None else np.full(k, 1.0 / k))
+    return NewtonResult(theta=best["theta"], alpha=np.asarray(alpha, dtype=np.float64), value=best["value"],
+                        lower_bound=best["lower"], converged=converged, n_iter=it, passes=oracle.passes,
+                        bound_kind=bound_kind, history=history)
