@@ -41,6 +41,7 @@ import loglinear_grpo as lg  # noqa: E402
 from loglinear_grpo.synthetic import scenario_data  # noqa: E402
 
 RADIUS = 2.0
+BETA = 1.0
 LOSSES = ("dpo", "ipo", "hinge")
 PROBLEMS = ("bandit", "random")
 TAIL_FROM = 1e3
@@ -77,13 +78,18 @@ def t_grid(t_min, t_max, per_decade=2):
 
 
 def _optimum(data, loss):
-    return lg.solve_exact(data, loss, radius=RADIUS).value
+    return lg.solve_exact(data, loss=loss, beta=BETA, radius=RADIUS).value
 
 
 def _measure(data, loss, result, optimum):
-    worst = lg.worst_group_loss(result.theta, data, loss)
-    gap = lg.duality_gap(result.theta, result.alpha_avg, data, loss, radius=RADIUS)
-    return {"worst_loss": worst, "subopt": worst - optimum, "gap": gap}
+    """Suboptimality of the returned θ (θ̄_T for Algorithm 1) and its certified duality gap."""
+    return {"worst_loss": result.value, "subopt": result.value - optimum, "gap": result.gap}
+
+
+def _scaled(config, scale):
+    """The same run with both theory steps multiplied by ``scale`` (one make_config per run)."""
+    theta_step = None if config.theta_step is None else lg.StepSize("constant", scale * config.theta_step.scale)
+    return config.replace(theta_step=theta_step, alpha_step=lg.StepSize("constant", scale * config.alpha_step.scale))
 
 
 def stochastic_job(args):
@@ -93,35 +99,31 @@ def stochastic_job(args):
     optimum = _optimum(data, loss)
     rows = []
     for t in grid:
-        config = lg.make_config(data, loss, estimator="stochastic", steps=int(t), radius=RADIUS)
-        eta_theta, eta_alpha = config.theory["eta_theta"], config.theory["eta_alpha"]
+        config = _scaled(lg.make_config(data, loss=loss, beta=BETA, estimator="stochastic", steps=int(t),
+                                        radius=RADIUS, seed=seed), scale)
         tic = time.perf_counter()
-        result = lg.solve(data, loss, estimator="stochastic", steps=int(t), radius=RADIUS, seed=seed,
-                          step_size=scale * eta_theta, alpha_step_size=scale * eta_alpha,
-                          log_every=int(t))
+        result = lg.solve(data, config, log_every=int(t))
         rows.append({"problem": problem, "loss": loss, "estimator": "stochastic", "scale": scale,
-                     "seed": seed, "T": int(t), "eta_theta": scale * eta_theta,
-                     "eta_alpha": scale * eta_alpha, "bound": config.theory["gap_bound"],
+                     "seed": seed, "T": int(t), "eta_theta": config.theta_step.scale,
+                     "eta_alpha": config.alpha_step.scale, "bound": config.theory["gap_bound"],
                      "seconds": time.perf_counter() - tic, **_measure(data, loss, result, optimum)})
     return rows
 
 
 def deterministic_job(args):
-    """Full-batch (theory steps) or closed-form GR-IPO, one run per T."""
+    """Full-batch (theory steps) or closed-form GR-IPO, one run per T, all T iterations (tol=None)."""
     problem, loss, estimator, scale, grid = args
     data = make_problem(problem)
     optimum = _optimum(data, loss)
     rows = []
     for t in grid:
-        config = lg.make_config(data, loss, estimator=estimator, steps=int(t), radius=RADIUS,
-                                step_size="theory", alpha_step_size="theory")
-        result = lg.solve(data, loss, estimator=estimator, steps=int(t), radius=RADIUS,
-                          step_size=scale * config.theta_step.scale,
-                          alpha_step_size=scale * config.alpha_step.scale, log_every=int(t))
+        step = None if estimator == "closed_form" else "theory"
+        config = _scaled(lg.make_config(data, loss=loss, beta=BETA, estimator=estimator, steps=int(t),
+                                        radius=RADIUS, step_size=step, alpha_step_size="theory", tol=None), scale)
+        result = lg.solve(data, config, log_every=int(t))
         rows.append({"problem": problem, "loss": loss, "estimator": estimator, "scale": scale, "seed": 0,
-                     "T": int(t), "eta_theta": result.config.theta_step.scale,
-                     "eta_alpha": result.config.alpha_step.scale,
-                     "bound": result.config.theory.get("gap_bound", np.nan),
+                     "T": int(t), "eta_theta": np.nan if config.theta_step is None else config.theta_step.scale,
+                     "eta_alpha": config.alpha_step.scale, "bound": config.theory.get("gap_bound", np.nan),
                      **_measure(data, loss, result, optimum)})
     return rows
 

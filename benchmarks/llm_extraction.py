@@ -160,7 +160,7 @@ def time_training_rows(args):
                 tic = time.perf_counter()
                 lh.train(problem, "ipo", method=method, estimator=estimator, steps=steps, radius=0.2,
                          step_size="0.01/sqrt(t)" if estimator == "stochastic" else None, alpha_step_size=0.01,
-                         log_every=steps)
+                         log_every=steps, tol=None)
                 sec = time.perf_counter() - tic
                 data = problem.data("train")
                 rows.append({"what": "training", "model": args.model, "device": "CPU", "method": method,

@@ -49,13 +49,13 @@ def paper_size(rows, steps):
     g = (rng.random(300) < 0.2).astype(int)
     data = lg.PreferenceData(s, g)
     bare = best_of(lambda: bare_full_batch_dpo(s, g, steps, 0.5, 0.5, radius=1.0), 3)
-    ours = best_of(lambda: lg.solve(data, "dpo", estimator="full", steps=steps, step_size=0.5,
-                                    alpha_step_size=0.5, radius=1.0, log_every=steps), 3)
-    logged = best_of(lambda: lg.solve(data, "dpo", estimator="full", steps=steps, step_size=0.5,
-                                      alpha_step_size=0.5, radius=1.0), 3)
+    ours = best_of(lambda: lg.solve(data, loss="dpo", estimator="full", steps=steps, step_size=0.5,
+                                    alpha_step_size=0.5, radius=1.0, log_every=steps, tol=None), 3)
+    logged = best_of(lambda: lg.solve(data, loss="dpo", estimator="full", steps=steps, step_size=0.5,
+                                      alpha_step_size=0.5, radius=1.0, tol=None), 3)
     t_b, _ = bare_full_batch_dpo(s, g, 50, 0.5, 0.5, radius=1.0)
-    t_o = lg.solve(data, "dpo", estimator="full", steps=50, step_size=0.5, alpha_step_size=0.5,
-                   radius=1.0, log_every=50).theta
+    t_o = lg.solve(data, loss="dpo", estimator="full", steps=50, step_size=0.5, alpha_step_size=0.5,
+                   radius=1.0, log_every=50, tol=None).theta_avg
     assert np.array_equal(t_b, t_o), "the toolkit and the bare loop must compute the same iterates"
     rows.append({"case": "paper size N=300 d=4 K=2", "what": f"{steps} full-batch iterations",
                  "toolkit_s": ours, "reference_s": bare, "ratio": ours / bare,
@@ -69,7 +69,7 @@ def large(rows, n, d):
     data = lg.PreferenceData(s, g)
     theta = rng.standard_normal(d) * 0.1
     one_pass = best_of(lambda: s @ theta)
-    cfg = lg.make_config(data, "dpo", estimator="full", steps=10, step_size=0.1, alpha_step_size=0.1)
+    cfg = lg.make_config(data, loss="dpo", estimator="full", steps=10, step_size=0.1, alpha_step_size=0.1)
     state = lg.init(data, cfg)
     it = best_of(lambda: lg.update(state, data, cfg))
     rows.append({"case": f"N={n:.0e} d={d} K=2", "what": "one full-batch iteration",
@@ -82,7 +82,7 @@ def stochastic(rows, steps):
     s = rng.normal(size=(100_000, 32))
     data = lg.PreferenceData(s, rng.integers(0, 5, 100_000))
     for b in (1, 8, 64, 512):
-        t = best_of(lambda: lg.solve(data, "dpo", estimator="stochastic", steps=steps, batch_size=b,
+        t = best_of(lambda: lg.solve(data, loss="dpo", estimator="stochastic", steps=steps, batch_size=b,
                                      step_size=0.01, alpha_step_size=0.01, log_every=steps), 2)
         rows.append({"case": "N=1e5 d=32 K=5", "what": f"stochastic, batch {b}", "toolkit_s": t / steps,
                      "reference_s": np.nan, "ratio": steps / t, "note": "ratio = iterations per second"})
@@ -92,9 +92,9 @@ def closed_form(rows):
     rng = np.random.default_rng(0)
     for n, d in [(10_000, 4), (10_000, 32), (10_000, 128), (10_000, 512), (1_000, 64), (100_000, 64)]:
         data = lg.PreferenceData(rng.normal(size=(n, d)), rng.integers(0, 3, n))
-        cfg = lg.make_config(data, "ipo", estimator="closed_form", steps=5, alpha_step_size=0.01)
+        cfg = lg.make_config(data, loss="ipo", estimator="closed_form", steps=5, alpha_step_size=0.01)
         state = lg.init(data, cfg)
-        setup = best_of(lambda: lg.make_config(data, "ipo", estimator="closed_form", steps=5,
+        setup = best_of(lambda: lg.make_config(data, loss="ipo", estimator="closed_form", steps=5,
                                                alpha_step_size=0.01), 2)
         t = best_of(lambda: lg.update(state, data, cfg))
         rows.append({"case": f"N={n} d={d} K=3", "what": "closed-form GR-IPO alternation",
@@ -131,7 +131,7 @@ def memmap_worker(n, d, steps, folder):
     data = lg.PreferenceData(np.memmap(path, dtype=np.float32, mode="r", shape=(n, d)), groups)
     check = time.perf_counter() - t
     t = time.perf_counter()
-    res = lg.solve(data, "dpo", estimator="stochastic", steps=steps, batch_size=64, step_size=0.01,
+    res = lg.solve(data, loss="dpo", estimator="stochastic", steps=steps, batch_size=64, step_size=0.01,
                    alpha_step_size=0.01, log_every=steps + 1)
     elapsed = time.perf_counter() - t
     heap_peak = tracemalloc.get_traced_memory()[1] / 2**20
@@ -172,7 +172,7 @@ def scaling(quick=False):
                 continue
             data = lg.PreferenceData(rng.standard_normal((n, d)), np.arange(n) % k)
             for estimator, batch in (("full", 1), ("stochastic", 64)):
-                cfg = lg.make_config(data, "dpo", estimator=estimator, steps=10, batch_size=batch,
+                cfg = lg.make_config(data, loss="dpo", estimator=estimator, steps=10, batch_size=batch,
                                      step_size=0.01, alpha_step_size=0.01)
                 state = lg.init(data, cfg)
                 t = best_of(lambda: lg.update(state, data, cfg), 3 if estimator == "full" else 20)

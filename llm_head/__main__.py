@@ -62,14 +62,19 @@ def build_parser():
 
     p = sub.add_parser("train", help="fit the output rows with loglinear_grpo.solve")
     _common(p)
-    p.add_argument("--loss", choices=("ipo", "dpo", "hinge"), default="ipo")
+    p.add_argument("--loss", choices=("ipo", "dpo", "sigmoid", "hinge"), default="ipo",
+                   help="TRL's names: 'sigmoid' is DPO")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--method", choices=("group_robust", "importance_sampling", "vanilla"), default="group_robust")
-    p.add_argument("--estimator", choices=("full", "stochastic", "closed_form"), default="full")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--estimator", choices=("auto", "newton", "full", "stochastic", "closed_form"), default="auto",
+                   help="'auto' = 'newton': the certified second-order solver")
+    p.add_argument("--steps", type=int, default=None, help="iteration budget (default: the estimator's)")
+    p.add_argument("--tol", type=float, default=1e-6,
+                   help="stop at this relative certified duality gap (0 or less: run all steps)")
     p.add_argument("--radius", type=float, default=1.0, help="Θ = L2 ball of this radius around θ_ref")
-    p.add_argument("--step-size", default=None, help="number, 'theory' or 'c/sqrt(t)' (default: 1/L)")
-    p.add_argument("--alpha-step-size", default=None)
+    p.add_argument("--step-size", default=None,
+                   help="first-order estimators only: number, 'theory' or 'c/sqrt(t)' (default: 1/L)")
+    p.add_argument("--alpha-step-size", default=None, help="first-order estimators only")
     p.add_argument("--chi", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="pairs, split and sampler seed")
     p.add_argument("--split-by", choices=("item", "question"), default="item")
@@ -202,20 +207,26 @@ def cmd_train(args):
     problem, _ = load_problem(args.workdir, seed=args.seed, split_by=args.split_by)
     args.run = args.run or f"{args.loss}-{args.method}-seed{args.seed}"
     result = train(problem, loss=args.loss, beta=args.beta, method=args.method, estimator=args.estimator,
-                   steps=args.steps, radius=args.radius, step_size=_step(args.step_size),
-                   alpha_step_size=_step(args.alpha_step_size), chi=args.chi, seed=args.seed, progress=True)
+                   steps=args.steps, tol=args.tol if args.tol and args.tol > 0 else None, radius=args.radius,
+                   step_size=_step(args.step_size), alpha_step_size=_step(args.alpha_step_size), chi=args.chi,
+                   seed=args.seed, progress=True)
     out = _run_dir(args)
     os.makedirs(out, exist_ok=True)
     np.save(os.path.join(out, "theta.npy"), result.theta)
     result.history.to_csv(os.path.join(out, "history.csv"), index=False)
     settings = {k: v for k, v in vars(args).items() if k not in ("config",)}
     settings["solver"] = result.config.describe()
+    settings["certificate"] = {"converged": bool(result.converged), "gap": float(result.gap),
+                               "relative_gap": float(result.relative_gap), "value": float(result.value),
+                               "lower_bound": float(result.lower_bound), "iterations": int(result.n_iter),
+                               "bound_kind": result.bound_kind}
     with open(os.path.join(out, "settings.json"), "w") as fh:
         json.dump(settings, fh, indent=1, default=str)
     for split in ("train", "val", "test"):
         table = evaluate(problem, result.theta, args.loss, args.beta, split)
         table.to_csv(os.path.join(out, f"metrics_{split}.csv"))
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"training objective on the train split: {result.summary()}")
     print(f"run -> {out}")
     return 0
 

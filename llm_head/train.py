@@ -72,10 +72,11 @@ class HeadProblem:
         return self._cache[split]
 
 
-def train(problem, loss="ipo", beta=0.1, method="group_robust", estimator="full", steps=500, radius=1.0,
-          split="train", **solve_kwargs):
-    """:func:`loglinear_grpo.solve` on the split's pairs, Θ = ball(θ_ref, ``radius``), θ⁽⁰⁾ = θ_ref."""
-    return lg.solve(problem.data(split), loss=loss, beta=beta, method=method, estimator=estimator, steps=steps,
+def train(problem, loss="ipo", beta=0.1, method="group_robust", estimator="auto", radius=1.0, split="train",
+          **solve_kwargs):
+    """:func:`loglinear_grpo.solve` on the split's pairs, Θ = ball(θ_ref, ``radius``), θ⁽⁰⁾ = θ_ref; the
+    result carries its certificate (``converged``, ``gap``)."""
+    return lg.solve(problem.data(split), loss=loss, beta=beta, method=method, estimator=estimator,
                     radius=radius, center=problem.theta_ref, **solve_kwargs)
 
 

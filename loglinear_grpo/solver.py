@@ -909,8 +909,9 @@ def _solve_newton(data, config, progress, callback):
     state = SolverState(theta=res.theta, log_alpha=np.log(np.maximum(alpha, 1e-300)), theta_sum=res.theta.copy(),
                         alpha_sum=alpha.copy(), step=res.n_iter)
     value = objective_value(res.theta, data, config)
-    result = SolveResult(theta=res.theta, converged=value - res.lower_bound <= tol * max(1.0, abs(value)),
-                         gap=value - res.lower_bound, value=value, lower_bound=res.lower_bound, n_iter=res.n_iter,
+    lower = min(res.lower_bound, value)            # L* ≤ value: a bound above it is rounding
+    result = SolveResult(theta=res.theta, converged=value - lower <= tol * max(1.0, abs(value)),
+                         gap=value - lower, value=value, lower_bound=lower, n_iter=res.n_iter,
                          alpha=alpha, alpha_avg=alpha, theta_avg=res.theta, theta_last=res.theta,
                          bound_kind=res.bound_kind, history=pd.DataFrame(rows), config=config, state=state,
                          passes=res.passes)
@@ -980,8 +981,9 @@ def _solve_first_order(data, config, log_every, duality_gap, checkpoint, checkpo
     tol = config.tol if config.tol is not None else DEFAULT_TOL
     theta = averaged_theta(state) if config.estimator == "stochastic" else cert.theta
     value = cert.value
-    result = SolveResult(theta=theta, converged=cert.gap <= tol * max(1.0, abs(value)), gap=cert.gap, value=value,
-                         lower_bound=cert.lower_bound, n_iter=state.step, alpha=cert.alpha,
+    lower = min(cert.lower_bound, value)           # L* ≤ value: a bound above it is rounding
+    result = SolveResult(theta=theta, converged=value - lower <= tol * max(1.0, abs(value)), gap=value - lower,
+                         value=value, lower_bound=lower, n_iter=state.step, alpha=cert.alpha,
                          alpha_avg=averaged_alpha(state), theta_avg=averaged_theta(state),
                          theta_last=state.theta.copy(), bound_kind=cert.bound_kind, history=pd.DataFrame(rows),
                          config=config, state=state)

