@@ -73,7 +73,7 @@ def problems(args):
     sizes = np.maximum(20, (10_000 * rng.dirichlet(np.full(50, 2.0))).astype(int))
     yield "random K=50, N=1e4, d=16", random_problem(sizes, 16, seed=2), {"radius": 4.0}, {}
     if args.llm_workdir and os.path.exists(os.path.join(args.llm_workdir, "features.safetensors")):
-        from llm_head.__main__ import load_problem
+        from llm_head.workdir import load_problem
         problem, _ = load_problem(args.llm_workdir, seed=0)
         yield ("SmolLM2 GlobalOpinionQA head (sparse, d=8640)", problem.data("train"),
                {"radius": 1.0, "center": problem.theta_ref}, {})

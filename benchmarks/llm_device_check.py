@@ -32,7 +32,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import llm_head as lh  # noqa: E402
-from llm_head.__main__ import load_workdir, save_workdir  # noqa: E402
+from llm_head import workdir as wd  # noqa: E402
 
 
 def relative_errors(a, b):
@@ -69,9 +69,11 @@ def main(argv=None):
         parser.error("--save needs every item: drop --limit")
 
     import torch
-    all_features, all_theta, items, ref_spec = load_workdir(args.reference)
+    all_features, all_theta, record, ref_spec, _ = wd.load_workdir(args.reference)
     ref_features = all_features
-    prompts, candidates = items.table["prompt"].tolist(), items.table["candidates"].tolist()
+    items = wd.items_table(record)
+    rendering = lh.Rendering(**record["rendering"])
+    prompts, candidates = items["prompt"].tolist(), items["candidates"].tolist()
     if args.limit:
         prompts, candidates = prompts[:args.limit], candidates[:args.limit]
         ref_features = ref_features.first_items(len(prompts))
@@ -83,11 +85,13 @@ def main(argv=None):
     if ref_spec.get("tokenizer") not in (None, loaded.spec["tokenizer"]):
         raise SystemExit("the reference was extracted with another tokenizer")
 
-    lh.extract_features(loaded, prompts[:16], candidates[:16], batch_size=args.batch_size, progress=False)
+    lh.extract_features(loaded, prompts[:16], candidates[:16], batch_size=args.batch_size, progress=False,
+                        rendering=rendering)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     tic = time.perf_counter()
-    features = lh.extract_features(loaded, prompts, candidates, batch_size=args.batch_size, progress=False)
+    features = lh.extract_features(loaded, prompts, candidates, batch_size=args.batch_size, progress=False,
+                                   rendering=rendering)
     seconds = time.perf_counter() - tic
     for key in ("entry_candidate", "entry_token", "entry_hidden", "candidate_offsets"):
         if not np.array_equal(getattr(features, key), getattr(ref_features, key)):
@@ -102,7 +106,7 @@ def main(argv=None):
 
     m = min(args.padding_items, len(prompts))
     left = lh.extract_features(loaded, prompts[:m], candidates[:m], batch_size=args.batch_size,
-                               padding_side="left", progress=False)
+                               padding_side="left", progress=False, rendering=rendering)
     pad_err, pad_rows = relative_errors(left.hidden, features.hidden[:left.hidden.shape[0]])
 
     rows = [("items extracted", len(prompts)), ("extraction seconds (all items)", seconds),
@@ -121,7 +125,7 @@ def main(argv=None):
     table.to_csv(os.path.join(args.out, "llm_device_check.csv"), index=False)
     print(table[["check", "value"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if args.save:
-        save_workdir(args.save, features, theta_all, items, loaded.spec)
+        wd.save_workdir(args.save, features, theta_all, record, loaded.spec)
         print(f"features -> {args.save}")
     if hidden_err > args.rtol or pad_err > args.rtol:
         print(f"FAILED: a relative error exceeds rtol={args.rtol}")

@@ -153,7 +153,7 @@ def load_random(args):
 def time_training_rows(args):
     rows = []
     if os.path.exists(os.path.join(args.workdir, "features.safetensors")):
-        from llm_head.__main__ import load_problem
+        from llm_head.workdir import load_problem
         problem, _ = load_problem(args.workdir, seed=0)
         for method in ("group_robust", "vanilla"):
             for estimator, steps in (("full", 1000), ("stochastic", 5000), ("closed_form", 100)):

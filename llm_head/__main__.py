@@ -1,18 +1,22 @@
-"""``python -m llm_head {extract,train,evaluate,export}`` — GlobalOpinionQA end to end.
+"""``python -m llm_head {extract,train,evaluate,export}`` — group-robust last-layer tuning on anyone's
+grouped preference data.
 
-    python -m llm_head extract  --data global_opinions.csv --model smollm2 --workdir results/llm
-    python -m llm_head train    --workdir results/llm --loss ipo --method group_robust --seed 0
-    python -m llm_head evaluate --workdir results/llm --run ipo-group_robust-seed0
-    python -m llm_head export   --workdir results/llm --run ipo-group_robust-seed0 --model smollm2
+    python -m llm_head extract  --data pairs.jsonl --model smollm2 --workdir results/pairs --split-by question_id
+    python -m llm_head train    --workdir results/pairs --loss sigmoid --method group_robust --seed 0
+    python -m llm_head evaluate --workdir results/pairs --run sigmoid-group_robust-seed0
+    python -m llm_head export   --workdir results/pairs --run sigmoid-group_robust-seed0
 
-Every flag can also come from a TOML file (``--config settings.toml``; keys are the flag names
-with underscores, either at the top level or in a ``[extract]``/``[train]``/… table); flags given
-on the command line win. ``extract`` under ``torchrun --nproc_per_node N -m llm_head extract …``
-splits the cache shards over the N processes (gloo on CPU, NCCL on GPU).
+``--data`` takes TRL's standard (``prompt``/``chosen``/``rejected`` strings) or conversational
+(lists of ``{"role", "content"}`` messages) preference format with a group column, as a
+``.jsonl``/``.json``/``.csv``/``.parquet`` file or a hub id (``datasets.load_dataset``), or a
+GlobalOpinionQA table (detected by its columns; countries are the groups). Every flag can also come
+from a TOML file (``--config settings.toml``; keys are the flag names with underscores, at the top
+level or in an ``[extract]``/``[train]``/… table); flags on the command line win. ``extract`` under
+``torchrun --nproc_per_node N -m llm_head extract …`` splits the cache shards over the N processes.
 
-Work folder: ``features.safetensors`` (the merged features and θ_ref), ``items.json`` (one row per
-question × country) and ``runs/<run>/`` (``theta.npy``, ``history.csv``, ``settings.json``,
-``metrics_<split>.csv``, ``groups.png``).
+Work folder: ``features.safetensors`` (+ its checksum), ``dataset.json``, ``runs/<run>/``
+(``theta.npy``, ``history.csv``, ``settings.json``, ``metrics_<split>.csv``, ``groups.png``,
+``model/``); see :mod:`llm_head.workdir`.
 """
 from __future__ import annotations
 
@@ -20,16 +24,32 @@ import argparse
 import json
 import os
 import sys
+import time
 import tomllib
+import warnings
 
 import numpy as np
 import pandas as pd
 
 from . import extract as ex
-from .features import LastLayerFeatures
+from . import workdir as wd
+from .data import detect_format, items_from_pairs, load_preference_pairs, read_table
 from .head import export_model, reference_theta
-from .opinions import DEFAULT_TEMPLATE, PAPER_COUNTRIES, load_global_opinions, make_pairs
-from .train import HeadProblem, alpha_history, evaluate, train
+from .opinions import DEFAULT_TEMPLATE, PAPER_COUNTRIES
+from .train import alpha_history, evaluate, train
+
+LOSSES = ("ipo", "dpo", "sigmoid", "hinge")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown in --help, and the description kept as written."""
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
 
 
 def _common(p):
@@ -38,57 +58,74 @@ def _common(p):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m llm_head", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m llm_head", description=__doc__, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("extract", help="frozen-LLM features of every question × country (cached)")
+    p = sub.add_parser("extract", help="frozen-LLM features of every prompt and candidate answer (cached)",
+                       formatter_class=_Formatter)
     _common(p)
-    p.add_argument("--data", help="global_opinions.csv (default: the hub dataset Anthropic/llm_global_opinions)")
+    p.add_argument("--data", help="preference pairs (.jsonl/.json/.csv/.parquet or a hub id) or a GlobalOpinionQA "
+                                  "table; default: the hub dataset Anthropic/llm_global_opinions")
+    p.add_argument("--group-column", default="group", help="the column that names each pair's group")
+    p.add_argument("--groups", "--countries", nargs="+", dest="groups", default=None,
+                   help="keep these groups, in this order (GlobalOpinionQA default: the paper's five countries)")
+    p.add_argument("--split-by", default=None,
+                   help="default split for train: a seeded split by this column (e.g. question_id) so that no "
+                        "value is in two splits; default: by prompt (GlobalOpinionQA: 'item', per country, or "
+                        "'question'); a 'split' column in the data is used as given")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render prompts with the tokenizer's chat template (always for conversational data)")
+    p.add_argument("--add-eos", choices=("auto", "yes", "no"), default="auto",
+                   help="append EOS to every answer (auto: yes for TRL's standard format, as TRL does; no for "
+                        "GlobalOpinionQA's one-letter answers)")
+    p.add_argument("--hub-split", default=None, help="one split of a hub dataset (default: all of them)")
     p.add_argument("--model", default=ex.DEFAULT_MODEL, help="hub id, local folder, .gguf file or 'smollm2'")
     p.add_argument("--revision")
     p.add_argument("--gguf-file")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--countries", nargs="+", default=list(PAPER_COUNTRIES))
-    p.add_argument("--template", default=DEFAULT_TEMPLATE)
-    p.add_argument("--limit", type=int, help="use only the first N items per country")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-items", type=int, default=ex.DEFAULT_SHARD_ITEMS,
-                   help="items per cache shard: the unit of resumption and of work per rank")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="GlobalOpinionQA prompt template")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N pairs (items) of each group")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--shard-items", type=_positive_int, default=ex.DEFAULT_SHARD_ITEMS,
+                   help="prompts per cache shard: the unit of resumption and of work per rank")
     p.add_argument("--padding-side", choices=("right", "left"), default="right")
     p.add_argument("--cache-dir", help="default: <workdir>/cache")
+    p.add_argument("--force", action="store_true",
+                   help="replace features that runs were trained on (the old runs move to runs-<old sha>/)")
 
-    p = sub.add_parser("train", help="fit the output rows with loglinear_grpo.solve")
+    p = sub.add_parser("train", help="fit the output rows with loglinear_grpo.solve (certified)",
+                       formatter_class=_Formatter)
     _common(p)
-    p.add_argument("--loss", choices=("ipo", "dpo", "sigmoid", "hinge"), default="ipo",
-                   help="TRL's names: 'sigmoid' is DPO")
+    p.add_argument("--loss", choices=LOSSES, default="ipo", help="TRL's names: 'sigmoid' is DPO")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--method", choices=("group_robust", "importance_sampling", "vanilla"), default="group_robust")
     p.add_argument("--estimator", choices=("auto", "newton", "full", "stochastic", "closed_form"), default="auto",
                    help="'auto' = 'newton': the certified second-order solver")
-    p.add_argument("--steps", type=int, default=None, help="iteration budget (default: the estimator's)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="iteration budget (default: the estimator's)")
     p.add_argument("--tol", type=float, default=1e-6,
-                   help="stop at this relative certified duality gap (0 or less: run all steps)")
+                   help="stop at this relative certified duality gap (0: run all steps)")
     p.add_argument("--radius", type=float, default=1.0, help="Θ = L2 ball of this radius around θ_ref")
     p.add_argument("--step-size", default=None,
                    help="first-order estimators only: number, 'theory' or 'c/sqrt(t)' (default: 1/L)")
     p.add_argument("--alpha-step-size", default=None, help="first-order estimators only")
-    p.add_argument("--chi", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="pairs, split and sampler seed")
-    p.add_argument("--split-by", choices=("item", "question"), default="item")
+    p.add_argument("--chi", type=float, default=1.0, help="worst-case/average trade-off (Appendix B.4)")
+    p.add_argument("--seed", type=int, default=0, help="split (and GlobalOpinionQA's rejected answers) and sampler seed")
+    p.add_argument("--split-by", default=None, help="override the split chosen at extraction")
     p.add_argument("--run", help="run name (default: <loss>-<method>-seed<seed>)")
 
-    p = sub.add_parser("evaluate", help="per-country metrics of a run on a split, CSV + figure")
+    p = sub.add_parser("evaluate", help="per-group metrics of a run on a split, CSV + figure",
+                       formatter_class=_Formatter)
     _common(p)
     p.add_argument("--run", required=True)
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
 
-    p = sub.add_parser("export", help="write a run's rows into the model's (untied) output layer")
+    p = sub.add_parser("export", help="write a run's rows into the model's (untied) output layer",
+                       formatter_class=_Formatter)
     _common(p)
     p.add_argument("--run", required=True)
-    p.add_argument("--model", default=ex.DEFAULT_MODEL)
+    p.add_argument("--model", default=None, help="default: the model the work folder's features came from")
     p.add_argument("--revision")
     p.add_argument("--gguf-file")
     p.add_argument("--out", help="default: <workdir>/runs/<run>/model")
@@ -114,48 +151,6 @@ def parse_args(argv=None):
     return args
 
 
-# ============================================================================ work folder
-def _paths(workdir):
-    return {"features": os.path.join(workdir, "features.safetensors"),
-            "items": os.path.join(workdir, "items.json"), "runs": os.path.join(workdir, "runs")}
-
-
-def save_workdir(workdir, features, theta_ref, items, spec):
-    from safetensors.numpy import save_file
-    os.makedirs(workdir, exist_ok=True)
-    paths = _paths(workdir)
-    tensors = dict(features.arrays(), theta_ref=theta_ref)
-    save_file(tensors, paths["features"], metadata={"model": json.dumps(spec)})
-    table = items.table.assign(probs=items.table["probs"].map(list))
-    with open(paths["items"], "w") as fh:
-        json.dump({"countries": list(items.countries), "items": table.to_dict(orient="records")}, fh)
-
-
-def load_workdir(workdir):
-    """(features, θ_ref, items, model spec) of a work folder written by ``extract``."""
-    from safetensors import safe_open
-    from .opinions import OpinionItems
-    paths = _paths(workdir)
-    if not os.path.exists(paths["features"]):
-        raise FileNotFoundError(f"{paths['features']} not found: run `python -m llm_head extract` first")
-    with safe_open(paths["features"], framework="numpy") as fh:
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        spec = json.loads((fh.metadata() or {}).get("model", "{}"))
-    with open(paths["items"]) as fh:
-        saved = json.load(fh)
-    items = OpinionItems(table=pd.DataFrame(saved["items"]), countries=tuple(saved["countries"]),
-                         skipped=pd.DataFrame())
-    return LastLayerFeatures.from_arrays(tensors), tensors["theta_ref"], items, spec
-
-
-def load_problem(workdir, seed=0, split_by="item"):
-    """The :class:`HeadProblem` of a work folder written by ``extract``, and its items."""
-    features, theta_ref, items, _ = load_workdir(workdir)
-    pairs = make_pairs(items, seed=seed, split_by=split_by)
-    return HeadProblem(features, pairs, theta_ref, list(items.countries),
-                       item_probs=list(items.table["probs"])), items
-
-
 # ============================================================================ commands
 def cmd_extract(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -166,32 +161,44 @@ def cmd_extract(args):
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available() and args.device is None:
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    items = load_global_opinions(args.data, countries=args.countries, template=args.template)
-    if args.limit:
-        items.table = items.table.groupby("group", sort=False).head(args.limit).reset_index(drop=True)
-    sizes = {c: int(n) for c, n in zip(items.countries, items.group_sizes())}
-    print(f"{len(items)} items, per country: {sizes}; "
-          f"skipped {len(items.skipped)}")
+    source = args.data if args.data is not None else "Anthropic/llm_global_opinions"
+    frame, name = read_table(source, split=args.hub_split)
+    kind = detect_format(frame, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")              # the report below says what was skipped
+        pairs = load_preference_pairs(frame, group_column=args.group_column, groups=args.groups,
+                                      countries=args.groups or (PAPER_COUNTRIES if kind == "global_opinions" else None),
+                                      limit=args.limit, template=args.template)
+    pairs.source = str(name)
+    items = items_from_pairs(pairs)
+    add_eos = {"yes": True, "no": False}.get(args.add_eos, kind == "pairs" and not pairs.conversational)
+    rendering = ex.Rendering(chat_template=bool(args.chat_template or pairs.conversational), add_eos=add_eos)
+    print(f"{name}: {pairs.report()}; {len(items)} distinct prompts, "
+          f"{int(items['candidates'].map(len).sum())} candidate answers; rendering {rendering.describe()}")
     loaded = ex.load_model(args.model, revision=args.revision, gguf_file=args.gguf_file, device=args.device,
                            dtype=args.dtype)
-    features = ex.extract_features(loaded, items.table["prompt"].tolist(), items.table["candidates"].tolist(),
-                                   cache_dir=args.cache_dir or os.path.join(args.workdir, "cache"),
-                                   template=args.template, batch_size=args.batch_size,
-                                   shard_items=args.shard_items, padding_side=args.padding_side)
+    tic = time.perf_counter()
+    features = ex.extract_features(loaded, list(items["prompt"]), list(items["candidates"]),
+                                   cache_dir=args.cache_dir or wd.paths(args.workdir)["cache"],
+                                   template=args.template if kind == "global_opinions" else "",
+                                   batch_size=args.batch_size, shard_items=args.shard_items,
+                                   padding_side=args.padding_side, rendering=rendering)
+    seconds = time.perf_counter() - tic
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
-        save_workdir(args.workdir, features, reference_theta(loaded.model, features), items, loaded.spec)
+        record = wd.dataset_record(pairs, items, rendering, kind, pairs.opinion_items)
+        record["split_by"] = args.split_by
+        record["extraction_seconds"] = seconds
+        sha = wd.save_workdir(args.workdir, features, reference_theta(loaded.model, features), record,
+                              loaded.spec, force=args.force)
         print(f"features: {features.hidden.shape[0]} hidden states of size {features.hidden_size}, "
-              f"|V'| = {features.vocab.size}, dim θ = {features.dim} -> {args.workdir}")
+              f"|V'| = {features.vocab.size}, dim θ = {features.dim}, {seconds:.1f} s "
+              f"-> {args.workdir} (sha256 {sha[:12]}…)")
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
     return 0
-
-
-def _run_dir(args):
-    return os.path.join(_paths(args.workdir)["runs"], args.run)
 
 
 def _step(value):
@@ -204,17 +211,19 @@ def _step(value):
 
 
 def cmd_train(args):
-    problem, _ = load_problem(args.workdir, seed=args.seed, split_by=args.split_by)
-    args.run = args.run or f"{args.loss}-{args.method}-seed{args.seed}"
+    problem, record = wd.load_problem(args.workdir, seed=args.seed, split_by=args.split_by or record_split(args))
+    args.run = wd.check_run_name(args.run or f"{args.loss}-{args.method}-seed{args.seed}")
     result = train(problem, loss=args.loss, beta=args.beta, method=args.method, estimator=args.estimator,
                    steps=args.steps, tol=args.tol if args.tol and args.tol > 0 else None, radius=args.radius,
                    step_size=_step(args.step_size), alpha_step_size=_step(args.alpha_step_size), chi=args.chi,
                    seed=args.seed, progress=True)
-    out = _run_dir(args)
+    out = wd.run_dir(args.workdir, args.run)
     os.makedirs(out, exist_ok=True)
     np.save(os.path.join(out, "theta.npy"), result.theta)
     result.history.to_csv(os.path.join(out, "history.csv"), index=False)
     settings = {k: v for k, v in vars(args).items() if k not in ("config",)}
+    settings["split_by"] = args.split_by or record_split(args)
+    settings["features_sha256"] = problem.features_sha256
     settings["solver"] = result.config.describe()
     settings["certificate"] = {"converged": bool(result.converged), "gap": float(result.gap),
                                "relative_gap": float(result.relative_gap), "value": float(result.value),
@@ -222,30 +231,59 @@ def cmd_train(args):
                                "bound_kind": result.bound_kind}
     with open(os.path.join(out, "settings.json"), "w") as fh:
         json.dump(settings, fh, indent=1, default=str)
-    for split in ("train", "val", "test"):
-        table = evaluate(problem, result.theta, args.loss, args.beta, split)
-        table.to_csv(os.path.join(out, f"metrics_{split}.csv"))
-    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    print(f"training objective on the train split: {result.summary()}")
+    tables = _evaluate_splits(problem, result.theta, args.loss, args.beta, out)
+    shown = next((tables[s] for s in ("test", "val", "train") if s in tables), None)
+    if shown is not None:
+        print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"training objective ({args.method}, {args.loss}) on the train split: {result.summary()}")
     print(f"run -> {out}")
     return 0
 
 
-def plot_run(metrics, alpha, path, title):
+def record_split(args):
+    """The split chosen at extraction (``--split-by`` of extract), if any."""
+    try:
+        with open(wd.paths(args.workdir)["dataset"]) as fh:
+            return json.load(fh).get("split_by")
+    except (OSError, ValueError):
+        return None
+
+
+def _evaluate_splits(problem, theta, loss, beta, out):
+    """metrics_<split>.csv for every split that has pairs; a missing split is reported and skipped."""
+    tables = {}
+    for split in ("train", "val", "test"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tables[split] = evaluate(problem, theta, loss, beta, split)
+        except ValueError as exc:
+            print(f"note: {exc}; no metrics for it")
+            continue
+        tables[split].to_csv(os.path.join(out, f"metrics_{split}.csv"))
+    return tables
+
+
+def plot_run(metrics, alpha, path, title, split):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import textwrap
     groups = metrics.drop(index=["worst", "mean"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].bar(groups.index, groups["loss"], color="C0")
-    axes[0].set_title("test loss per group")
-    axes[1].bar(groups.index, groups["reward_accuracy"], color="C1")
-    axes[1].set_title("reward accuracy per group")
+    labels = ["\n".join(textwrap.wrap(str(g), 14)) for g in groups.index]
+    fig, axes = plt.subplots(1, 3, figsize=(max(13, 0.9 * len(groups) + 6), 4.2))
+    axes[0].bar(labels, groups["loss"], color="C0")
+    axes[0].set_title(f"{split} loss per group")
+    axes[1].bar(labels, groups["rewards/accuracies"], color="C1")
+    axes[1].set_title(f"{split} rewards/accuracies per group")
     for ax in axes[:2]:
-        ax.tick_params(axis="x", rotation=30, labelsize=7)
-    alpha.plot(ax=axes[2])
-    axes[2].set_title("α over training")
-    axes[2].set_xlabel("step")
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+        for lab in ax.get_xticklabels():
+            lab.set_horizontalalignment("right")
+    alpha.plot(ax=axes[2], legend=False)
+    axes[2].set_title("α over the solver's iterations (train split)")
+    axes[2].set_xlabel("iteration")
+    axes[2].legend([textwrap.shorten(str(c), 24) for c in alpha.columns], fontsize=6, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -253,26 +291,36 @@ def plot_run(metrics, alpha, path, title):
 
 
 def cmd_evaluate(args):
-    out = _run_dir(args)
-    with open(os.path.join(out, "settings.json")) as fh:
-        settings = json.load(fh)
-    problem, _ = load_problem(args.workdir, seed=settings["seed"], split_by=settings["split_by"])
+    settings = wd.check_run(args.workdir, args.run)
+    out = wd.run_dir(args.workdir, args.run)
+    problem, _ = wd.load_problem(args.workdir, seed=settings["seed"], split_by=settings.get("split_by"))
     theta = np.load(os.path.join(out, "theta.npy"))
-    table = evaluate(problem, theta, settings["loss"], settings["beta"], args.split)
+    try:
+        table = evaluate(problem, theta, settings["loss"], settings["beta"], args.split)
+    except ValueError as exc:
+        raise SystemExit(f"{exc}: nothing to evaluate (splits with pairs: "
+                         f"{sorted(problem.pairs['split'].unique())})") from None
     table.to_csv(os.path.join(out, f"metrics_{args.split}.csv"))
     alpha = alpha_history(pd.read_csv(os.path.join(out, "history.csv")))
-    plot_run(table, alpha, os.path.join(out, "groups.png"), f"{args.run} — {args.split}")
+    plot_run(table, alpha, os.path.join(out, "groups.png"), f"{args.run} — evaluated on the {args.split} split",
+             args.split)
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
     return 0
 
 
 def cmd_export(args):
-    out = args.out or os.path.join(_run_dir(args), "model")
-    problem, _ = load_problem(args.workdir)
-    theta = np.load(os.path.join(_run_dir(args), "theta.npy"))
-    loaded = ex.load_model(args.model, revision=args.revision, gguf_file=args.gguf_file, device="cpu")
-    export_model(loaded.model, loaded.tokenizer, problem.features, theta, out, theta_ref=problem.theta_ref,
-                 model_spec=loaded.spec, save_full=not args.delta_only)
+    wd.check_run(args.workdir, args.run)
+    out = args.out or os.path.join(wd.run_dir(args.workdir, args.run), "model")
+    features, theta_ref, _, spec, _ = wd.load_workdir(args.workdir)
+    theta = np.load(os.path.join(wd.run_dir(args.workdir, args.run), "theta.npy"))
+    model_id = args.model or spec.get("model")
+    if not model_id or model_id.startswith("random "):
+        raise SystemExit("export: the work folder records no loadable model; give --model")
+    gguf_file = args.gguf_file or (spec.get("gguf_file") if args.model is None and model_id != "smollm2" else None)
+    loaded = ex.load_model(model_id, revision=args.revision or spec.get("revision"), gguf_file=gguf_file,
+                           device="cpu")
+    export_model(loaded.model, loaded.tokenizer, features, theta, out, theta_ref=theta_ref, model_spec=loaded.spec,
+                 save_full=not args.delta_only)
     print(f"exported -> {out}")
     return 0
 
@@ -282,7 +330,10 @@ COMMANDS = {"extract": cmd_extract, "train": cmd_train, "evaluate": cmd_evaluate
 
 def main(argv=None):
     args = parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"llm_head {args.command}: {exc}") from None
 
 
 if __name__ == "__main__":

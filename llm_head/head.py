@@ -93,6 +93,20 @@ def load_head_delta(model, path, atol=1e-3):
     return write_rows(model, tensors["vocab"], tensors["rows"])
 
 
+def _dequantized(model):
+    """A model loaded from GGUF holds de-quantised tensors already, but transformers still marks it as
+    GGUF-quantised and refuses ``save_pretrained``; drop the marks so that it saves as a plain model
+    (``from_pretrained`` then reloads it without the ``gguf`` package)."""
+    if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) in ("gguf", "GGUF") or \
+            type(getattr(model, "hf_quantizer", None)).__name__ == "GgufHfQuantizer":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        for attr in ("quantization_config", "_is_quantized"):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+    return model
+
+
 def export_model(model, tokenizer, features, theta, out_dir, theta_ref=None, model_spec=None,
                  save_full=True):
     """Write θ into a copy of the output layer and save: ``head_delta.safetensors`` always, and the
@@ -103,7 +117,7 @@ def export_model(model, tokenizer, features, theta, out_dir, theta_ref=None, mod
     ref_rows = None if theta_ref is None else features.rows_from_theta(theta_ref)
     save_head_delta(os.path.join(out_dir, "head_delta.safetensors"), features.vocab, rows, ref_rows, model_spec)
     if save_full:
-        tuned = write_rows(copy.deepcopy(model), features.vocab, rows)
+        tuned = _dequantized(write_rows(copy.deepcopy(model), features.vocab, rows))
         tuned.save_pretrained(out_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)

@@ -93,20 +93,22 @@ def read_global_opinions(path=None):
     return frame
 
 
-def load_global_opinions(path=None, countries=PAPER_COUNTRIES, template=DEFAULT_TEMPLATE,
+def load_global_opinions(path=None, countries=None, template=DEFAULT_TEMPLATE,
                          answer=DEFAULT_ANSWER, frame=None):
     """Items (question × country) for the chosen countries; bad rows are reported and skipped.
 
     A row is skipped (and listed in ``skipped`` with the reason) when its options are empty or
     unparsable, when there are more options than letters, when a country's probability vector
-    has the wrong length, is negative or does not sum to 1 ± 0.02, or when ``selections`` cannot
-    be parsed. A country in ``countries`` that never occurs raises ``ValueError``.
+    is not a list, has the wrong length, is negative or does not sum to 1 ± 0.02, or when
+    ``selections`` cannot be parsed. ``countries`` is a list of names, one name, or ``None`` (the
+    paper's five); a country that never occurs raises ``ValueError``.
     """
-    countries = tuple(countries)
+    countries = PAPER_COUNTRIES if countries is None else countries
+    countries = (countries,) if isinstance(countries, str) else tuple(countries)
     if not countries:
         raise ValueError("countries must name at least one country")
     if len(set(countries)) != len(countries):
-        raise ValueError("countries has duplicates")
+        raise ValueError(f"countries has duplicates: {sorted({c for c in countries if countries.count(c) > 1})}")
     frame = read_global_opinions(path) if frame is None else frame
     rows, skipped = [], []
     wanted = {c: g for g, c in enumerate(countries)}
@@ -126,8 +128,13 @@ def load_global_opinions(path=None, countries=PAPER_COUNTRIES, template=DEFAULT_
         for country, probs in selections.items():
             if country not in wanted:
                 continue
-            p = np.asarray(probs, dtype=np.float64) if len(probs) else np.zeros(0)
-            if p.shape != (len(options),):
+            try:
+                p = np.asarray(probs, dtype=np.float64).reshape(-1) if np.ndim(probs) else None
+            except (TypeError, ValueError):
+                p = None
+            if p is None:
+                reason = f"probabilities are not a list ({type(probs).__name__})"
+            elif p.shape != (len(options),):
                 reason = f"{p.size} probabilities for {len(options)} options"
             elif not np.all(np.isfinite(p)) or np.any(p < 0):
                 reason = "negative or non-finite probabilities"
@@ -201,3 +208,24 @@ def make_pairs(items, seed=0, split=(0.8, 0.1, 0.1), split_by="item"):
     pairs = pd.DataFrame({"item": np.arange(len(table)), "group": table["group"].to_numpy(),
                           "chosen": chosen, "rejected": rejected, "split": labels})
     return pairs[n_opts >= 2].reset_index(drop=True)
+
+
+def opinion_pairs(items, seed=0, split=(0.8, 0.1, 0.1), split_by="item", source="GlobalOpinionQA"):
+    """GlobalOpinionQA as grouped preference pairs (:class:`llm_head.data.PreferencePairs`): the pairs
+    and split of :func:`make_pairs` as text (chosen and rejected answers), the country as the group,
+    and every option of a question as a candidate, with the country's survey distribution as the
+    target."""
+    from .data import PreferencePairs, prompt_key
+    table = items.table
+    pairs = make_pairs(items, seed=seed, split=split, split_by=split_by)
+    rows = table.loc[pairs["item"]].reset_index(drop=True)
+    chosen = [c[i] for c, i in zip(rows["candidates"], pairs["chosen"])]
+    rejected = [c[i] for c, i in zip(rows["candidates"], pairs["rejected"])]
+    frame = pd.DataFrame({"prompt": rows["prompt"], "chosen": chosen, "rejected": rejected,
+                          "group": rows["country"], "split": pairs["split"].to_numpy(),
+                          "question_id": rows["question_id"]})
+    sets = {prompt_key(p): (list(c), np.asarray(q, dtype=np.float64))
+            for p, c, q in zip(table["prompt"], table["candidates"], table["probs"])}
+    skipped = items.skipped.rename(columns={"question_id": "row"}).reindex(columns=["row", "reason"])
+    return PreferencePairs(table=frame, groups=tuple(items.countries), skipped=skipped, source=str(source),
+                           candidate_sets=sets)

@@ -4,9 +4,13 @@ The problem handed to :func:`loglinear_grpo.solve` is exactly the paper's log-li
 rows :math:`s_i=\\phi(x_i,y_w)-\\phi(x_i,y_l)` (sparse), reference log-ratios
 :math:`r_i = s_i^\\top\\theta_{\\rm ref}` from the frozen layer W₀, Θ = the L2 ball of radius R
 around θ_ref, and θ⁽⁰⁾ = θ_ref. There is no second solver here.
+
+Metric names follow TRL's DPO trainer (``rewards/accuracies``, ``rewards/margins``), with
+``logps/accuracies`` for the share of pairs whose chosen answer the policy itself prefers.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,14 +21,19 @@ import loglinear_grpo as lg
 
 from .features import LastLayerFeatures
 
+#: per-group metrics, and how the ``worst`` row aggregates each over groups
+METRICS = {"loss": "max", "rewards/accuracies": "min", "rewards/margins": "min", "logps/accuracies": "min",
+           "js_distance": "max"}
+
 
 @dataclass
 class HeadProblem:
     """Features of every item, the preference pairs over them, and the reference θ.
 
-    ``pairs`` columns: ``item``, ``group``, ``chosen``, ``rejected`` (option indices within the
-    item) and ``split``. ``item_probs`` (optional): each item's target distribution over its
-    candidates (the survey answers), for the Jensen–Shannon distance.
+    ``pairs`` columns: ``item``, ``group`` (0..K−1), ``chosen``, ``rejected`` (candidate indices within
+    the item) and ``split``. ``item_probs`` (optional): each item's target distribution over its
+    candidates (the survey answers), for the Jensen–Shannon distance. ``features_sha256``: the
+    checksum of the work folder's features (recorded by every run trained on them).
     """
 
     features: LastLayerFeatures
@@ -32,6 +41,7 @@ class HeadProblem:
     theta_ref: np.ndarray
     group_names: list
     item_probs: list | None = None
+    features_sha256: str | None = None
 
     def __post_init__(self):
         missing = {"item", "group", "chosen", "rejected", "split"} - set(self.pairs.columns)
@@ -58,17 +68,29 @@ class HeadProblem:
             raise ValueError(f"no pairs in split {split!r}")
         return table
 
+    def groups_in(self, split):
+        """The groups that have pairs in ``split`` (indices into ``group_names``)."""
+        return np.unique(self.split_pairs(split)["group"].to_numpy())
+
     def data(self, split="train"):
-        """:class:`loglinear_grpo.PreferenceData` of one split (cached)."""
+        """:class:`loglinear_grpo.PreferenceData` of one split (cached). A group with no pair in the
+        split is left out of it (with a warning): a group-robust objective over an empty group is
+        undefined."""
         if split not in self._cache:
             table = self.split_pairs(split)
+            present = self.groups_in(split)
+            if present.size < len(self.group_names):
+                absent = [self.group_names[g] for g in range(len(self.group_names)) if g not in set(present)]
+                warnings.warn(f"split {split!r} has no pairs of group(s) {absent}: left out of it", stacklevel=2)
+            relabel = np.full(len(self.group_names), -1)
+            relabel[present] = np.arange(present.size)
             f = self.features
             chosen = f.candidate_index(table["item"], table["chosen"])
             rejected = f.candidate_index(table["item"], table["rejected"])
             diff = f.pair_differences(chosen, rejected)
-            self._cache[split] = lg.PreferenceData(diff, table["group"].to_numpy(), ref_margin=diff @ self.theta_ref,
-                                                   group_names=list(self.group_names),
-                                                   n_groups=len(self.group_names))
+            self._cache[split] = lg.PreferenceData(diff, relabel[table["group"].to_numpy()],
+                                                   ref_margin=diff @ self.theta_ref,
+                                                   group_names=[self.group_names[g] for g in present])
         return self._cache[split]
 
 
@@ -83,36 +105,34 @@ def train(problem, loss="ipo", beta=0.1, method="group_robust", estimator="auto"
 def evaluate(problem, theta, loss="ipo", beta=0.1, split="test"):
     """Per-group metrics of θ on a split, plus ``worst`` and ``mean`` rows.
 
-    Columns: ``loss`` (the IPO/DPO group loss), ``reward_accuracy`` (share of pairs with
-    :math:`h_i = s_i^\\top\\theta - r_i > 0`), ``logprob_accuracy`` (share with
-    :math:`\\pi_\\theta(y_w|x) > \\pi_\\theta(y_l|x)`, i.e. :math:`s_i^\\top\\theta > 0`),
-    ``reward_margin`` (mean β·h) and, when the items carry survey distributions, ``js_distance``:
-    the Jensen–Shannon distance (base 2) between the policy's answer distribution over the
-    candidates and the country's survey distribution. ``worst`` holds the max of the losses and
-    distances and the min of the accuracies; ``mean`` the unweighted mean over groups.
+    Columns (TRL's names): ``loss`` (the IPO/DPO/hinge group loss), ``rewards/accuracies`` (share of
+    pairs with :math:`h_i = s_i^\\top\\theta - r_i > 0`), ``rewards/margins`` (mean β·h),
+    ``logps/accuracies`` (share with :math:`\\pi_\\theta(y_w|x) > \\pi_\\theta(y_l|x)`, i.e.
+    :math:`s_i^\\top\\theta > 0`) and, when the items carry target distributions, ``js_distance``:
+    the Jensen–Shannon distance (base 2) between the policy's distribution over the candidates and
+    the target. ``worst`` holds the max of the losses and distances and the min of the others;
+    ``mean`` the unweighted mean over groups. A group without pairs in the split gets a row of NaN.
     """
     data = problem.data(split)
     theta = np.asarray(theta, dtype=np.float64)
     table = lg.group_metrics(theta, data, loss, beta).drop(index="worst")
-    table = table.rename(columns={"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"})
     policy_margin = np.asarray(data.diff @ theta).ravel()
     counts = data.group_sizes
-    table["logprob_accuracy"] = np.bincount(data.groups, weights=(policy_margin > 0).astype(float),
+    table["logps/accuracies"] = np.bincount(data.groups, weights=(policy_margin > 0).astype(float),
                                             minlength=data.n_groups) / counts
     if problem.candidate_targets is not None:
         pairs = problem.split_pairs(split)
         js = js_distances(problem.features, theta, problem.candidate_targets)[pairs["item"].to_numpy()]
-        table["js_distance"] = np.bincount(pairs["group"].to_numpy(), weights=js,
-                                           minlength=data.n_groups) / counts
-    worst = {c: (table[c].min() if "accuracy" in c or c == "reward_margin" else table[c].max())
-             for c in table.columns}
+        table["js_distance"] = np.bincount(data.groups, weights=js, minlength=data.n_groups) / counts
+    table = table.reindex(list(problem.group_names))
+    columns = [c for c in METRICS if c in table.columns]
+    worst = {c: getattr(table[c], METRICS[c])() for c in columns}
     worst["n_pairs"] = int(counts.sum())
-    mean = table.mean(numeric_only=True).to_dict()
+    mean = table[columns].mean().to_dict()
     mean["n_pairs"] = int(counts.sum())
     table.loc["worst"] = pd.Series(worst)
     table.loc["mean"] = pd.Series(mean)
-    table["n_pairs"] = table["n_pairs"].astype(int)
-    return table
+    return table[columns + ["n_pairs"]].astype({"n_pairs": "Int64"})
 
 
 def js_distances(features, theta, targets):

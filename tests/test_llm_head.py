@@ -247,8 +247,10 @@ def test_cache_resume_corruption_and_staleness(loaded, subset, tmp_path, monkeyp
 
 def test_plan_shares_the_prompt_pass():
     class Tok:
-        def __call__(self, texts, add_special_tokens=True):
-            return {"input_ids": [[ord(ch) for ch in t] for t in texts]}
+        eos_token = chat_template = None
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [ord(ch) for ch in text]}
     plan = plan_sequences(Tok(), ["ab", "c"], [["x", "yz"], ["w"]])
     assert plan.sequences == [[97, 98], [97, 98, 121], [99]]
     assert plan.reads == [[1], [2], [0]]
@@ -303,7 +305,7 @@ def test_problem_is_the_core_log_linear_problem(tiny_problem):
     np.testing.assert_allclose(lg.margins(tiny_problem.theta_ref, data), 0.0, atol=1e-9)   # h(θ_ref) = 0
     table = lh.evaluate(tiny_problem, tiny_problem.theta_ref, "ipo", 0.1, "train")
     assert np.allclose(table.loc[list(tiny_problem.group_names), "loss"], (0.5 / 0.1) ** 2)
-    assert table.loc["worst", "reward_accuracy"] == 0.0
+    assert table.loc["worst", "rewards/accuracies"] == 0.0
     assert 0.0 <= table.loc["worst", "js_distance"] <= 1.0
 
 
@@ -407,4 +409,4 @@ def test_real_smollm2_on_real_data(subset):
     ipo = lh.train(problem, "ipo", method="vanilla", steps=300, radius=0.2)
     assert gr.worst_group_loss(data) <= ipo.worst_group_loss(data) + 1e-6
     assert gr.worst_group_loss(data) < (0.5 / 0.1) ** 2                       # it learned something
-    assert lh.evaluate(problem, gr.theta, "ipo", 0.1, "train").loc["mean", "reward_accuracy"] > 0.5
+    assert lh.evaluate(problem, gr.theta, "ipo", 0.1, "train").loc["mean", "rewards/accuracies"] > 0.5
