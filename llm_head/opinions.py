@@ -110,6 +110,9 @@ def load_global_opinions(path=None, countries=None, template=DEFAULT_TEMPLATE,
     if len(set(countries)) != len(countries):
         raise ValueError(f"countries has duplicates: {sorted({c for c in countries if countries.count(c) > 1})}")
     frame = read_global_opinions(path) if frame is None else frame
+    missing = {"question", "selections", "options"} - set(getattr(frame, "columns", ()))
+    if missing:
+        raise ValueError(f"frame is not a GlobalOpinionQA table: missing columns {sorted(missing)}")
     rows, skipped = [], []
     wanted = {c: g for g, c in enumerate(countries)}
     for qid, rec in enumerate(frame.itertuples(index=False)):

@@ -14,6 +14,9 @@ def atomic_write(path, write, prefix=".tmp-", suffix=""):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)          # mkstemp's 0600 would make shared caches unreadable to others
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:

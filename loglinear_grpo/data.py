@@ -29,15 +29,32 @@ def _is_sparse(a):
     return sp.issparse(a)
 
 
+#: the range of feature and reference-margin magnitudes the solvers handle without under- or overflow
+#: (margins s·θ and IPO's squares stay far inside float64 for any reasonable Θ)
+MAX_SCALE = 1e100
+MIN_SCALE = 1e-100
+
+
+def _check_scale(name, top):
+    """``top`` is the largest |entry|: refuse magnitudes whose products would under- or overflow."""
+    if top > MAX_SCALE or 0.0 < top < MIN_SCALE:
+        raise ValueError(f"{name}: largest |entry| is {top:.1e}, outside [{MIN_SCALE:.0e}, {MAX_SCALE:.0e}]; "
+                         "rescale it (the solvers' margins would under- or overflow)")
+
+
 def _check_diff(diff, check_finite):
     if _is_sparse(diff):
-        diff = sp.csr_matrix(diff) if not isinstance(diff, (sp.csr_matrix, sp.csr_array)) else diff
         if diff.ndim != 2:
             raise ValueError(f"diff must be 2-D (N x d), got ndim={diff.ndim}")
+        if diff.dtype.kind not in "fiub":
+            raise ValueError(f"diff must be real-valued, got dtype {diff.dtype}")
+        diff = sp.csr_matrix(diff) if not isinstance(diff, (sp.csr_matrix, sp.csr_array)) else diff
         if diff.dtype.kind != "f":
             diff = diff.astype(np.float64)
         if check_finite and not np.all(np.isfinite(diff.data)):
             raise ValueError("diff contains NaN or inf")
+        if check_finite:
+            _check_scale("diff", float(np.max(np.abs(diff.data), initial=0.0)))
         return diff
     if isinstance(diff, np.memmap):
         if diff.ndim != 2:
@@ -46,6 +63,7 @@ def _check_diff(diff, check_finite):
             raise ValueError(f"a memory-mapped diff must be float32 or float64, got {diff.dtype}")
         if check_finite:
             # stream the file once through short-lived maps, so its pages do not stay resident
+            top = 0.0
             row_bytes = diff.shape[1] * diff.dtype.itemsize
             for start in range(0, diff.shape[0], CHUNK_ROWS):
                 rows = min(CHUNK_ROWS, diff.shape[0] - start)
@@ -55,19 +73,26 @@ def _check_diff(diff, check_finite):
                 else:
                     block = diff[start:start + rows]
                 finite = np.all(np.isfinite(block))
+                top = max(top, float(np.max(np.abs(block), initial=0.0))) if finite else top
                 del block
                 if not finite:
                     raise ValueError("diff contains NaN or inf")
+            _check_scale("diff", top)
         return diff
-    arr = np.asarray(diff)
+    try:
+        arr = np.asarray(diff)
+    except (TypeError, ValueError):
+        raise ValueError("diff must be a numeric array (N x d)") from None
     if arr.dtype.kind not in "fiub":
-        raise ValueError(f"diff must be numeric, got dtype {arr.dtype}")
+        raise ValueError(f"diff must be real-valued and numeric, got dtype {arr.dtype}")
     if arr.dtype.kind != "f":
         arr = arr.astype(np.float64)
     if arr.ndim != 2:
         raise ValueError(f"diff must be 2-D (N x d), got shape {arr.shape}")
     if check_finite and not np.all(np.isfinite(arr)):
         raise ValueError("diff contains NaN or inf")
+    if check_finite and arr.size:
+        _check_scale("diff", float(np.max(np.abs(arr))))
     return arr
 
 
@@ -116,7 +141,10 @@ class PreferenceData:
         if n == 0:
             raise ValueError("diff must hold at least one pair (N >= 1)")
 
-        groups = np.asarray(self.groups)
+        try:
+            groups = np.asarray(self.groups)
+        except (TypeError, ValueError):
+            raise ValueError("groups must be an array of integer labels 0..K-1") from None
         if groups.ndim != 1 or groups.shape[0] != n:
             raise ValueError(f"groups must have shape ({n},) to match diff, got {groups.shape}")
         if groups.dtype.kind == "f":
@@ -124,14 +152,23 @@ class PreferenceData:
                 raise ValueError("groups must hold integer labels 0..K-1")
         elif groups.dtype.kind not in "iub":
             raise ValueError(f"groups must hold integer labels, got dtype {groups.dtype}")
-        groups = groups.astype(np.intp)
         if groups.min() < 0:
             raise ValueError("groups must be non-negative (labels 0..K-1)")
+        top = groups.max()
+        if top >= n:       # before any allocation of size max label: K groups need K non-empty groups
+            raise ValueError(f"groups has label {float(top):.6g} but only {n} pairs: labels must be 0..K-1 "
+                             "with every group holding a pair")
+        groups = groups.astype(np.intp)
 
         names = self.group_names
         k = self.n_groups
         if names is not None:
+            if isinstance(names, str):
+                raise ValueError("group_names must be a sequence of names, not one string")
             names = tuple(str(g) for g in names)
+            if len(set(names)) != len(names):
+                dupes = sorted({g for g in names if names.count(g) > 1})[:5]
+                raise ValueError(f"group_names has duplicates {dupes}: each group needs its own name")
             if k is not None and k != len(names):
                 raise ValueError(f"n_groups={k} disagrees with len(group_names)={len(names)}")
             k = len(names)
@@ -151,11 +188,21 @@ class PreferenceData:
         if self.ref_margin is None:
             ref = np.zeros(n)
         else:
-            ref = np.asarray(self.ref_margin, dtype=np.float64)
+            try:
+                ref = np.asarray(self.ref_margin)
+                if ref.dtype.kind not in "fiub":
+                    raise TypeError
+                ref = ref.astype(np.float64)
+            except (TypeError, ValueError):
+                raise ValueError("ref_margin must be a real-valued numeric array of shape (N,)") from None
             if ref.shape != (n,):
                 raise ValueError(f"ref_margin must have shape ({n},) to match diff, got {ref.shape}")
             if self.check_finite and not np.all(np.isfinite(ref)):
                 raise ValueError("ref_margin contains NaN or inf")
+            if self.check_finite:
+                top = float(np.max(np.abs(ref), initial=0.0))
+                if top > MAX_SCALE:
+                    _check_scale("ref_margin", top)
 
         object.__setattr__(self, "diff", diff)
         object.__setattr__(self, "groups", groups)
@@ -173,15 +220,24 @@ class PreferenceData:
         ``diff = phi_chosen - phi_rejected`` and, when reference log-probabilities are
         given, ``ref_margin = ref_logp_chosen - ref_logp_rejected``.
         """
-        phi_w = np.asarray(phi_chosen, dtype=np.float64)
-        phi_l = np.asarray(phi_rejected, dtype=np.float64)
+        if _is_sparse(phi_chosen) or _is_sparse(phi_rejected):
+            phi_w, phi_l = sp.csr_matrix(phi_chosen), sp.csr_matrix(phi_rejected)
+        else:
+            try:
+                phi_w = np.asarray(phi_chosen, dtype=np.float64)
+                phi_l = np.asarray(phi_rejected, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError("phi_chosen and phi_rejected must be numeric arrays (N x d)") from None
         if phi_w.shape != phi_l.shape:
             raise ValueError(f"phi_chosen {phi_w.shape} and phi_rejected {phi_l.shape} differ in shape")
         if (ref_logp_chosen is None) != (ref_logp_rejected is None):
             raise ValueError("give both ref_logp_chosen and ref_logp_rejected, or neither")
         ref = None
         if ref_logp_chosen is not None:
-            ref = np.asarray(ref_logp_chosen, dtype=np.float64) - np.asarray(ref_logp_rejected, dtype=np.float64)
+            try:
+                ref = np.asarray(ref_logp_chosen, dtype=np.float64) - np.asarray(ref_logp_rejected, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError("ref_logp_chosen and ref_logp_rejected must be numeric arrays of shape (N,)") from None
         return cls(phi_w - phi_l, groups, ref_margin=ref, **kwargs)
 
     # ------------------------------------------------------------------ properties

@@ -67,8 +67,8 @@ def _solve_cvxpy(problem, solver=None):
                 warnings.warn("cvxpy reports optimal_inaccurate", RuntimeWarning, stacklevel=3)
             return
         tried.append(f"{name}: status {problem.status}")
-    raise RuntimeError("cvxpy could not solve the problem (" + "; ".join(tried) +
-                       "); an unbounded Θ with separable DPO data has no minimiser: give a radius")
+    raise ValueError("cvxpy could not solve the problem (" + "; ".join(tried)[:300] + "); it may be badly "
+                     "scaled (rescale diff or ref_margin) or, on an unbounded Θ, have no minimiser (give a radius)")
 
 
 def solve_exact(data, *, loss="dpo", beta=0.1, radius=None, center=None, constraint=None, solver=None):
@@ -94,7 +94,11 @@ def solve_exact(data, *, loss="dpo", beta=0.1, radius=None, center=None, constra
     loss = check_loss(loss)
     beta = check_positive_finite("beta", beta)
     _check_data(data)
-    theta_set = make_constraint(radius, center, constraint)
+    theta_set = make_constraint(radius, center, constraint).check_dim(data.dim)
+    if loss == "dpo" and _improving_direction(data, theta_set):
+        raise ValueError("no minimiser: a direction of Θ improves a pair of every group and worsens none, so "
+                         "every group's DPO loss decreases towards its infimum without reaching it (separable "
+                         "data); give a radius (or a bounded constraint)")
     data_cp = _cvxpy_diff(data)
     theta = cp.Variable(data.dim)
     t = cp.Variable()
@@ -110,6 +114,31 @@ def solve_exact(data, *, loss="dpo", beta=0.1, radius=None, center=None, constra
     alpha = alpha / alpha.sum() if alpha.sum() > 0 else np.full(data.n_groups, 1.0 / data.n_groups)
     value = float(np.max(_group_losses(theta_star, data, loss, beta)))
     return ExactResult(theta=theta_star, value=value, alpha=alpha, status=problem.status)
+
+
+def _improving_direction(data, theta_set, tol=1e-9):
+    """Whether some recession direction v of Θ has s_iᵀv ≥ 0 for every pair and Σ_{i∈D_g} s_iᵀv > 0 for
+    every group: then each group's DPO loss strictly decreases along v forever, and the worst-group
+    loss has no minimiser (Rockafellar 1970, Thm 27.1). One small LP (HiGHS): maximise t over
+    −1 ≤ v ≤ 1 (within Θ's recession cone) with S v ≥ 0 and the group sums ≥ t."""
+    if isinstance(theta_set, Unconstrained):
+        bounds = [(-1.0, 1.0)] * data.dim
+    elif isinstance(theta_set, Box):
+        lo, hi = theta_set._bounds(data.dim)
+        bounds = [(-1.0 if not np.isfinite(a) else 0.0, 1.0 if not np.isfinite(b) else 0.0) for a, b in zip(lo, hi)]
+        if not any(a < 0 or b > 0 for a, b in bounds):
+            return False
+    else:
+        return False
+    n, d, k = data.n_samples, data.dim, data.n_groups
+    diff = data.diff if sp.issparse(data.diff) else sp.csr_matrix(np.asarray(data.diff, dtype=np.float64))
+    indicator = sp.csr_matrix((np.ones(n), (data.groups, np.arange(n))), shape=(k, n))
+    rows = sp.vstack([sp.hstack([-diff, sp.csr_matrix((n, 1))]),
+                      sp.hstack([-(indicator @ diff), np.ones((k, 1))])]).tocsc()
+    res = scipy.optimize.linprog(np.r_[np.zeros(d), -1.0], A_ub=rows, b_ub=np.zeros(n + k),
+                                 bounds=bounds + [(None, 1.0)], method="highs")
+    scale = max(float(np.max(np.abs(diff.data), initial=0.0)), 1e-300)
+    return res.status == 0 and -res.fun > tol * scale
 
 
 # ---------------------------------------------------------------------- weighted least squares
@@ -345,10 +374,19 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
     robust = weights is None and k > 1
     w = None if robust else (np.ones(1) if weights is None else np.asarray(weights, dtype=np.float64))
     inv = 1.0 / data.group_sizes[data.groups]
-    if isinstance(theta_set, (Box, Unconstrained)):
-        theta, alpha, y, reported = _hinge_highs(data, beta, theta_set, robust, w, chi, inv)
-    else:
-        theta, alpha, y, reported = _hinge_conic(data, beta, theta_set, robust, w, chi, inv)
+    center, rho = theta_set.bounding_ball(data.dim)
+    reach = beta * float(np.max(data.row_norms(), initial=0.0)) * (rho if np.isfinite(rho) else 1.0)
+    if reach > 1e15:
+        raise ValueError(f"the hinge problem is badly scaled: beta × radius of Θ × max‖s_i‖ = {reach:.1e} > 1e15 "
+                         "(a linear program cannot resolve it); rescale diff, beta or the constraint")
+    try:
+        if isinstance(theta_set, (Box, Unconstrained)):
+            theta, alpha, y, reported = _hinge_highs(data, beta, theta_set, robust, w, chi, inv)
+        else:
+            theta, alpha, y, reported = _hinge_conic(data, beta, theta_set, robust, w, chi, inv)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"the hinge program could not be solved ({str(exc)[:160]}); it is probably badly scaled: "
+                         "rescale diff, beta or the constraint") from None
     theta = theta_set.project(theta)
     losses = _group_losses(theta, data, "hinge", beta)
     lam = ((1.0 - chi) / k + chi * alpha) if robust else w
@@ -361,6 +399,7 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
         lower, kind = float(y @ (1.0 - beta * h)) + linear, "rigorous"
     else:
         lower, kind = min(reported, value), "linear program"
+    lower = max(lower, 0.0)                                   # the hinge is ≥ 0
     return NewtonResult(theta=theta, alpha=np.asarray(alpha if robust else w, dtype=np.float64), value=value,
                         lower_bound=lower, converged=True, n_iter=1, passes=2, bound_kind=kind)
 

@@ -46,6 +46,7 @@ an N × N eigen-decomposition once, then N-dimensional Newton steps.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -177,6 +178,9 @@ class RowSpaceReduction:
         return self.basis.T @ np.asarray(original.diff @ (theta - self.center)).ravel()
 
 
+_REDUCTIONS = weakref.WeakKeyDictionary()
+
+
 def row_space_reduction(data, theta_set):
     """For d > N and Θ a ball (centre c) or R^d: the same problem in r = rank(S) ≤ N dimensions.
 
@@ -188,12 +192,14 @@ def row_space_reduction(data, theta_set):
     """
     if data.dim <= data.n_samples or not isinstance(theta_set, (L2Ball, Unconstrained)) or data.streamed:
         return None
-    kernel = data.diff @ data.diff.T
-    kernel = kernel.toarray() if sp.issparse(kernel) else np.asarray(kernel, dtype=np.float64)
-    lam, vec = np.linalg.eigh(kernel)
-    keep = lam > max(lam.max(initial=0.0), 1e-300) * data.n_samples * EPS
-    lam, vec = lam[keep], vec[:, keep]
-    root = np.sqrt(lam)
+    cached = _REDUCTIONS.get(data)                  # one kernel and eigen-decomposition per data set
+    if cached is None:
+        kernel = data.diff @ data.diff.T
+        kernel = kernel.toarray() if sp.issparse(kernel) else np.asarray(kernel, dtype=np.float64)
+        lam, vec = np.linalg.eigh(kernel)
+        keep = lam > max(lam.max(initial=0.0), 1e-300) * data.n_samples * EPS
+        cached = _REDUCTIONS[data] = (vec[:, keep], np.sqrt(lam[keep]))
+    vec, root = cached
     center = np.zeros(data.dim) if getattr(theta_set, "center", None) is None else theta_set.center
     offsets = data.ref_margin - np.asarray(data.diff @ center).ravel()
     reduced = PreferenceData(vec * root, data.groups, offsets, group_names=data.group_names,
@@ -329,8 +335,9 @@ def _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, ca
     losses0 = oracle.group_means(oracle.spec.value(h, beta))
     temp = max(float(np.ptp(losses0)), 0.1 * max(float(np.max(np.abs(losses0))), 1e-300)) if robust else 0.0
 
-    best = {"value": np.inf, "lower": -np.inf, "theta": theta, "alpha": None}
-    bound_kind = "rigorous"
+    # every loss is ≥ 0, so L* ≥ 0: the trivial bound, until the certificate gives a better one
+    best = {"value": np.inf, "lower": 0.0, "theta": theta, "alpha": None}
+    bound_kind = "trivial (losses ≥ 0)"
     history = []
     converged = False
     it = 0

@@ -45,10 +45,7 @@ both unbiased (``batch_size=B`` averages B i.i.d. draws); ``"full"`` — the exa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import numbers
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -57,9 +54,9 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_write
 from ._validation import (METHODS, check_choice, check_loss, check_positive_finite, check_positive_int,
                           check_unit_interval, check_vector)
+from .checkpoints import CheckpointFile, run_fingerprint
 from .constraints import make_constraint
 from .data import CHUNK_ROWS
 from .exact import certified_best_response, group_normal_equations, hinge_program, weighted_least_squares
@@ -459,17 +456,30 @@ def log_normalize(log_w):
     Shifting by the max keeps every weight representable: a group whose log-weight trails by
     more than ~745 gets α = 0.0 in floating point but keeps a finite log α, so it can recover.
     """
-    top = log_w.max()
-    e = np.exp(log_w - top)
+    shifted = log_w - log_w.max()            # first: top + log(total) would lose log(total) to rounding
+    e = np.exp(shifted)
     total = e.sum()
-    return log_w - (top + np.log(total)), e / total
+    return shifted - np.log(total), e / total
 
 
 def _alpha_step(log_alpha, loss_estimate, config, t):
     """Mirror ascent on the simplex (Algorithm 1, lines 7–8): α_g ← α_g·exp(η_α χ L̂_g), renormalised."""
     if not config.adaptive_alpha:
         return log_alpha, config.alpha0
-    return log_normalize(log_alpha + (config.alpha_step.at(t) * config.chi) * loss_estimate)
+    shifted = log_alpha + (config.alpha_step.at(t) * config.chi) * loss_estimate
+    if not np.all(np.isfinite(shifted)):
+        raise ValueError(f"alpha_step_size ({config.alpha_step.describe()}) times the group losses overflows at "
+                         f"step {t}: use a smaller alpha_step_size")
+    return log_normalize(shifted)
+
+
+def _projected_step(theta, grad, config, t):
+    """θ ← P_Θ(θ − η_θ ∇̂), refusing a step that overflows."""
+    new = config.theta_set.project(theta - config.theta_step.at(t) * grad)
+    if not np.all(np.isfinite(new)):
+        raise ValueError(f"step_size ({config.theta_step.describe()}) times the gradient overflows at step {t}: "
+                         "use a smaller step_size (or rescale the features)")
+    return new
 
 
 def _theta_weights(alpha, config):
@@ -537,7 +547,7 @@ def _full_step(state, data, config, t):
         lam = _theta_weights(alpha, config)
         u = lam[data.groups] * config.pair_inv_size * dl
         grad = _rmatvec(data, u) if config.streamed else np.asarray(data.diff.T @ u).ravel()
-    theta = config.theta_set.project(state.theta - config.theta_step.at(t) * grad)
+    theta = _projected_step(state.theta, grad, config, t)
     return theta, log_alpha, alpha, losses
 
 
@@ -562,7 +572,7 @@ def _stochastic_step(state, data, config, batch, t):
     log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
     u = scale * _theta_weights(alpha, config)[groups] * dl
     grad = np.asarray(rows.T @ u).ravel()
-    theta = config.theta_set.project(state.theta - config.theta_step.at(t) * grad)
+    theta = _projected_step(state.theta, grad, config, t)
     return theta, log_alpha, alpha, losses
 
 
@@ -614,7 +624,7 @@ def certify(thetas, alphas, data, config, tol=None):
     values = {name: objective_value(theta, data, config) for name, theta in thetas.items()}
     best_theta = min(values, key=values.get)
     inner_tol = max(1e-12, (tol if tol is not None else DEFAULT_TOL) * 1e-2)
-    best = (-np.inf, None, "none")
+    best = (0.0, next(iter(alphas.values())), "trivial (losses ≥ 0)")     # every loss is ≥ 0: L* ≥ 0
     for name, alpha in alphas.items():
         weights = _theta_weights(alpha, config) if config.adaptive_alpha else config.alpha0
         res = certified_best_response(weights, data, config.loss, config.beta, config.theta_set,
@@ -623,43 +633,6 @@ def certify(thetas, alphas, data, config, tol=None):
             best = (res.lower_bound, alpha, res.bound_kind)
     return Certificate(theta=thetas[best_theta], value=values[best_theta], lower_bound=best[0],
                        alpha=np.asarray(best[1], dtype=np.float64), candidate=best_theta, bound_kind=best[2])
-
-
-# ============================================================================ checkpoints
-def _fingerprint(data, config):
-    h = hashlib.sha256()
-    h.update(json.dumps(config.describe(), sort_keys=True).encode())
-    h.update(np.asarray(config.theta0).tobytes())
-    h.update(np.asarray([data.n_samples, data.dim, data.n_groups]).tobytes())
-    h.update(data.groups.tobytes())
-    h.update(data.ref_margin.tobytes())
-    for rows in (slice(0, 64), slice(-64, None)):
-        block = data.diff[rows]
-        h.update(np.asarray(block.todense() if data.is_sparse else block, dtype=np.float64).tobytes())
-    return h.hexdigest()
-
-
-def save_checkpoint(path, state, history_rows, fingerprint):
-    """Write the state atomically (temp file in the same folder, fsync, ``os.replace``)."""
-    def write(tmp):
-        np.savez(tmp, theta=state.theta, log_alpha=state.log_alpha, theta_sum=state.theta_sum,
-                 alpha_sum=state.alpha_sum, step=np.int64(state.step),
-                 fingerprint=np.array(fingerprint), history=np.array(json.dumps(history_rows)))
-
-    atomic_write(path, write, prefix=".ckpt-", suffix=".npz")
-
-
-def load_checkpoint(path, fingerprint):
-    """Read a checkpoint; ``ValueError`` if it belongs to other data or settings."""
-    with np.load(path, allow_pickle=False) as z:
-        if str(z["fingerprint"]) != fingerprint:
-            raise ValueError(f"checkpoint {path!r} was written for other data or settings; "
-                             "delete it or choose another path")
-        state = SolverState(theta=z["theta"].copy(), log_alpha=z["log_alpha"].copy(),
-                            theta_sum=z["theta_sum"].copy(), alpha_sum=z["alpha_sum"].copy(),
-                            step=int(z["step"]))
-        rows = json.loads(str(z["history"]))
-    return state, rows
 
 
 # ============================================================================ solve
@@ -693,7 +666,8 @@ class SolveResult:
         :math:`\\bar\\theta_T` and :math:`\\theta^{(T)}` (both = ``theta`` for Newton).
     bound_kind : str
         ``"rigorous"`` (bounded Θ), ``"second-order"`` (Θ unbounded along the gradient; exact for
-        IPO), ``"linear program"`` (hinge on an unbounded Θ: HiGHS's optimal value).
+        IPO), ``"linear program"`` (hinge on an unbounded Θ: HiGHS's optimal value), or
+        ``"trivial (losses ≥ 0)"`` when nothing better was certified yet.
     passes : int or None
         Full passes over S the Newton solver made (``None`` for the other estimators).
     history : pandas.DataFrame
@@ -825,9 +799,12 @@ def solve(data, config=None, *, loss="dpo", beta=0.1, method="group_robust", est
     duality_gap : bool
         Also certify at every logged row (column ``gap``).
     checkpoint : path, optional
-        First-order estimators: resume from this file if it exists (it must match data and
-        settings), and write the state to it atomically every ``checkpoint_every`` steps and at the
-        end. A resumed run is bit-identical to an uninterrupted one.
+        First-order estimators: resume from this file if it exists (it must match the data — all of
+        S, r and the labels — Θ, θ⁽⁰⁾ and the settings that change the iterates), and write the state
+        to it atomically every ``checkpoint_every`` steps, at the end and on Ctrl-C. A resumed run is
+        bit-identical to an uninterrupted one; a larger ``steps`` extends a finished run exactly
+        (unless its step size depends on T, as ``"theory"`` does). The path is checked and locked
+        before the first step (see :mod:`loglinear_grpo.checkpoints`).
     progress : bool
         Show a tqdm progress bar.
     callback : callable, optional
@@ -929,11 +906,29 @@ def _solve_first_order(data, config, log_every, duality_gap, checkpoint, checkpo
 
     state = init(data, config)
     rows = []
-    fingerprint = None
+    ckpt = fingerprint = None
     if checkpoint is not None:
-        fingerprint = _fingerprint(data, config)
-        if os.path.exists(checkpoint):
-            state, rows = load_checkpoint(checkpoint, fingerprint)
+        ckpt = CheckpointFile(checkpoint).acquire()       # checked and locked before the first step
+        try:
+            fingerprint = run_fingerprint(data, config)
+            if ckpt.exists():
+                state, rows = ckpt.load(fingerprint, SolverState)
+                if state.step > config.steps:
+                    raise ValueError(f"checkpoint {ckpt.path} is at step {state.step}, past steps={config.steps}: "
+                                     "give steps >= that to continue it")
+        except BaseException:
+            ckpt.release()
+            raise
+    try:
+        return _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, fingerprint,
+                                 checkpoint_every, progress, callback)
+    finally:
+        if ckpt is not None:
+            ckpt.release()
+
+
+def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, fingerprint, checkpoint_every,
+                      progress, callback):
     names = data.group_names
     if not rows:
         rows.append(_history_row(state, data, config, names, duality_gap))
@@ -967,15 +962,19 @@ def _solve_first_order(data, config, log_every, duality_gap, checkpoint, checkpo
             if bar is not None and logged:
                 bar.update(t - bar.n)
                 bar.set_postfix(worst=f"{rows[-1]['worst_loss']:.4g}", refresh=False)
-            if fingerprint is not None and (t % checkpoint_every == 0 or t == config.steps):
-                save_checkpoint(checkpoint, state, rows, fingerprint)
+            if ckpt is not None and (t % checkpoint_every == 0 or t == config.steps):
+                ckpt.save(state, rows, fingerprint)
             if callback is not None:
                 callback(state, info)
+    except KeyboardInterrupt:
+        if ckpt is not None:                                # keep the progress, then stop as asked
+            ckpt.save(state, rows, fingerprint)
+        raise
     finally:
         if bar is not None:
             bar.close()
-    if fingerprint is not None:
-        save_checkpoint(checkpoint, state, rows, fingerprint)
+    if ckpt is not None:
+        ckpt.save(state, rows, fingerprint)
     if cert_step != state.step:
         cert = certify(*_candidates(state, config), data, config, config.tol)
     tol = config.tol if config.tol is not None else DEFAULT_TOL

@@ -60,7 +60,7 @@ def test_from_features_and_margins():
     rng = np.random.default_rng(0)
     pw, pl = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
     lw, ll = rng.normal(size=6), rng.normal(size=6)
-    data = lg.PreferenceData.from_features(pw, pl, [0, 1, 0, 1, 2, 2], lw, ll, group_names="abc")
+    data = lg.PreferenceData.from_features(pw, pl, [0, 1, 0, 1, 2, 2], lw, ll, group_names=["a", "b", "c"])
     theta = rng.normal(size=3)
     # h = log π_θ(y_w)/π_ref(y_w) − log π_θ(y_l)/π_ref(y_l): the partition function cancels
     np.testing.assert_allclose(lg.margins(theta, data), (pw - pl) @ theta - (lw - ll))
