@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import tomllib
@@ -42,7 +43,12 @@ LOSSES = ("ipo", "dpo", "sigmoid", "hinge")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown in --help, and the description kept as written."""
+    """Defaults shown in --help (when there is one), and the description kept as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _positive_int(text):
@@ -80,17 +86,18 @@ def build_parser():
                         "GlobalOpinionQA's one-letter answers)")
     p.add_argument("--hub-split", default=None, help="one split of a hub dataset (default: all of them)")
     p.add_argument("--model", default=ex.DEFAULT_MODEL, help="hub id, local folder, .gguf file or 'smollm2'")
-    p.add_argument("--revision")
-    p.add_argument("--gguf-file")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) of the model")
+    p.add_argument("--gguf-file", help="GGUF file name inside a model folder")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="GlobalOpinionQA prompt template")
     p.add_argument("--limit", type=_positive_int, help="use only the first N pairs (items) of each group")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward pass")
     p.add_argument("--shard-items", type=_positive_int, default=ex.DEFAULT_SHARD_ITEMS,
                    help="prompts per cache shard: the unit of resumption and of work per rank")
-    p.add_argument("--padding-side", choices=("right", "left"), default="right")
+    p.add_argument("--padding-side", choices=("right", "left"), default="right",
+                   help="pad batches on this side (the features do not depend on it)")
     p.add_argument("--cache-dir", help="default: <workdir>/cache")
     p.add_argument("--force", action="store_true",
                    help="replace features that runs were trained on (the old runs move to runs-<old sha>/)")
@@ -98,12 +105,14 @@ def build_parser():
     p = sub.add_parser("train", help="fit the output rows with loglinear_grpo.solve (certified)",
                        formatter_class=_Formatter)
     _common(p)
-    p.add_argument("--loss", choices=LOSSES, default="ipo", help="TRL's names: 'sigmoid' is DPO")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--method", choices=("group_robust", "importance_sampling", "vanilla"), default="group_robust")
+    p.add_argument("--loss", choices=LOSSES, default="sigmoid", help="TRL's names: 'sigmoid' is DPO")
+    p.add_argument("--beta", type=float, default=0.1, help="β of the loss (TRL's default)")
+    p.add_argument("--method", choices=("group_robust", "importance_sampling", "vanilla"), default="group_robust",
+                   help="group_robust: min over θ of the worst group's loss; vanilla: the mean over pairs")
     p.add_argument("--estimator", choices=("auto", "newton", "full", "stochastic", "closed_form"), default="auto",
                    help="'auto' = 'newton': the certified second-order solver")
-    p.add_argument("--steps", type=_positive_int, default=None, help="iteration budget (default: the estimator's)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="iteration budget (default: the estimator's: 200 Newton iterations, ...)")
     p.add_argument("--tol", type=float, default=1e-6,
                    help="stop at this relative certified duality gap (0: run all steps)")
     p.add_argument("--radius", type=float, default=1.0, help="Θ = L2 ball of this radius around θ_ref")
@@ -114,20 +123,21 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="split (and GlobalOpinionQA's rejected answers) and sampler seed")
     p.add_argument("--split-by", default=None, help="override the split chosen at extraction")
     p.add_argument("--run", help="run name (default: <loss>-<method>-seed<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
 
     p = sub.add_parser("evaluate", help="per-group metrics of a run on a split, CSV + figure",
                        formatter_class=_Formatter)
     _common(p)
-    p.add_argument("--run", required=True)
-    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--run", required=True, help="the run's name (see <workdir>/runs)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test", help="the pairs to evaluate on")
 
     p = sub.add_parser("export", help="write a run's rows into the model's (untied) output layer",
                        formatter_class=_Formatter)
     _common(p)
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True, help="the run's name (see <workdir>/runs)")
     p.add_argument("--model", default=None, help="default: the model the work folder's features came from")
-    p.add_argument("--revision")
-    p.add_argument("--gguf-file")
+    p.add_argument("--revision", help="hub revision of the model")
+    p.add_argument("--gguf-file", help="GGUF file name inside a model folder")
     p.add_argument("--out", help="default: <workdir>/runs/<run>/model")
     p.add_argument("--delta-only", action="store_true", help="write head_delta.safetensors only")
     return parser
@@ -168,8 +178,7 @@ def cmd_extract(args):
         warnings.simplefilter("ignore")              # the report below says what was skipped
         pairs = load_preference_pairs(frame, group_column=args.group_column, groups=args.groups,
                                       countries=args.groups or (PAPER_COUNTRIES if kind == "global_opinions" else None),
-                                      limit=args.limit, template=args.template)
-    pairs.source = str(name)
+                                      limit=args.limit, template=args.template, name=name)
     items = items_from_pairs(pairs)
     add_eos = {"yes": True, "no": False}.get(args.add_eos, kind == "pairs" and not pairs.conversational)
     rendering = ex.Rendering(chat_template=bool(args.chat_template or pairs.conversational), add_eos=add_eos)
@@ -213,11 +222,16 @@ def _step(value):
 def cmd_train(args):
     problem, record = wd.load_problem(args.workdir, seed=args.seed, split_by=args.split_by or record_split(args))
     args.run = wd.check_run_name(args.run or f"{args.loss}-{args.method}-seed{args.seed}")
+    out = wd.run_dir(args.workdir, args.run)
+    if os.path.exists(out):
+        if not args.overwrite:
+            raise ValueError(f"run {args.run!r} exists in {args.workdir}; choose another --run, or pass --overwrite "
+                             "to replace it (its old files, an exported model included, are removed)")
+        shutil.rmtree(out)
     result = train(problem, loss=args.loss, beta=args.beta, method=args.method, estimator=args.estimator,
                    steps=args.steps, tol=args.tol if args.tol and args.tol > 0 else None, radius=args.radius,
                    step_size=_step(args.step_size), alpha_step_size=_step(args.alpha_step_size), chi=args.chi,
                    seed=args.seed, progress=True)
-    out = wd.run_dir(args.workdir, args.run)
     os.makedirs(out, exist_ok=True)
     np.save(os.path.join(out, "theta.npy"), result.theta)
     result.history.to_csv(os.path.join(out, "history.csv"), index=False)
@@ -232,9 +246,9 @@ def cmd_train(args):
     with open(os.path.join(out, "settings.json"), "w") as fh:
         json.dump(settings, fh, indent=1, default=str)
     tables = _evaluate_splits(problem, result.theta, args.loss, args.beta, out)
-    shown = next((tables[s] for s in ("test", "val", "train") if s in tables), None)
+    shown = next((s for s in ("test", "val", "train") if s in tables), None)
     if shown is not None:
-        print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
+        _print_table(tables[shown], shown, problem)
     print(f"training objective ({args.method}, {args.loss}) on the train split: {result.summary()}")
     print(f"run -> {out}")
     return 0
@@ -247,6 +261,14 @@ def record_split(args):
             return json.load(fh).get("split_by")
     except (OSError, ValueError):
         return None
+
+
+def _print_table(table, split, problem):
+    absent = [g for g in problem.group_names if g not in set(problem.data(split).group_names)]
+    print(f"metrics on the {split} split ({int(table.loc['mean', 'n_pairs'])} pairs):")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    if absent:
+        print(f"note: no {split} pairs for {len(absent)} group(s): {', '.join(absent)} (NaN rows)")
 
 
 def _evaluate_splits(problem, theta, loss, beta, out):
@@ -296,7 +318,9 @@ def cmd_evaluate(args):
     problem, _ = wd.load_problem(args.workdir, seed=settings["seed"], split_by=settings.get("split_by"))
     theta = np.load(os.path.join(out, "theta.npy"))
     try:
-        table = evaluate(problem, theta, settings["loss"], settings["beta"], args.split)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # absent groups are listed below
+            table = evaluate(problem, theta, settings["loss"], settings["beta"], args.split)
     except ValueError as exc:
         raise SystemExit(f"{exc}: nothing to evaluate (splits with pairs: "
                          f"{sorted(problem.pairs['split'].unique())})") from None
@@ -304,7 +328,7 @@ def cmd_evaluate(args):
     alpha = alpha_history(pd.read_csv(os.path.join(out, "history.csv")))
     plot_run(table, alpha, os.path.join(out, "groups.png"), f"{args.run} — evaluated on the {args.split} split",
              args.split)
-    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    _print_table(table, args.split, problem)
     return 0
 
 

@@ -172,12 +172,23 @@ def read_table(source, split=None):
             raise ValueError(f"{path} could not be read as {FILE_READERS[ext]}: {type(exc).__name__}: "
                              f"{str(exc)[:200]}") from None
         return frame, path
-    if ext in FILE_READERS or os.sep in path and not _looks_like_hub_id(path):
+    if ext in FILE_READERS or (os.sep in path and not _looks_like_hub_id(path)) or _looks_like_file(path):
         raise ValueError(f"{path}: no such file")
     if datasets is None:                     # pragma: no cover
         raise ImportError(f"{path!r} is not a file; reading it from the hub needs `pip install datasets`")
-    loaded = datasets.load_dataset(path, split=split)
+    try:
+        loaded = datasets.load_dataset(path, split=split)
+    except Exception as exc:                 # the hub's many failure types: one message
+        raise ValueError(f"{path!r} is not a local file and could not be loaded from the Hugging Face hub "
+                         f"({type(exc).__name__}: {str(exc)[:160]}); check the path or the dataset id") from None
     return read_table(loaded)[0], path
+
+
+def _looks_like_file(text):
+    """A name with a file extension (``x.jsnol``, ``data.tsv``): a mistyped path, not a hub id."""
+    base = text.rsplit("/", 1)[-1]
+    stem, dot, ext = base.rpartition(".")
+    return bool(dot and stem and ext.isalpha() and 2 <= len(ext) <= 8)
 
 
 def _looks_like_hub_id(text):
@@ -299,16 +310,18 @@ def assign_splits(pairs, seed=0, split=(0.8, 0.1, 0.1), split_by=None):
 
 
 def load_preference_pairs(data, *, group_column="group", groups=None, limit=None, countries=None,
-                          hub_split=None, answer=None, template=None):
+                          hub_split=None, answer=None, template=None, name=None):
     """Grouped preference pairs from a path, a hub id, a ``datasets`` object or a DataFrame.
 
     GlobalOpinionQA's table is detected and converted (all options of a question become its
     candidates, with the country's survey distribution as the target); see
-    :func:`llm_head.opinions.opinion_pairs`. ``limit`` keeps the first ``limit`` pairs of each group.
+    :func:`llm_head.opinions.opinion_pairs`. ``limit`` keeps the first ``limit`` pairs of each group;
+    ``name`` is how messages call the data (default: its path or hub id).
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
-    frame, name = read_table(data, split=hub_split)
+    frame, read_name = read_table(data, split=hub_split)
+    name = name or read_name
     kind = detect_format(frame, name)
     if kind == "global_opinions":
         from .opinions import PAPER_COUNTRIES, load_global_opinions, opinion_pairs

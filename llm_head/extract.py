@@ -159,8 +159,13 @@ def load_model(model_id=DEFAULT_MODEL, revision=None, gguf_file=None, device=Non
     kwargs = {"revision": revision} if revision else {}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except OSError as exc:
+        where = "a local folder or file" if os.path.exists(str(name)) else "not a local folder or file, and the hub"
+        raise ValueError(f"model {model_id!r} could not be loaded ({where}: {str(exc).splitlines()[0][:160]}); give a "
+                         "hub id, a model folder, a .gguf file or 'smollm2'") from None
     spec = {"model": str(model_id), "revision": revision, "gguf_file": gguf_file}
     return prepare_model(model, tokenizer, device, dtype, spec)
 

@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from loglinear_grpo._io import make_readable
+
 
 def _head(model):
     head = model.get_output_embeddings()
@@ -79,6 +81,7 @@ def save_head_delta(path, vocab, rows, reference_rows=None, model_spec=None):
         tensors["reference_rows"] = np.asarray(reference_rows, dtype=np.float32)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(tensors, os.fspath(path), metadata={"model": json.dumps(model_spec or {})})
+    make_readable(os.fspath(path))
 
 
 def load_head_delta(model, path, atol=1e-3):
@@ -121,4 +124,7 @@ def export_model(model, tokenizer, features, theta, out_dir, theta_ref=None, mod
         tuned.save_pretrained(out_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
+    for name in os.listdir(out_dir):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            make_readable(os.path.join(out_dir, name))
     return out_dir

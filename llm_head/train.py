@@ -111,7 +111,8 @@ def evaluate(problem, theta, loss="ipo", beta=0.1, split="test"):
     :math:`s_i^\\top\\theta > 0`) and, when the items carry target distributions, ``js_distance``:
     the Jensen–Shannon distance (base 2) between the policy's distribution over the candidates and
     the target. ``worst`` holds the max of the losses and distances and the min of the others;
-    ``mean`` the unweighted mean over groups. A group without pairs in the split gets a row of NaN.
+    ``mean`` the unweighted mean over groups (its ``n_pairs``: all the split's pairs). A group without
+    pairs in the split gets a row of NaN.
     """
     data = problem.data(split)
     theta = np.asarray(theta, dtype=np.float64)
@@ -127,7 +128,7 @@ def evaluate(problem, theta, loss="ipo", beta=0.1, split="test"):
     table = table.reindex(list(problem.group_names))
     columns = [c for c in METRICS if c in table.columns]
     worst = {c: getattr(table[c], METRICS[c])() for c in columns}
-    worst["n_pairs"] = int(counts.sum())
+    worst["n_pairs"] = pd.NA                          # a per-group worst has no pair count of its own
     mean = table[columns].mean().to_dict()
     mean["n_pairs"] = int(counts.sum())
     table.loc["worst"] = pd.Series(worst)

@@ -27,7 +27,7 @@ import shutil
 import numpy as np
 import pandas as pd
 
-from loglinear_grpo._io import atomic_write
+from loglinear_grpo._io import atomic_write, make_readable
 
 from .data import PreferencePairs, assign_splits, pair_indices
 from .features import LastLayerFeatures
@@ -107,6 +107,7 @@ def save_workdir(workdir, features, theta_ref, record, spec, force=False):
     data_hash = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
     tmp = p["features"] + ".new"
     save_file(tensors, tmp, metadata={"model": json.dumps(spec)})
+    make_readable(tmp)
     new_sha = sha256_file(tmp)
     runs = existing_runs(workdir)
     if os.path.exists(p["features"]) and runs:

@@ -63,6 +63,11 @@ def main(argv=None):
     print("Per group, at the final averaged iterate — validation loss, reward error and the final weight α "
           "(each cell is that group's value averaged over seeds):")
     print(_per_group(df).round(4).to_string())
+    spec = SCENARIOS[args.scenario]
+    print("  " + "; ".join(f"group {g}: {w:.0%} of the pairs, '{r}' responses" for g, (w, r) in
+                           enumerate(zip(spec["weights"], spec["responses"])))
+          + " ('near': the two answers' rewards are close, the pair is harder to learn).")
+    print("  α is learned by the GR methods only; vanilla keeps α_g = N_g/N and IS α_g = 1/K.")
     table = final_table(df)
     wide = table.pivot_table(index="method", columns="metric", values=["mean", "se"])
     wide = wide.reindex([m for m in METHODS if m in wide.index])

@@ -14,16 +14,21 @@ def atomic_write(path, write, prefix=".tmp-", suffix=""):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)          # mkstemp's 0600 would make shared caches unreadable to others
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        make_readable(tmp)                 # mkstemp's (or a writer's) 0600 would hide shared files from others
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def make_readable(path):
+    """Give ``path`` the permissions a plain ``open(..., "w")`` would (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -20,6 +20,7 @@ and re-solved per call.
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 
 import numpy as np
@@ -142,7 +143,9 @@ class L2Ball:
     def project(self, theta):
         c = self._c(theta)
         delta = theta - c
-        norm = safe_norm(delta)
+        square = float(delta @ delta)
+        # the plain norm where it neither overflows nor underflows, the scaled one otherwise
+        norm = math.sqrt(square) if 1e-280 < square < 1e280 else safe_norm(delta)
         if norm <= self.radius:
             return theta
         if not np.isfinite(norm):

@@ -107,8 +107,9 @@ class PreferenceData:
         is never loaded whole: full passes stream it in blocks of ``CHUNK_ROWS`` rows and the
         stochastic estimator reads only the rows it samples. Sparse rows (e.g. the
         ``e_y ⊗ h(x)`` features of an LLM's last layer) stay sparse.
-    groups : array_like of int, shape (N,)
-        Group label of each pair, in ``0..K-1``.
+    groups : array_like, shape (N,)
+        Group label of each pair: integers in ``0..K-1``, or names (strings; then ``group_names``
+        defaults to the names in order of first appearance).
     ref_margin : array_like, shape (N,), optional
         :math:`r_i = \\log\\pi_\\mathrm{ref}(y_w|x) - \\log\\pi_\\mathrm{ref}(y_l|x)`;
         zeros (a uniform reference policy) when omitted.
@@ -147,6 +148,18 @@ class PreferenceData:
             raise ValueError("groups must be an array of integer labels 0..K-1") from None
         if groups.ndim != 1 or groups.shape[0] != n:
             raise ValueError(f"groups must have shape ({n},) to match diff, got {groups.shape}")
+        names = self.group_names
+        if groups.dtype.kind in "USO":                 # string labels: the names, in order of appearance
+            labels = [str(g) for g in groups]
+            if names is None:
+                names = list(dict.fromkeys(labels))
+            elif not isinstance(names, str):
+                names = [str(g) for g in names]
+            index = {g: k for k, g in enumerate(names)} if not isinstance(names, str) else {}
+            unknown = sorted({g for g in labels if g not in index})[:5]
+            if unknown:
+                raise ValueError(f"groups has label(s) {unknown} that group_names does not list")
+            groups = np.fromiter((index[g] for g in labels), dtype=np.intp, count=n)
         if groups.dtype.kind == "f":
             if not np.all(np.isfinite(groups)) or not np.all(groups == np.round(groups)):
                 raise ValueError("groups must hold integer labels 0..K-1")
@@ -160,7 +173,6 @@ class PreferenceData:
                              "with every group holding a pair")
         groups = groups.astype(np.intp)
 
-        names = self.group_names
         k = self.n_groups
         if names is not None:
             if isinstance(names, str):
@@ -177,7 +189,8 @@ class PreferenceData:
         elif isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"n_groups must be an integer >= 1, got {k!r}")
         if groups.max() >= k:
-            raise ValueError(f"groups has label {int(groups.max())} but only K={k} groups are declared")
+            declared = f"group_names lists only {k}" if names is not None else f"n_groups={k} declares only {k}"
+            raise ValueError(f"groups has label {int(groups.max())} but {declared} group(s) (labels are 0..K-1)")
         sizes = np.bincount(groups, minlength=k)
         if np.any(sizes == 0):
             empty = [names[g] if names else str(g) for g in np.flatnonzero(sizes == 0)]
@@ -263,6 +276,15 @@ class PreferenceData:
         index = np.asarray(index)
         return PreferenceData(self.diff[index], self.groups[index], self.ref_margin[index],
                               group_names=self.group_names, check_finite=False)
+
+    def sorted_by_group(self):
+        """``(data, order)``: the same pairs stored group by group (``data.diff = self.diff[order]``, a copy
+        for a dense S), which makes each full-batch iteration one pass over S whatever K
+        (:mod:`loglinear_grpo.kernels`). The solution does not depend on the order of the pairs."""
+        order = np.argsort(self.groups, kind="stable")
+        diff = self.diff[order] if not isinstance(self.diff, np.memmap) else np.asarray(self.diff)[order]
+        return PreferenceData(diff, self.groups[order], self.ref_margin[order], group_names=self.group_names,
+                              check_finite=False), order
 
     def row_norms(self):
         """Euclidean norm of every row of ``diff`` (streamed)."""

@@ -344,7 +344,8 @@ def duality_gap(theta, alpha, data, *, loss="dpo", beta=0.1, radius=None, center
 
 def _duality_gap(theta, alpha, data, loss, beta, theta_set):
     upper = float(np.max(_group_losses(theta, data, loss, beta)))
-    return upper - certified_best_response(alpha, data, loss, beta, theta_set, theta0=theta).lower_bound
+    lower = certified_best_response(alpha, data, loss, beta, theta_set, theta0=theta).lower_bound
+    return max(upper - lower, 0.0)          # a negative difference is rounding: the suboptimality is ≥ 0
 
 
 def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):

@@ -1,9 +1,8 @@
 """Group losses, their gradients and per-group metrics (paper Eqs. (7)–(9)).
 
 Every full pass costs O(N·d) and runs over ``diff`` in row blocks, so it never copies ``S``
-and never loads a memory-mapped ``S`` whole. The hot path of the full-batch solver,
-:func:`losses_and_group_gradients`, reads ``S`` once per iteration for both the losses and the
-gradients.
+and never loads a memory-mapped ``S`` whole. The hot path of the full-batch solver is
+:func:`loglinear_grpo.kernels.losses_and_group_gradients` (one read of S per iteration).
 """
 from __future__ import annotations
 
@@ -13,11 +12,6 @@ import pandas as pd
 from ._validation import check_loss, check_positive_finite, check_vector
 from .data import CHUNK_ROWS, PreferenceData
 from .losses import get_loss
-
-#: above this many groups the fused single pass (K×d partial gradients per block) costs more
-#: than a second pass over S
-FUSED_MAX_GROUPS = 64
-
 
 def _blocks(data):
     n = data.n_samples
@@ -94,44 +88,6 @@ def weighted_gradient(theta, weights, data, loss, beta):
     h = margins(theta, data)
     pair_w = (weights / data.group_sizes)[data.groups]
     return rmatvec(data, pair_w * get_loss(loss).derivative(h, beta))
-
-
-def _fused_block(theta, data, loss, beta, start, stop):
-    block = data.diff[start:stop]
-    h = block @ theta - data.ref_margin[start:stop]
-    g = data.groups[start:stop]
-    k = data.n_groups
-    values, dl = get_loss(loss).value_and_grad(h, beta)
-    loss_sum = np.bincount(g, weights=values, minlength=k)
-    if k == 1:
-        return loss_sum, (dl @ block)[None, :]
-    if k <= 8:                      # K in-cache matvecs beat a (c×K) one-hot GEMM
-        return loss_sum, np.stack([np.where(g == j, dl, 0.0) @ block for j in range(k)])
-    onehot = np.zeros((stop - start, k))
-    onehot[np.arange(stop - start), g] = dl
-    return loss_sum, onehot.T @ block
-
-
-def _fused_range(theta, data, loss, beta, first, last):
-    loss_sum = np.zeros(data.n_groups)
-    grad_sum = np.zeros((data.n_groups, data.dim))
-    for start in range(first, last, CHUNK_ROWS):
-        ls, gs = _fused_block(theta, data, loss, beta, start, min(start + CHUNK_ROWS, last))
-        loss_sum += ls
-        grad_sum += gs
-    return loss_sum, grad_sum
-
-
-def losses_and_group_gradients(theta, data, loss, beta):
-    """One pass over S: group losses ``L`` (K,) and group gradient sums ``G`` (K, d).
-
-    ``G[g] = Σ_{i∈D_g} ℓ'(h_i) s_i``, so :math:`\\sum_g w_g\\nabla L_g = \\sum_g (w_g/N_g) G_g`
-    for weights chosen *after* the losses are known (the α step of Algorithm 1 comes first).
-    Used when S is streamed and K ≤ ``FUSED_MAX_GROUPS``: each block is read from memory once
-    and used again while it is in cache.
-    """
-    losses, grads = _fused_range(theta, data, loss, beta, 0, data.n_samples)
-    return losses / data.group_sizes, grads
 
 
 def _check_data(data):

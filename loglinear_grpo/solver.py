@@ -45,6 +45,7 @@ both unbiased (``batch_size=B`` averages B i.i.d. draws); ``"full"`` — the exa
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import re
 import warnings
@@ -61,8 +62,8 @@ from .constraints import make_constraint
 from .data import CHUNK_ROWS
 from .exact import certified_best_response, group_normal_equations, hinge_program, weighted_least_squares
 from .losses import get_loss
-from .objective import (FUSED_MAX_GROUPS, _check_data, _group_losses, group_metrics,
-                        losses_and_group_gradients, margins)
+from .kernels import Workspace, losses_and_group_gradients
+from .objective import _check_data, _group_losses, group_metrics, margins
 
 #: steps drawn per call of the counter-based sampler (one Generator per block)
 SAMPLE_BLOCK = 1024
@@ -74,6 +75,29 @@ DEFAULT_STEPS = {"newton": 200, "full": 20_000, "closed_form": 5_000, "stochasti
 ALPHA_GAIN = 1.0
 
 ESTIMATOR_CHOICES = ("auto", "newton", "full", "stochastic", "closed_form")
+
+
+def _dpo_scalar(h, beta):
+    z = beta * h
+    if z > 0:
+        e = math.exp(-z)
+        return math.log1p(e), -beta * e / (1.0 + e)
+    e = math.exp(z)
+    return -z + math.log1p(e), -beta / (1.0 + e)
+
+
+def _ipo_scalar(h, beta):
+    r = h - 0.5 / beta
+    return r * r, 2.0 * r
+
+
+def _hinge_scalar(h, beta):
+    z = 1.0 - beta * h
+    return (z, -beta) if z > 0 else (0.0, 0.0)
+
+
+#: one-float forms of the loss table (same values as :mod:`loglinear_grpo.losses`), for batch size 1
+SCALAR_LOSSES = {"dpo": _dpo_scalar, "ipo": _ipo_scalar, "hinge": _hinge_scalar}
 
 
 class ConvergenceWarning(UserWarning):
@@ -135,8 +159,8 @@ class SolverConfig:
     group_cum: np.ndarray = field(repr=False)         # cumulative N_g/N (sampler)
     group_offsets: np.ndarray = field(repr=False)     # start of each group in `members`
     members: np.ndarray = field(repr=False)           # pair indices sorted by group
-    fused: bool = False
     streamed: bool = False
+    scalar_loss: Callable | None = field(default=None, repr=False)  # (h, β) -> (ℓ, ℓ') for one float
     normal_equations: object = field(default=None, repr=False)   # closed form: (H_g, q_g) or RowSpaceForm
     theory: dict = field(default_factory=dict)
 
@@ -413,7 +437,7 @@ def make_config(data, *, loss="dpo", beta=0.1, method="group_robust", estimator=
         theta_set=theta_set, theta0=theta0, alpha0=alpha0, n_samples=data.n_samples,
         group_sizes=sizes.astype(np.float64), pair_inv_size=(1.0 / sizes)[data.groups],
         group_cum=np.cumsum(sizes) / sizes.sum(), group_offsets=offsets, members=members,
-        fused=data.streamed and k <= FUSED_MAX_GROUPS, streamed=data.streamed, theory=dict(cache),
+        streamed=data.streamed, theory=dict(cache), scalar_loss=SCALAR_LOSSES.get(loss),
         normal_equations=(group_normal_equations(data, 0.5 / beta, theta_set)
                           if estimator == "closed_form" else None))
 
@@ -475,11 +499,14 @@ def _alpha_step(log_alpha, loss_estimate, config, t):
 
 def _projected_step(theta, grad, config, t):
     """θ ← P_Θ(θ − η_θ ∇̂), refusing a step that overflows."""
-    new = config.theta_set.project(theta - config.theta_step.at(t) * grad)
-    if not np.all(np.isfinite(new)):
-        raise ValueError(f"step_size ({config.theta_step.describe()}) times the gradient overflows at step {t}: "
-                         "use a smaller step_size (or rescale the features)")
-    return new
+    new = theta - config.theta_step.at(t) * grad
+    square = float(new @ new)            # one dot product: finite iff every entry is (but for overflow)
+    if math.isfinite(square) or np.all(np.isfinite(new)):
+        new = config.theta_set.project(new)
+        if math.isfinite(square) or np.all(np.isfinite(new)):
+            return new
+    raise ValueError(f"step_size ({config.theta_step.describe()}) times the gradient overflows at step {t}: "
+                     "use a smaller step_size (or rescale the features)")
 
 
 def _theta_weights(alpha, config):
@@ -489,7 +516,7 @@ def _theta_weights(alpha, config):
     return (1.0 - config.chi) / alpha.size + config.chi * alpha
 
 
-def update(state, data, config, batch=None):
+def update(state, data, config, batch=None, workspace=None):
     """One iteration of Algorithm 1 (or its full-batch / closed-form variant).
 
     Parameters
@@ -499,6 +526,8 @@ def update(state, data, config, batch=None):
     config : SolverConfig
     batch : ndarray of int, optional
         Pair indices for the stochastic estimator (default: :func:`sample_batch` at this step).
+    workspace : loglinear_grpo.kernels.Workspace, optional
+        Scratch buffers of the full-batch pass, reused across calls (they never change the result).
 
     Returns
     -------
@@ -513,7 +542,7 @@ def update(state, data, config, batch=None):
             batch = sample_batch(config, state.step)
         theta, log_alpha, alpha, losses = _stochastic_step(state, data, config, batch, t)
     elif config.estimator == "full":
-        theta, log_alpha, alpha, losses = _full_step(state, data, config, t)
+        theta, log_alpha, alpha, losses = _full_step(state, data, config, t, workspace)
     elif config.estimator == "closed_form":
         losses = _group_losses(state.theta, data, config.loss, config.beta)
         log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
@@ -530,35 +559,142 @@ def update(state, data, config, batch=None):
     return new, {"losses": losses}
 
 
-def _full_step(state, data, config, t):
-    loss, beta = config.loss, config.beta
-    spec = get_loss(loss)
-    if config.fused:
-        losses, grad_sum = losses_and_group_gradients(state.theta, data, loss, beta)
-        log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
-        grad = (_theta_weights(alpha, config) / config.group_sizes) @ grad_sum
-    else:
-        h = (margins(state.theta, data) if config.streamed or data.is_sparse
-             else data.diff @ state.theta - data.ref_margin)
-        values, dl = spec.value_and_grad(h, beta)
-        losses = np.bincount(data.groups, weights=values,
-                             minlength=config.group_sizes.size) / config.group_sizes
-        log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
-        lam = _theta_weights(alpha, config)
-        u = lam[data.groups] * config.pair_inv_size * dl
-        grad = _rmatvec(data, u) if config.streamed else np.asarray(data.diff.T @ u).ravel()
+def _full_step(state, data, config, t, workspace=None):
+    """Losses and group gradients in one pass over S (:mod:`loglinear_grpo.kernels`), then the α
+    step, then the θ step with the gradient :math:`\sum_g (\lambda_g/N_g)\,G_g`."""
+    loss_sums, grad_sums = losses_and_group_gradients(state.theta, data, config.loss, config.beta, workspace)
+    losses = loss_sums / config.group_sizes
+    log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
+    grad = (_theta_weights(alpha, config) / config.group_sizes) @ grad_sums
     theta = _projected_step(state.theta, grad, config, t)
     return theta, log_alpha, alpha, losses
 
 
-def _rmatvec(data, u):
-    out = np.zeros(data.dim)
-    for start in range(0, data.n_samples, CHUNK_ROWS):
-        out += data.diff[start:start + CHUNK_ROWS].T @ u[start:start + CHUNK_ROWS]
-    return out
+def _single_pair_step(state, data, config, i, t):
+    """Algorithm 1 with one pair (batch size 1) on a dense S: the same arithmetic as
+    :func:`_stochastic_step` with scalars instead of length-1 arrays (no per-step overhead beyond
+    what a bare NumPy loop of the update has)."""
+    row = data.diff[i]
+    h = float(row @ state.theta) - data.ref_margin[i]
+    g = data.groups[i]
+    scale = config.n_samples * config.pair_inv_size[i]                  # N/N_g
+    value, deriv = config.scalar_loss(h, config.beta)
+    if config.adaptive_alpha:
+        shifted = state.log_alpha.copy()
+        shifted[g] += config.alpha_step.at(t) * config.chi * scale * value
+        if not np.isfinite(shifted[g]):
+            raise ValueError(f"alpha_step_size ({config.alpha_step.describe()}) times the loss overflows at "
+                             f"step {t}: use a smaller alpha_step_size")
+        log_alpha, alpha = log_normalize(shifted)
+    else:
+        log_alpha, alpha = state.log_alpha, config.alpha0
+    weight = alpha[g] if config.chi == 1.0 else (1.0 - config.chi) / alpha.size + config.chi * alpha[g]
+    theta = _projected_step(state.theta, (scale * weight * deriv) * row, config, t)
+    losses = np.zeros(alpha.size)
+    losses[g] = scale * value
+    return theta, log_alpha, alpha, losses
+
+
+def _full_batch_run(state, data, config, stop, workspace):
+    """Iterations ``state.step + 1 .. stop`` of the full-batch estimator in place: the arithmetic of
+    :func:`_full_step` in the same order (bit-identical iterates, tested), without building a state per
+    iteration. :func:`solve` uses it between the iterations where it logs, certifies or saves."""
+    theta, theta_sum = state.theta.copy(), state.theta_sum.copy()
+    log_alpha, alpha_sum = state.log_alpha.copy(), state.alpha_sum.copy()
+    alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
+    sizes, chi, k = config.group_sizes, config.chi, log_alpha.size
+    ball = config.theta_set if type(config.theta_set).__name__ == "L2Ball" else None
+    center = None if ball is None else ball.center
+    for t in range(state.step + 1, stop + 1):
+        loss_sums, grad_sums = losses_and_group_gradients(theta, data, config.loss, config.beta, workspace)
+        losses = loss_sums / sizes
+        if config.adaptive_alpha:
+            log_alpha += (config.alpha_step.at(t) * chi) * losses
+            if not np.all(np.isfinite(log_alpha)):
+                raise ValueError(f"alpha_step_size ({config.alpha_step.describe()}) times the group losses "
+                                 f"overflows at step {t}: use a smaller alpha_step_size")
+            log_alpha -= log_alpha.max()
+            e = np.exp(log_alpha)
+            total = e.sum()
+            log_alpha -= np.log(total)
+            alpha = e / total
+        weights = alpha if chi == 1.0 else (1.0 - chi) / k + chi * alpha
+        grad = (weights / sizes) @ grad_sums
+        grad *= config.theta_step.at(t)
+        theta -= grad
+        square = float(theta @ theta)
+        if ball is not None and center is None and 1e-280 < square < 1e280:
+            norm = math.sqrt(square)            # L2Ball.project's arithmetic, in place
+            if norm > ball.radius:
+                theta /= norm
+                theta *= ball.radius
+        elif math.isfinite(square) or np.all(np.isfinite(theta)):
+            theta = config.theta_set.project(theta)
+        else:
+            raise ValueError(f"step_size ({config.theta_step.describe()}) times the gradient overflows at step {t}: "
+                             "use a smaller step_size (or rescale the features)")
+        theta_sum += theta
+        alpha_sum += alpha
+    return SolverState(theta=theta, log_alpha=log_alpha, theta_sum=theta_sum, alpha_sum=alpha_sum, step=stop)
+
+
+def _single_pair_run(state, data, config, stop, sampler_cache):
+    """Steps ``state.step + 1 .. stop`` of Algorithm 1 with one pair per step on a dense S, in place.
+
+    The arithmetic of :func:`_single_pair_step` in the same order — the iterates are bit-identical to
+    ``stop − state.step`` calls of :func:`update` (tested) — on buffers owned by this loop, so that a
+    step costs what a bare NumPy loop of the update costs. :func:`solve` uses it between the steps
+    where it logs, certifies, checkpoints or calls back."""
+    diff, ref, groups = data.diff, data.ref_margin, data.groups
+    over = config.n_samples * config.pair_inv_size                  # N/N_g per pair
+    loss_fn, beta, chi = config.scalar_loss, config.beta, config.chi
+    theta, theta_sum = state.theta.copy(), state.theta_sum.copy()
+    log_alpha, alpha_sum = state.log_alpha.copy(), state.alpha_sum.copy()
+    alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
+    adaptive, k = config.adaptive_alpha, log_alpha.size
+    theta_step, alpha_step = config.theta_step, config.alpha_step
+    ball = config.theta_set if type(config.theta_set).__name__ == "L2Ball" else None
+    center = None if ball is None else ball.center
+    buf = np.empty_like(theta)
+    for t in range(state.step + 1, stop + 1):
+        i = int(sample_batch(config, t - 1, sampler_cache)[0])
+        row = diff[i]
+        value, deriv = loss_fn(float(row @ theta) - ref[i], beta)
+        g = groups[i]
+        scale = over[i]
+        if adaptive:
+            log_alpha[g] += alpha_step.at(t) * chi * scale * value
+            if not math.isfinite(log_alpha[g]):
+                raise ValueError(f"alpha_step_size ({alpha_step.describe()}) times the loss overflows at step "
+                                 f"{t}: use a smaller alpha_step_size")
+            log_alpha -= log_alpha.max()
+            e = np.exp(log_alpha)
+            total = e.sum()
+            log_alpha -= np.log(total)
+            alpha = e / total
+        weight = alpha[g] if chi == 1.0 else (1.0 - chi) / k + chi * alpha[g]
+        np.multiply(row, scale * weight * deriv, out=buf)
+        buf *= theta_step.at(t)
+        theta -= buf
+        square = float(theta @ theta)
+        if ball is not None and center is None and 1e-280 < square < 1e280:
+            norm = math.sqrt(square)            # L2Ball.project's arithmetic, in place
+            if norm > ball.radius:
+                theta /= norm
+                theta *= ball.radius
+        elif math.isfinite(square) or np.all(np.isfinite(theta)):
+            theta = config.theta_set.project(theta)
+        else:
+            raise ValueError(f"step_size ({theta_step.describe()}) times the gradient overflows at step {t}: "
+                             "use a smaller step_size (or rescale the features)")
+        theta_sum += theta
+        alpha_sum += alpha
+    return SolverState(theta=theta, log_alpha=log_alpha, theta_sum=theta_sum, alpha_sum=alpha_sum, step=stop)
 
 
 def _stochastic_step(state, data, config, batch, t):
+    if batch.size == 1 and config.scalar_loss is not None and not data.is_sparse:
+        return _single_pair_step(state, data, config, int(batch[0]), t)
     loss, beta = config.loss, config.beta
     rows = data.diff[batch]
     if data.is_sparse:
@@ -824,6 +960,9 @@ def solve(data, config=None, *, loss="dpo", beta=0.1, method="group_robust", est
                              tol=tol, radius=radius, center=center, constraint=constraint, chi=chi, seed=seed,
                              batch_size=batch_size, step_size=step_size, alpha_step_size=alpha_step_size,
                              theta0=theta0, check_every=check_every)
+    elif isinstance(config, str):
+        raise ValueError(f"solve's options are keyword-only: write solve(data, loss={config!r}, ...) (the second "
+                         "positional argument is a SolverConfig from make_config)")
     elif not isinstance(config, SolverConfig):
         raise ValueError(f"config must be a SolverConfig from make_config, got {type(config).__name__}")
     else:
@@ -939,13 +1078,27 @@ def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, f
         bar = tqdm(total=config.steps, initial=state.step, desc=f"{config.estimator}/{config.method}/{config.loss}",
                    unit="it", mininterval=0.5)
     sampler_cache = {}
+    workspace = Workspace(data) if config.estimator == "full" else None
     certified = config.tol is not None
     next_check = _next_check(state.step, config) if state.step else 10
     cert, cert_step = None, -1
     try:
+        single = (config.estimator == "stochastic" and config.batch_size == 1 and config.scalar_loss is not None
+                  and not data.is_sparse)
+        fast = callback is None and (single or config.estimator == "full")
         while state.step < config.steps:
-            batch = sample_batch(config, state.step, sampler_cache) if config.estimator == "stochastic" else None
-            state, info = update(state, data, config, batch)
+            if fast:                     # run in place up to the next step that logs, certifies or saves
+                events = [config.steps, (state.step // log_every + 1) * log_every]
+                if certified:
+                    events.append(max(next_check, state.step + 1))
+                if ckpt is not None:
+                    events.append((state.step // checkpoint_every + 1) * checkpoint_every)
+                run = _single_pair_run(state, data, config, min(events), sampler_cache) if single else \
+                    _full_batch_run(state, data, config, min(events), workspace)
+                state, info = run, {}
+            else:
+                batch = sample_batch(config, state.step, sampler_cache) if config.estimator == "stochastic" else None
+                state, info = update(state, data, config, batch, workspace)
             t = state.step
             logged = t % log_every == 0 or t == config.steps
             if logged:

@@ -132,3 +132,14 @@ def test_resume_after_sigkill(tmp_path):
     subprocess.run([sys.executable, script, "run", tmp_path / "a.npz", tmp_path / "resumed.npy"], env=env, check=True)
     subprocess.run([sys.executable, script, "run", tmp_path / "b.npz", tmp_path / "fresh.npy"], env=env, check=True)
     np.testing.assert_array_equal(np.load(tmp_path / "resumed.npy"), np.load(tmp_path / "fresh.npy"))
+
+
+def test_string_group_labels_and_keyword_only_options():
+    data = lg.PreferenceData(np.eye(4), ["us", "fr", "us", "fr"])
+    assert data.group_names == ("us", "fr") and list(data.groups) == [0, 1, 0, 1]
+    named = lg.PreferenceData(np.eye(4), ["us", "fr", "us", "fr"], group_names=["fr", "us"])
+    assert list(named.groups) == [1, 0, 1, 0]
+    with pytest.raises(ValueError, match="does not list"):
+        lg.PreferenceData(np.eye(4), ["us", "fr", "us", "de"], group_names=["fr", "us"])
+    with pytest.raises(ValueError, match="keyword-only"):
+        lg.solve(data, "dpo")

@@ -295,3 +295,27 @@ def test_export_reload_of_the_smollm2_head(tmp_path, shared_pairs):
     rows = tuned.get_output_embeddings().weight.detach()[torch.as_tensor(features.vocab)].double().numpy()
     np.testing.assert_allclose(rows.ravel(), theta, atol=1e-6)
     assert not np.allclose(theta, theta_ref)
+
+
+def test_a_run_is_not_silently_replaced(tmp_path, shared_pairs, gemma_folder):
+    data = tmp_path / "pairs.jsonl"
+    shared_pairs.to_json(data, orient="records", lines=True)
+    work = tmp_path / "work"
+    assert _extract(data, work, gemma_folder) == 0
+    assert cli(["train", "--workdir", str(work), "--radius", "0.5", "--run", "r"]) == 0
+    assert cli(["export", "--workdir", str(work), "--run", "r", "--delta-only"]) == 0
+    with pytest.raises(SystemExit, match="exists"):
+        cli(["train", "--workdir", str(work), "--radius", "0.3", "--run", "r"])
+    assert cli(["train", "--workdir", str(work), "--radius", "0.3", "--run", "r", "--overwrite"]) == 0
+    assert not os.path.exists(work / "runs" / "r" / "model")           # the stale export went with it
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (work / "features.safetensors", work / "dataset.json"):
+        assert (os.stat(path).st_mode & 0o777) == 0o666 & ~umask        # readable like any file
+
+
+def test_a_mistyped_path_is_no_hub_id(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        lh.load_preference_pairs(str(tmp_path / "my-pairs.jsnol"))
+    with pytest.raises(ValueError, match="no such file"):
+        lh.load_preference_pairs("pairs.tsv")

@@ -239,3 +239,22 @@ def test_theory_step_sizes_follow_the_formula(problem):
     assert full.theta_step.scale == pytest.approx(4.0 / (group_norm.max() * 100))
     with pytest.raises(ValueError, match="bounded"):
         lg.make_config(problem, loss="dpo", estimator="stochastic", step_size="theory")
+
+
+@pytest.mark.parametrize("theta_kw", [dict(radius=0.5), dict(radius=0.5, center=np.full(5, 0.1)),
+                                      dict(constraint=lg.Box(-0.2, 0.3)), dict()])
+@pytest.mark.parametrize("method, chi", [("group_robust", 1.0), ("group_robust", 0.4), ("vanilla", 1.0)])
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge"])
+@pytest.mark.parametrize("estimator", ["stochastic", "full"])
+def test_fast_loops_are_bit_identical_to_update(problem, theta_kw, method, chi, loss, estimator):
+    """solve's in-place loops (one pair per step; full batches) compute exactly what update() computes."""
+    cfg = lg.make_config(problem, loss=loss, beta=0.7, method=method, chi=chi, estimator=estimator, steps=300,
+                         step_size=0.05, alpha_step_size="0.3/sqrt(t)", seed=2, tol=None, **theta_kw)
+    state = lg.init(problem, cfg)
+    for t in range(300):
+        state, _ = lg.update(state, problem, cfg, lg.sample_batch(cfg, t))
+    res = lg.solve(problem, cfg, log_every=70)
+    np.testing.assert_array_equal(res.state.theta, state.theta)
+    np.testing.assert_array_equal(res.state.theta_sum, state.theta_sum)
+    np.testing.assert_array_equal(res.state.log_alpha, state.log_alpha)
+    np.testing.assert_array_equal(res.state.alpha_sum, state.alpha_sum)
