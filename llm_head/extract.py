@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loglinear_grpo._io import atomic_write
+from loglinear_grpo._io import atomic_write, sha256_file
 
 from .features import LastLayerFeatures
 
@@ -365,14 +365,6 @@ def _features_for_items(loaded, plan, batch_size, padding_side):
 
 
 # ============================================================================ cache
-def _sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as fh:
@@ -429,7 +421,7 @@ class FeatureCache:
         try:
             with open(side) as fh:
                 info = json.load(fh)
-            return info.get("key_hash") == self.key_hash and info.get("sha256") == _sha256_file(path)
+            return info.get("key_hash") == self.key_hash and info.get("sha256") == sha256_file(path)
         except (OSError, ValueError):
             return False
 
@@ -437,7 +429,7 @@ class FeatureCache:
         from safetensors.numpy import save_file
         path = self.shard_path(j)
         atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp))
-        _write_json(path + ".json", {"shard": j, "key_hash": self.key_hash, "sha256": _sha256_file(path)})
+        _write_json(path + ".json", {"shard": j, "key_hash": self.key_hash, "sha256": sha256_file(path)})
 
     def read_shard(self, j):
         from safetensors.numpy import load_file

@@ -27,7 +27,7 @@ import shutil
 import numpy as np
 import pandas as pd
 
-from loglinear_grpo._io import atomic_write, make_readable
+from loglinear_grpo._io import atomic_write, make_readable, sha256_file
 
 from .data import PreferencePairs, assign_splits, pair_indices
 from .features import LastLayerFeatures
@@ -40,14 +40,6 @@ def paths(workdir):
             "features_meta": os.path.join(workdir, "features.safetensors.json"),
             "dataset": os.path.join(workdir, "dataset.json"), "runs": os.path.join(workdir, "runs"),
             "cache": os.path.join(workdir, "cache")}
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_run_name(name):

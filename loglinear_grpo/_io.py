@@ -1,6 +1,7 @@
-"""Atomic file writes, shared by the solver's checkpoints and llm_head's feature cache."""
+"""Atomic file writes and checksums, shared by the solver's checkpoints and llm_head's feature cache."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
@@ -32,3 +33,12 @@ def make_readable(path):
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def sha256_file(path):
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

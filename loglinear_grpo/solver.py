@@ -58,7 +58,7 @@ import pandas as pd
 from ._validation import (METHODS, check_choice, check_loss, check_positive_finite, check_positive_int,
                           check_unit_interval, check_vector)
 from .checkpoints import CheckpointFile, run_fingerprint
-from .constraints import make_constraint
+from .constraints import L2Ball, make_constraint
 from .data import CHUNK_ROWS
 from .exact import certified_best_response, group_normal_equations, hinge_program, weighted_least_squares
 from .losses import get_loss
@@ -595,6 +595,31 @@ def _single_pair_step(state, data, config, i, t):
     return theta, log_alpha, alpha, losses
 
 
+def _normalize_in_place(log_alpha):
+    """:func:`log_normalize`'s arithmetic on ``log_alpha`` in place; returns α."""
+    log_alpha -= log_alpha.max()
+    e = np.exp(log_alpha)
+    total = e.sum()
+    log_alpha -= np.log(total)
+    return e / total
+
+
+def _project_in_place(theta, config, t):
+    """:func:`_projected_step`'s projection of an updated θ, in place for a ball centred at 0."""
+    square = float(theta @ theta)
+    ball = config.theta_set
+    if type(ball) is L2Ball and ball.center is None and 1e-280 < square < 1e280:
+        norm = math.sqrt(square)                    # L2Ball.project's arithmetic
+        if norm > ball.radius:
+            theta /= norm
+            theta *= ball.radius
+        return theta
+    if math.isfinite(square) or np.all(np.isfinite(theta)):
+        return config.theta_set.project(theta)
+    raise ValueError(f"step_size ({config.theta_step.describe()}) times the gradient overflows at step {t}: "
+                     "use a smaller step_size (or rescale the features)")
+
+
 def _full_batch_run(state, data, config, stop, workspace):
     """Iterations ``state.step + 1 .. stop`` of the full-batch estimator in place: the arithmetic of
     :func:`_full_step` in the same order (bit-identical iterates, tested), without building a state per
@@ -603,8 +628,6 @@ def _full_batch_run(state, data, config, stop, workspace):
     log_alpha, alpha_sum = state.log_alpha.copy(), state.alpha_sum.copy()
     alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
     sizes, chi, k = config.group_sizes, config.chi, log_alpha.size
-    ball = config.theta_set if type(config.theta_set).__name__ == "L2Ball" else None
-    center = None if ball is None else ball.center
     for t in range(state.step + 1, stop + 1):
         loss_sums, grad_sums = losses_and_group_gradients(theta, data, config.loss, config.beta, workspace)
         losses = loss_sums / sizes
@@ -613,26 +636,12 @@ def _full_batch_run(state, data, config, stop, workspace):
             if not np.all(np.isfinite(log_alpha)):
                 raise ValueError(f"alpha_step_size ({config.alpha_step.describe()}) times the group losses "
                                  f"overflows at step {t}: use a smaller alpha_step_size")
-            log_alpha -= log_alpha.max()
-            e = np.exp(log_alpha)
-            total = e.sum()
-            log_alpha -= np.log(total)
-            alpha = e / total
+            alpha = _normalize_in_place(log_alpha)
         weights = alpha if chi == 1.0 else (1.0 - chi) / k + chi * alpha
         grad = (weights / sizes) @ grad_sums
         grad *= config.theta_step.at(t)
         theta -= grad
-        square = float(theta @ theta)
-        if ball is not None and center is None and 1e-280 < square < 1e280:
-            norm = math.sqrt(square)            # L2Ball.project's arithmetic, in place
-            if norm > ball.radius:
-                theta /= norm
-                theta *= ball.radius
-        elif math.isfinite(square) or np.all(np.isfinite(theta)):
-            theta = config.theta_set.project(theta)
-        else:
-            raise ValueError(f"step_size ({config.theta_step.describe()}) times the gradient overflows at step {t}: "
-                             "use a smaller step_size (or rescale the features)")
+        theta = _project_in_place(theta, config, t)
         theta_sum += theta
         alpha_sum += alpha
     return SolverState(theta=theta, log_alpha=log_alpha, theta_sum=theta_sum, alpha_sum=alpha_sum, step=stop)
@@ -653,8 +662,6 @@ def _single_pair_run(state, data, config, stop, sampler_cache):
     alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
     adaptive, k = config.adaptive_alpha, log_alpha.size
     theta_step, alpha_step = config.theta_step, config.alpha_step
-    ball = config.theta_set if type(config.theta_set).__name__ == "L2Ball" else None
-    center = None if ball is None else ball.center
     buf = np.empty_like(theta)
     for t in range(state.step + 1, stop + 1):
         i = int(sample_batch(config, t - 1, sampler_cache)[0])
@@ -667,26 +674,12 @@ def _single_pair_run(state, data, config, stop, sampler_cache):
             if not math.isfinite(log_alpha[g]):
                 raise ValueError(f"alpha_step_size ({alpha_step.describe()}) times the loss overflows at step "
                                  f"{t}: use a smaller alpha_step_size")
-            log_alpha -= log_alpha.max()
-            e = np.exp(log_alpha)
-            total = e.sum()
-            log_alpha -= np.log(total)
-            alpha = e / total
+            alpha = _normalize_in_place(log_alpha)
         weight = alpha[g] if chi == 1.0 else (1.0 - chi) / k + chi * alpha[g]
         np.multiply(row, scale * weight * deriv, out=buf)
         buf *= theta_step.at(t)
         theta -= buf
-        square = float(theta @ theta)
-        if ball is not None and center is None and 1e-280 < square < 1e280:
-            norm = math.sqrt(square)            # L2Ball.project's arithmetic, in place
-            if norm > ball.radius:
-                theta /= norm
-                theta *= ball.radius
-        elif math.isfinite(square) or np.all(np.isfinite(theta)):
-            theta = config.theta_set.project(theta)
-        else:
-            raise ValueError(f"step_size ({theta_step.describe()}) times the gradient overflows at step {t}: "
-                             "use a smaller step_size (or rescale the features)")
+        theta = _project_in_place(theta, config, t)
         theta_sum += theta
         alpha_sum += alpha
     return SolverState(theta=theta, log_alpha=log_alpha, theta_sum=theta_sum, alpha_sum=alpha_sum, step=stop)
