@@ -35,6 +35,7 @@ import pandas as pd
 from . import extract as ex
 from . import workdir as wd
 from .data import detect_format, items_from_pairs, load_preference_pairs, read_table
+from .features import CSR_LIMIT_BYTES
 from .head import export_model, reference_theta
 from .opinions import DEFAULT_TEMPLATE, PAPER_COUNTRIES
 from .train import alpha_history, evaluate, train
@@ -122,6 +123,9 @@ def build_parser():
     p.add_argument("--chi", type=float, default=1.0, help="worst-case/average trade-off (Appendix B.4)")
     p.add_argument("--seed", type=int, default=0, help="split (and GlobalOpinionQA's rejected answers) and sampler seed")
     p.add_argument("--split-by", default=None, help="override the split chosen at extraction")
+    p.add_argument("--storage", choices=("auto", "csr", "implicit"), default="auto",
+                   help="S as a CSR matrix or implicit (from the memory-mapped hidden states; for long answers); "
+                        f"auto: CSR up to {CSR_LIMIT_BYTES >> 30} GiB")
     p.add_argument("--run", help="run name (default: <loss>-<method>-seed<seed>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
 
@@ -220,7 +224,8 @@ def _step(value):
 
 
 def cmd_train(args):
-    problem, record = wd.load_problem(args.workdir, seed=args.seed, split_by=args.split_by or record_split(args))
+    problem, record = wd.load_problem(args.workdir, seed=args.seed, split_by=args.split_by or record_split(args),
+                                      storage=args.storage)
     args.run = wd.check_run_name(args.run or f"{args.loss}-{args.method}-seed{args.seed}")
     out = wd.run_dir(args.workdir, args.run)
     if os.path.exists(out):
@@ -315,7 +320,8 @@ def plot_run(metrics, alpha, path, title, split):
 def cmd_evaluate(args):
     settings = wd.check_run(args.workdir, args.run)
     out = wd.run_dir(args.workdir, args.run)
-    problem, _ = wd.load_problem(args.workdir, seed=settings["seed"], split_by=settings.get("split_by"))
+    problem, _ = wd.load_problem(args.workdir, seed=settings["seed"], split_by=settings.get("split_by"),
+                                 storage=settings.get("storage", "auto"))
     theta = np.load(os.path.join(out, "theta.npy"))
     try:
         with warnings.catch_warnings():

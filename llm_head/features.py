@@ -15,15 +15,32 @@ token-major: θ[j·d:(j+1)·d] = w_{V′_j}). A head with a bias b_v gets the fe
 
 Storage is compact: the distinct hidden states (one per prompt for the first answer token, one per
 later position of multi-token answers) and, per occurrence of a token in a candidate, the pair
-(token, hidden row). φ and the difference rows :math:`s = \\phi(x,y_w)-\\phi(x,y_l)` are built
-on demand as ``scipy.sparse`` CSR matrices with :math:`d` non-zeros per answer token.
+(token, hidden row). The difference rows :math:`s = \\phi(x,y_w)-\\phi(x,y_l)` are handed to the
+solver in one of two forms:
+
+* CSR (:meth:`LastLayerFeatures.pair_differences`): :math:`d` stored non-zeros per answer token —
+  fastest for short answers, but for a 2048-wide model and 50-token answers a row holds ~200 000
+  non-zeros, and 10⁴ pairs take ~25 GB;
+* implicit (:class:`PairDifferenceOperator`): S given by its products, computed from the hidden
+  states (which may stay memory-mapped, float16 or float32) and the token ids — memory is the
+  hidden-state cache plus blocks of bounded size, whatever the answer length.
+
+:func:`pair_rows` chooses by the predicted size of the CSR matrix.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+
+from loglinear_grpo.operators import PairOperator
+
+#: working-set target of one block of the implicit operator (hidden rows converted to float64)
+BLOCK_BYTES = 32 << 20
+#: :func:`pair_rows` ("auto") uses CSR while its predicted size is at most this
+CSR_LIMIT_BYTES = 2 << 30
 
 
 @dataclass
@@ -97,8 +114,11 @@ class LastLayerFeatures:
         return (phi[np.asarray(chosen)] - phi[np.asarray(rejected)]).tocsr()
 
     def candidate_scores(self, theta):
-        """:math:`f_\\theta(x, y) = \\theta^\\top\\phi(x, y)` for every candidate."""
-        return self.phi() @ np.asarray(theta, dtype=np.float64)
+        """:math:`f_\\theta(x, y) = \\theta^\\top\\phi(x, y) = \\sum_t w_{y_t}^\\top h_t` for every
+        candidate (from the hidden states in blocks; φ is not formed)."""
+        entries = TokenEntries(self.hidden, self.entry_candidate, np.searchsorted(self.vocab, self.entry_token),
+                               self.entry_hidden)
+        return entries.scores(self.rows_from_theta(theta), self.n_candidates)
 
     def candidate_log_probs(self, theta):
         """:math:`\\log\\pi_\\theta(y|x)`: the scores log-softmaxed within each item's candidate set."""
@@ -146,3 +166,295 @@ class LastLayerFeatures:
                    entry_hidden=arrays["entry_hidden"].astype(np.int64),
                    candidate_offsets=arrays["candidate_offsets"].astype(np.int64),
                    has_bias=bool(arrays["has_bias"][0]))
+
+
+# ------------------------------------------------------------------------------ the implicit S
+def _as_float64(block):
+    return np.asarray(block, dtype=np.float64)
+
+
+def _entry_block_size(hidden_size):
+    return max(1, BLOCK_BYTES // (8 * hidden_size))
+
+
+def _gather(hidden, rows):
+    """``hidden[rows]`` as float64, ``rows`` sorted: one contiguous read when the rows are dense in their
+    range (a memory-mapped cache is read only there)."""
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    if hi - lo <= 2 * rows.size:
+        block = _as_float64(hidden[lo:hi])
+        consecutive = hi - lo == rows.size and bool(np.all(rows[1:] > rows[:-1]))
+        return block if consecutive else block[rows - lo]
+    return _as_float64(hidden[rows])
+
+
+class TokenEntries:
+    """Token occurrences m = (owner, token column, hidden row), ordered by column (then hidden row), with
+    the two products every use of them needs, computed column by column with BLAS:
+
+    * :meth:`scores`: :math:`\\sum_{m: o_m = o} h_m^\\top w_{c_m}` per owner o — for each token v,
+      ``H_v @ w_v`` (no gather of θ rows);
+    * :meth:`scatter`: :math:`W_j[v] = \\sum_{m: c_m = v} a_{mj} h_m` — for each token v, ``A_vᵀ H_v``
+      written straight into row v (no scatter-add).
+
+    The hidden rows are read once per product in blocks of about ``BLOCK_BYTES`` (as float64).
+    """
+
+    def __init__(self, hidden, owner, col, hid):
+        order = np.lexsort((hid, col))
+        self.hidden, self.owner, self.col, self.hid = hidden, owner[order], col[order], hid[order]
+
+    def _blocks(self):
+        """``(a, b, rows, segments)``: entries a..b−1, their hidden rows (float64) and the runs of equal
+        column within them as (column, lo, hi) relative to a."""
+        step = _entry_block_size(self.hidden.shape[1])
+        m = self.col.size
+        for a in range(0, m, step):
+            b = min(a + step, m)
+            col = self.col[a:b]
+            edges = np.flatnonzero(np.r_[True, col[1:] != col[:-1], True])
+            rows = _as_float64(self.hidden[self.hid[a:b]])
+            yield a, b, rows, zip(col[edges[:-1]], edges[:-1], edges[1:])
+
+    def scores(self, theta_rows, n_owners):
+        values = np.empty(self.col.size)
+        for a, _, rows, segments in self._blocks():
+            for v, lo, hi in segments:
+                values[a + lo:a + hi] = rows[lo:hi] @ theta_rows[v]
+        return np.bincount(self.owner, weights=values, minlength=n_owners)
+
+    def scatter(self, owner_weights, n_columns):
+        """``owner_weights`` (n_owners, k) → array (k, n_columns, d)."""
+        k = owner_weights.shape[1]
+        out = np.zeros((k, n_columns, self.hidden.shape[1]))
+        for a, b, rows, segments in self._blocks():
+            coef = owner_weights[self.owner[a:b]]
+            for v, lo, hi in segments:
+                out[:, v] += coef[lo:hi].T @ rows[lo:hi]
+        return out
+
+
+def _ranges(starts, counts):
+    """Concatenation of ``arange(s, s + c)`` for each (s, c), vectorised."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(counts)
+    shift = np.repeat(starts - (ends - counts), counts)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+class PairDifferenceOperator(PairOperator):
+    """The rows :math:`s_i = \\phi(x_i, y_{w,i}) - \\phi(x_i, y_{l,i})` of chosen/rejected candidate pairs,
+    given by their products (:class:`loglinear_grpo.operators.PairOperator`), never stored.
+
+    With θ viewed as the |V′| × d matrix of head rows :math:`w_v`:
+
+    * :math:`(S\\theta)_i = f(y_w) - f(y_l)` with :math:`f(y) = \\sum_t h_t^\\top w_{y_t}` (gather rows of θ);
+    * :math:`S^\\top u = \\sum_i u_i(\\phi(y_{w,i}) - \\phi(y_{l,i}))`: the scatter-add of :math:`c_m h_m`
+      into row :math:`y_m` over token occurrences m, with :math:`c_m` the net weight of m's candidate;
+    * rows (for a sampled batch) as CSR, row norms, and the kernel :math:`SS^\\top = \\sum_v A_vA_v^\\top`
+      (:math:`A_v`: per pair, the signed sum of the hidden states scored against token v).
+
+    Every product reads the hidden states once, in blocks of about ``BLOCK_BYTES`` (a memory-mapped
+    cache is never loaded whole), token by token (:class:`TokenEntries`); the stored values
+    (float16, float32 or float64) are converted to float64 block by block, and all products and sums
+    are float64: the results equal those of the explicit CSR S up to float64 rounding.
+
+    Parameters
+    ----------
+    features : LastLayerFeatures
+        ``hidden`` may be a ``numpy.memmap`` (see ``llm_head.workdir.load_workdir(mmap=True)``).
+    chosen, rejected : array_like of int, shape (N,)
+        Global candidate indices of each pair.
+    source_fingerprint : str, optional
+        A checksum of the features (e.g. the work folder's SHA-256); :meth:`fingerprint` then hashes it
+        with the pair structure instead of streaming the hidden states.
+    """
+
+    def __init__(self, features, chosen, rejected, source_fingerprint=None):
+        self.features = features
+        self.chosen = np.asarray(chosen, dtype=np.int64).ravel()
+        self.rejected = np.asarray(rejected, dtype=np.int64).ravel()
+        if self.chosen.shape != self.rejected.shape:
+            raise ValueError(f"chosen {self.chosen.shape} and rejected {self.rejected.shape} differ in shape")
+        n_c = features.n_candidates
+        for name, idx in (("chosen", self.chosen), ("rejected", self.rejected)):
+            if idx.size and (idx.min() < 0 or idx.max() >= n_c):
+                raise ValueError(f"{name} holds candidate indices outside 0..{n_c - 1}")
+        self.source_fingerprint = source_fingerprint
+        self.hidden = features.hidden
+        self.hidden_size = features.hidden_size
+        self.vocab_size = features.vocab.size
+        self.shape = (self.chosen.size, features.dim)
+        col = np.searchsorted(features.vocab, features.entry_token)
+        # candidate entries of the candidates in use, by hidden row (for S θ and Sᵀ u)
+        used = np.zeros(n_c, dtype=bool)
+        used[self.chosen] = used[self.rejected] = True
+        keep = np.flatnonzero(used[features.entry_candidate])
+        self._entries = TokenEntries(self.hidden, features.entry_candidate[keep], col[keep],
+                                     features.entry_hidden[keep])
+        # pair entries (pair, token column, hidden row, ±1), by pair then column (rows, norms, kernel)
+        by_cand = np.argsort(features.entry_candidate, kind="stable")
+        counts = np.bincount(features.entry_candidate, minlength=n_c)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        n = self.chosen.size
+        parts = []
+        for cands, sign in ((self.chosen, 1.0), (self.rejected, -1.0)):
+            pos = by_cand[_ranges(starts[cands], counts[cands])]
+            parts.append((np.repeat(np.arange(n), counts[cands]), pos, sign))
+        pair = np.concatenate([p for p, _, _ in parts])
+        pos = np.concatenate([q for _, q, _ in parts])
+        sign = np.concatenate([np.full(q.size, s) for _, q, s in parts])
+        order = np.lexsort((col[pos], pair))
+        self._p_pair, self._p_col = pair[order], col[pos][order]
+        self._p_hid, self._p_sign = features.entry_hidden[pos][order], sign[order]
+        self._p_offsets = np.searchsorted(self._p_pair, np.arange(n + 1))
+        new = np.r_[True, (self._p_pair[1:] != self._p_pair[:-1]) | (self._p_col[1:] != self._p_col[:-1])]
+        self._n_blocks = int(new.sum())                 # stored (pair, token) blocks of the CSR S
+
+    # ---------------------------------------------------------------- products
+    def _candidate_weights(self, u):
+        n_c = self.features.n_candidates
+        return np.bincount(self.chosen, weights=u, minlength=n_c) - np.bincount(self.rejected, weights=u, minlength=n_c)
+
+    def matvec(self, x):
+        theta_rows = np.asarray(x, dtype=np.float64).reshape(self.vocab_size, self.hidden_size)
+        scores = self._entries.scores(theta_rows, self.features.n_candidates)
+        return scores[self.chosen] - scores[self.rejected]
+
+    def rmatmat(self, u):
+        u = np.asarray(u, dtype=np.float64)
+        weights = np.column_stack([self._candidate_weights(u[:, j]) for j in range(u.shape[1])])
+        return self._entries.scatter(weights, self.vocab_size).reshape(u.shape[1], -1).T
+
+    def rmatvec(self, u):
+        return self.rmatmat(np.asarray(u, dtype=np.float64)[:, None])[:, 0]
+
+    # ---------------------------------------------------------------- rows
+    def _aggregate(self, positions, local_pair):
+        """The non-zero (pair, token) blocks of the rows whose pair entries are ``positions`` (consecutive
+        equal (pair, column) form one block): ``(pair, column, vectors)``, vectors of shape (blocks, d)."""
+        col = self._p_col[positions]
+        if positions.size == 0:
+            return local_pair, col, np.zeros((0, self.hidden_size))
+        first = np.flatnonzero(np.r_[True, (local_pair[1:] != local_pair[:-1]) | (col[1:] != col[:-1])])
+        hid = self._p_hid[positions]
+        order = np.argsort(hid, kind="stable")          # read the hidden states in file order
+        where = np.empty_like(order)
+        where[order] = np.arange(order.size)            # entry m sits in row where[m] of the gathered block
+        rows = _gather(self.hidden, hid[order])
+        signs = sp.csr_matrix((self._p_sign[positions], where, np.r_[first, positions.size]),
+                              shape=(first.size, positions.size))
+        return local_pair[first], col[first], signs @ rows
+
+    def _pair_positions(self, index):
+        index = np.asarray(index, dtype=np.int64).ravel()
+        counts = self._p_offsets[index + 1] - self._p_offsets[index]
+        return _ranges(self._p_offsets[index], counts), np.repeat(np.arange(index.size), counts)
+
+    def rows(self, index):
+        index = np.asarray(index, dtype=np.int64).ravel()
+        positions, local = self._pair_positions(index)
+        pair, col, vectors = self._aggregate(positions, local)
+        d = self.hidden_size
+        indptr = np.r_[0, np.cumsum(np.bincount(pair, minlength=index.size) * d)]
+        indices = (col[:, None] * d + np.arange(d)).ravel()
+        return sp.csr_matrix((vectors.ravel(), indices, indptr), shape=(index.size, self.shape[1]))
+
+    def _pair_slices(self):
+        """Contiguous ranges of pairs whose entries fit one block."""
+        budget = _entry_block_size(self.hidden_size)
+        n, start = self.shape[0], 0
+        while start < n:
+            stop = int(np.searchsorted(self._p_offsets, self._p_offsets[start] + budget, side="right")) - 1
+            stop = min(n, max(stop, start + 1))
+            yield start, stop
+            start = stop
+
+    def row_blocks(self, block_rows=None):
+        for start, stop in self._pair_slices():
+            yield start, stop, self.rows(np.arange(start, stop))
+
+    def row_norms(self):
+        cached = getattr(self, "_row_norms", None)
+        if cached is None:
+            cached = np.zeros(self.shape[0])
+            for start, stop in self._pair_slices():
+                positions = np.arange(self._p_offsets[start], self._p_offsets[stop])
+                pair, _, vectors = self._aggregate(positions, self._p_pair[positions] - start)
+                cached[start:stop] = np.sqrt(np.bincount(pair, weights=np.einsum("ij,ij->i", vectors, vectors),
+                                                         minlength=stop - start))
+            self._row_norms = cached
+        return cached
+
+    def gram(self):
+        """:math:`SS^\\top = \\sum_v A_v A_v^\\top` over the tokens v of V′, columns of tokens at a time."""
+        n = self.shape[0]
+        out = np.zeros((n, n))
+        by_col = np.lexsort((self._p_pair, self._p_col))
+        col_sorted = self._p_col[by_col]
+        bounds = np.searchsorted(col_sorted, np.arange(self.vocab_size + 1))
+        budget = _entry_block_size(self.hidden_size)
+        v = 0
+        while v < self.vocab_size:
+            w = int(np.searchsorted(bounds, bounds[v] + budget, side="right")) - 1
+            w = min(self.vocab_size, max(w, v + 1))
+            positions = by_col[bounds[v]:bounds[w]]          # by column, then pair
+            block_pair, block_col, vectors = self._aggregate(positions, self._p_pair[positions])
+            edges = np.flatnonzero(np.r_[True, block_col[1:] != block_col[:-1], True])
+            for a, b in zip(edges[:-1], edges[1:]):
+                members = block_pair[a:b]
+                out[np.ix_(members, members)] += vectors[a:b] @ vectors[a:b].T
+            v = w
+        return out
+
+    # ---------------------------------------------------------------- bookkeeping
+    def subset(self, index):
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        return PairDifferenceOperator(self.features, self.chosen[index], self.rejected[index],
+                                      source_fingerprint=self.source_fingerprint)
+
+    def explicit_nbytes(self):
+        """Bytes of the CSR S: float64 values and int32 column indices of every stored (pair, token) block."""
+        return 12 * self._n_blocks * self.hidden_size + 8 * (self.shape[0] + 1)
+
+    def explicit(self, limit_bytes=None):
+        from loglinear_grpo.operators import EXPLICIT_LIMIT_BYTES
+        limit = EXPLICIT_LIMIT_BYTES if limit_bytes is None else limit_bytes
+        if self.explicit_nbytes() > limit:
+            return super().explicit(limit)
+        return self.rows(np.arange(self.shape[0]))
+
+    def fingerprint(self):
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            h = hashlib.sha256(repr(("PairDifferenceOperator", self.shape, self.hidden_size)).encode())
+            for arr in (self.features.vocab, self._p_pair, self._p_col, self._p_hid, self._p_sign):
+                h.update(np.ascontiguousarray(arr).tobytes())
+            if self.source_fingerprint is not None:
+                h.update(str(self.source_fingerprint).encode())
+            else:
+                hidden = self.hidden
+                h.update(str(hidden.dtype).encode())
+                step = max(1, (1 << 24) // max(1, hidden.shape[1] * hidden.dtype.itemsize))
+                for start in range(0, hidden.shape[0], step):
+                    h.update(np.ascontiguousarray(hidden[start:start + step]).tobytes())
+            cached = self._fingerprint = h.hexdigest()
+        return cached
+
+
+def pair_rows(features, chosen, rejected, storage="auto", source_fingerprint=None):
+    """S of the pairs as CSR or as a :class:`PairDifferenceOperator`.
+
+    ``storage``: ``"csr"``, ``"implicit"``, or ``"auto"`` — CSR while its predicted size is at most
+    ``CSR_LIMIT_BYTES`` (faster for short answers), implicit beyond (memory = the hidden states).
+    """
+    if storage not in ("auto", "csr", "implicit"):
+        raise ValueError(f"storage must be 'auto', 'csr' or 'implicit', got {storage!r}")
+    op = PairDifferenceOperator(features, chosen, rejected, source_fingerprint=source_fingerprint)
+    if storage == "implicit" or (storage == "auto" and op.explicit_nbytes() > CSR_LIMIT_BYTES):
+        return op
+    return features.pair_differences(chosen, rejected)

@@ -1,7 +1,7 @@
 """Last-layer group-robust fine-tuning: cached LLM features → the core solver → per-group evaluation.
 
 The problem handed to :func:`loglinear_grpo.solve` is exactly the paper's log-linear one:
-rows :math:`s_i=\\phi(x_i,y_w)-\\phi(x_i,y_l)` (sparse), reference log-ratios
+rows :math:`s_i=\\phi(x_i,y_w)-\\phi(x_i,y_l)` (CSR, or implicit for long answers), reference log-ratios
 :math:`r_i = s_i^\\top\\theta_{\\rm ref}` from the frozen layer W₀, Θ = the L2 ball of radius R
 around θ_ref, and θ⁽⁰⁾ = θ_ref. There is no second solver here.
 
@@ -19,7 +19,7 @@ from scipy.special import rel_entr
 
 import loglinear_grpo as lg
 
-from .features import LastLayerFeatures
+from .features import LastLayerFeatures, PairDifferenceOperator, pair_rows
 
 #: per-group metrics, and how the ``worst`` row aggregates each over groups
 METRICS = {"loss": "max", "rewards/accuracies": "min", "rewards/margins": "min", "logps/accuracies": "min",
@@ -33,7 +33,8 @@ class HeadProblem:
     ``pairs`` columns: ``item``, ``group`` (0..K−1), ``chosen``, ``rejected`` (candidate indices within
     the item) and ``split``. ``item_probs`` (optional): each item's target distribution over its
     candidates (the survey answers), for the Jensen–Shannon distance. ``features_sha256``: the
-    checksum of the work folder's features (recorded by every run trained on them).
+    checksum of the work folder's features (recorded by every run trained on them). ``storage``: S as
+    CSR or implicit (:func:`llm_head.features.pair_rows`; ``"auto"`` chooses by the CSR's predicted size).
     """
 
     features: LastLayerFeatures
@@ -42,6 +43,7 @@ class HeadProblem:
     group_names: list
     item_probs: list | None = None
     features_sha256: str | None = None
+    storage: str = "auto"
 
     def __post_init__(self):
         missing = {"item", "group", "chosen", "rejected", "split"} - set(self.pairs.columns)
@@ -52,6 +54,8 @@ class HeadProblem:
             raise ValueError(f"theta_ref must have shape ({self.features.dim},), got {self.theta_ref.shape}")
         if np.any(self.pairs["chosen"].to_numpy() == self.pairs["rejected"].to_numpy()):
             raise ValueError("a pair has chosen == rejected")
+        if self.storage not in ("auto", "csr", "implicit"):
+            raise ValueError(f"storage must be 'auto', 'csr' or 'implicit', got {self.storage!r}")
         self._cache = {}
         self.candidate_targets = None
         if self.item_probs is not None:
@@ -87,9 +91,9 @@ class HeadProblem:
             f = self.features
             chosen = f.candidate_index(table["item"], table["chosen"])
             rejected = f.candidate_index(table["item"], table["rejected"])
-            diff = f.pair_differences(chosen, rejected)
-            self._cache[split] = lg.PreferenceData(diff, relabel[table["group"].to_numpy()],
-                                                   ref_margin=diff @ self.theta_ref,
+            diff = pair_rows(f, chosen, rejected, self.storage, source_fingerprint=self.features_sha256)
+            ref = diff.matvec(self.theta_ref) if isinstance(diff, PairDifferenceOperator) else diff @ self.theta_ref
+            self._cache[split] = lg.PreferenceData(diff, relabel[table["group"].to_numpy()], ref_margin=ref,
                                                    group_names=[self.group_names[g] for g in present])
         return self._cache[split]
 
@@ -117,7 +121,7 @@ def evaluate(problem, theta, loss="ipo", beta=0.1, split="test"):
     data = problem.data(split)
     theta = np.asarray(theta, dtype=np.float64)
     table = lg.group_metrics(theta, data, loss, beta).drop(index="worst")
-    policy_margin = np.asarray(data.diff @ theta).ravel()
+    policy_margin = data.matvec(theta)
     counts = data.group_sizes
     table["logps/accuracies"] = np.bincount(data.groups, weights=(policy_margin > 0).astype(float),
                                             minlength=data.n_groups) / counts

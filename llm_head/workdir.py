@@ -140,13 +140,40 @@ def features_sha(workdir):
     return actual
 
 
-def load_workdir(workdir):
-    """(features, θ_ref, dataset record, model spec, features SHA-256) of a work folder."""
+#: safetensors dtype codes that numpy reads natively
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+                       "I32": np.int32, "U8": np.uint8}
+
+
+def memmap_tensor(path, name):
+    """One tensor of a ``.safetensors`` file as a read-only ``numpy.memmap`` (the format: an 8-byte
+    little-endian header length, a JSON header with each tensor's dtype, shape and byte range, then
+    the raw data)."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    entry = header.get(name)
+    if entry is None:
+        raise KeyError(f"{path} has no tensor {name!r}")
+    if entry["dtype"] not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which numpy cannot map")
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+    if end - begin != dtype.itemsize * int(np.prod(shape)):
+        raise ValueError(f"{path}: tensor {name!r} has a byte range that does not match its shape")
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + size + begin, shape=shape)
+
+
+def load_workdir(workdir, mmap=False):
+    """(features, θ_ref, dataset record, model spec, features SHA-256) of a work folder. ``mmap=True``
+    leaves the hidden states on disk (a read-only memmap, read block by block by the implicit S)."""
     from safetensors import safe_open
     p = paths(workdir)
     sha = features_sha(workdir)
     with safe_open(p["features"], framework="numpy") as fh:
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors = {k: (memmap_tensor(p["features"], k) if mmap and k == "hidden" else fh.get_tensor(k))
+                   for k in fh.keys()}
         spec = json.loads((fh.metadata() or {}).get("model", "{}"))
     with open(p["dataset"]) as fh:
         record = json.load(fh)
@@ -174,15 +201,18 @@ def pairs_for_seed(record, seed=0, split_by=None):
     return pairs
 
 
-def load_problem(workdir, seed=0, split_by=None):
-    """The :class:`~llm_head.train.HeadProblem` of a work folder for one seed, and the dataset record."""
+def load_problem(workdir, seed=0, split_by=None, storage="auto"):
+    """The :class:`~llm_head.train.HeadProblem` of a work folder for one seed, and the dataset record.
+    ``storage`` (``"auto"``, ``"csr"``, ``"implicit"``): how S is held (:func:`llm_head.features.pair_rows`);
+    with ``"implicit"`` the hidden states stay memory-mapped."""
     from .train import HeadProblem
-    features, theta_ref, record, _, sha = load_workdir(workdir)
+    features, theta_ref, record, _, sha = load_workdir(workdir, mmap=storage == "implicit")
     items = items_table(record)
     pairs = pairs_for_seed(record, seed, split_by)
     index = pair_indices(pairs.table, items, pairs.groups).assign(split=pairs.table["split"].to_numpy())
     targets = list(items["targets"]) if items["targets"].notna().all() else None
-    problem = HeadProblem(features, index, theta_ref, list(pairs.groups), item_probs=targets, features_sha256=sha)
+    problem = HeadProblem(features, index, theta_ref, list(pairs.groups), item_probs=targets, features_sha256=sha,
+                          storage=storage)
     return problem, record
 
 

@@ -4,7 +4,8 @@ A checkpoint is the :class:`~loglinear_grpo.solver.SolverState` plus the history
 *fingerprint* of everything that changes the iterates: the settings that enter the update (loss,
 β, method, estimator, χ, seed, batch size, the resolved step sizes, Θ's defining parameters), θ⁽⁰⁾,
 and the whole data set — every entry of S (streamed block by block; a memory-mapped S is never
-loaded whole), r and the group labels. The iteration budget and the stopping tolerance are *not*
+loaded whole; an implicit S by its :meth:`~loglinear_grpo.operators.PairOperator.fingerprint`), r and
+the group labels. The iteration budget and the stopping tolerance are *not*
 in it: a finished run can be extended by resuming with a larger ``steps``, and continues exactly as
 an uninterrupted longer run would (the counter-based sampler makes step t a pure function of
 (seed, t)), as long as the step sizes do not depend on T — a ``"theory"`` step does, and changes
@@ -41,7 +42,9 @@ def data_fingerprint(data):
     h = hashlib.sha256()
     h.update(json.dumps([int(data.n_samples), int(data.dim), int(data.n_groups)]).encode())
     diff = data.diff
-    if data.is_sparse:
+    if data.is_operator:
+        h.update(b"operator:" + diff.fingerprint().encode())
+    elif data.is_sparse:
         csr = diff.tocsr()
         csr.sort_indices()
         for part in (csr.indptr, csr.indices, csr.data):

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from .operators import PairOperator, as_pair_operator
+
 #: rows per block when streaming over ``diff`` (about 4 MiB of float64 at d=64)
 CHUNK_ROWS = 8192
 
@@ -42,7 +44,22 @@ def _check_scale(name, top):
                          "rescale it (the solvers' margins would under- or overflow)")
 
 
+def _check_operator(op, check_finite):
+    shape = getattr(op, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"diff: an operator must have a 2-D shape (N, d), got {shape!r}")
+    if check_finite:       # one pass over the rows: NaN/inf in any entry shows in its row's norm
+        norms = op.row_norms()
+        if norms.shape != (shape[0],) or not np.all(np.isfinite(norms)):
+            raise ValueError("diff contains NaN or inf (a row of the operator has a non-finite norm)")
+        _check_scale("diff (largest row norm)", float(norms.max(initial=0.0)))
+    return op
+
+
 def _check_diff(diff, check_finite):
+    op = as_pair_operator(diff)
+    if op is not None:
+        return _check_operator(op, check_finite)
     if _is_sparse(diff):
         if diff.ndim != 2:
             raise ValueError(f"diff must be 2-D (N x d), got ndim={diff.ndim}")
@@ -102,11 +119,13 @@ class PreferenceData:
 
     Parameters
     ----------
-    diff : array_like, numpy.memmap or scipy.sparse matrix, shape (N, d)
+    diff : array_like, numpy.memmap, scipy.sparse matrix or operator, shape (N, d)
         Row ``i`` is :math:`s_i = \\phi(x_i, y_{w,i}) - \\phi(x_i, y_{l,i})`. A ``numpy.memmap``
         is never loaded whole: full passes stream it in blocks of ``CHUNK_ROWS`` rows and the
         stochastic estimator reads only the rows it samples. Sparse rows (e.g. the
-        ``e_y ⊗ h(x)`` features of an LLM's last layer) stay sparse.
+        ``e_y ⊗ h(x)`` features of an LLM's last layer) stay sparse. An implicit S — a
+        :class:`~loglinear_grpo.operators.PairOperator` or a ``scipy.sparse.linalg.LinearOperator``
+        — is used through its products only (:mod:`loglinear_grpo.operators`).
     groups : array_like, shape (N,)
         Group label of each pair: integers in ``0..K-1``, or names (strings; then ``group_names``
         defaults to the names in order of first appearance).
@@ -264,17 +283,89 @@ class PreferenceData:
 
     @property
     def is_sparse(self):
+        """True for a ``scipy.sparse`` S (stored as CSR)."""
         return _is_sparse(self.diff)
+
+    @property
+    def is_operator(self):
+        """True for an implicit S (a :class:`~loglinear_grpo.operators.PairOperator`)."""
+        return isinstance(self.diff, PairOperator)
+
+    @property
+    def is_dense(self):
+        """True for an in-memory or memory-mapped ndarray S."""
+        return isinstance(self.diff, np.ndarray)
 
     @property
     def streamed(self):
         """True when full passes go block by block: a memory-mapped ``diff``, never loaded whole."""
         return isinstance(self.diff, np.memmap)
 
+    # ------------------------------------------------------------------ products with S
+    # The one place that knows how each kind of S (dense, memory-mapped, sparse, implicit) is read.
+    def matvec(self, x):
+        """:math:`S x`, shape (N,), float64 (streamed for a memmap)."""
+        if self.is_operator:
+            return self.diff.matvec(x)
+        if not self.streamed:
+            return np.asarray(self.diff @ x, dtype=np.float64).ravel()
+        out = np.empty(self.n_samples)
+        for start, stop, block in self.row_blocks():
+            out[start:stop] = block @ x
+        return out
+
+    def rmatvec(self, u):
+        """:math:`S^\\top u`, shape (d,), float64 (streamed for a memmap)."""
+        if self.is_operator:
+            return self.diff.rmatvec(u)
+        if not self.streamed:
+            return np.asarray(self.diff.T @ u, dtype=np.float64).ravel()
+        out = np.zeros(self.dim)
+        for start, stop, block in self.row_blocks():
+            out += block.T @ u[start:stop]
+        return out
+
+    def rows(self, index):
+        """The rows :math:`s_i`, i ∈ ``index``: an ndarray in S's dtype, or CSR (sparse or implicit S)."""
+        return self.diff.rows(index) if self.is_operator else self.diff[index]
+
+    def row_blocks(self, block_rows=CHUNK_ROWS):
+        """``(start, stop, block)`` over all rows in order: float64 ndarrays ``block_rows`` at a time
+        (bounded temporaries; a memmap is never loaded whole) or CSR (a sparse S whole, an implicit S
+        in the operator's blocks)."""
+        n = self.n_samples
+        if self.is_operator:
+            yield from self.diff.row_blocks()
+        elif self.is_sparse:
+            yield 0, n, self.diff
+        else:
+            for start in range(0, n, block_rows):
+                stop = min(start + block_rows, n)
+                yield start, stop, np.asarray(self.diff[start:stop], dtype=np.float64)
+
+    def gram(self):
+        """The kernel :math:`SS^\\top`, shape (N, N), dense float64 (the row-space solvers, d > N)."""
+        if self.is_operator:
+            return self.diff.gram()
+        gram = self.diff @ self.diff.T
+        return gram.toarray() if _is_sparse(gram) else np.asarray(gram, dtype=np.float64)
+
+    def explicit_diff(self):
+        """S as an in-memory ndarray or CSR (for the cvxpy and LP programs); an implicit S is formed
+        (``ValueError`` when too large, see :meth:`PairOperator.explicit`)."""
+        if self.is_operator:
+            return self.diff.explicit()
+        if self.streamed:
+            return np.asarray(self.diff, dtype=np.float64)
+        return self.diff
+
     def subset(self, index):
         """The pairs at ``index`` (an integer or boolean array), same groups and names."""
         index = np.asarray(index)
-        return PreferenceData(self.diff[index], self.groups[index], self.ref_margin[index],
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        diff = self.diff.subset(index) if self.is_operator else self.diff[index]
+        return PreferenceData(diff, self.groups[index], self.ref_margin[index],
                               group_names=self.group_names, check_finite=False)
 
     def sorted_by_group(self):
@@ -282,12 +373,17 @@ class PreferenceData:
         for a dense S), which makes each full-batch iteration one pass over S whatever K
         (:mod:`loglinear_grpo.kernels`). The solution does not depend on the order of the pairs."""
         order = np.argsort(self.groups, kind="stable")
-        diff = self.diff[order] if not isinstance(self.diff, np.memmap) else np.asarray(self.diff)[order]
+        if self.is_operator:
+            diff = self.diff.subset(order)
+        else:
+            diff = self.diff[order] if not isinstance(self.diff, np.memmap) else np.asarray(self.diff)[order]
         return PreferenceData(diff, self.groups[order], self.ref_margin[order], group_names=self.group_names,
                               check_finite=False), order
 
     def row_norms(self):
         """Euclidean norm of every row of ``diff`` (streamed)."""
+        if self.is_operator:
+            return self.diff.row_norms()
         if self.is_sparse:
             return np.sqrt(np.asarray(self.diff.multiply(self.diff).sum(axis=1)).ravel())
         out = np.empty(self.n_samples)
@@ -297,6 +393,7 @@ class PreferenceData:
         return out
 
     def __repr__(self):
-        kind = "sparse" if self.is_sparse else ("memmap" if isinstance(self.diff, np.memmap) else "dense")
+        kind = ("sparse" if self.is_sparse else "implicit" if self.is_operator
+                else "memmap" if isinstance(self.diff, np.memmap) else "dense")
         sizes = ", ".join(f"{n}={s}" for n, s in zip(self.group_names, self.group_sizes))
         return f"PreferenceData(N={self.n_samples}, d={self.dim}, {kind}, groups: {sizes})"

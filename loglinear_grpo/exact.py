@@ -27,7 +27,7 @@ from ._linalg import solve_psd as _solve_psd
 from ._linalg import trust_region_coefficients as _trust_region_coefficients
 from ._validation import check_loss, check_positive_finite, check_vector
 from .constraints import L2Ball, Box, Unconstrained, make_constraint
-from .data import CHUNK_ROWS, PreferenceData
+from .data import PreferenceData
 from .losses import get_loss
 from .objective import _check_data, _group_losses
 
@@ -47,8 +47,10 @@ def _cvxpy_pair_losses(cp, data, theta_var, loss, beta):
 
 
 def _cvxpy_diff(data):
-    if isinstance(data.diff, np.memmap):
-        return PreferenceData(np.asarray(data.diff, dtype=np.float64), data.groups, data.ref_margin,
+    """The data with S in memory (cvxpy and the LP need its entries): a memmap is read, an implicit
+    S formed when it fits (``ValueError`` otherwise)."""
+    if data.streamed or data.is_operator:
+        return PreferenceData(data.explicit_diff(), data.groups, data.ref_margin,
                               group_names=data.group_names, check_finite=False)
     return data
 
@@ -131,7 +133,7 @@ def _improving_direction(data, theta_set, tol=1e-9):
     else:
         return False
     n, d, k = data.n_samples, data.dim, data.n_groups
-    diff = data.diff if sp.issparse(data.diff) else sp.csr_matrix(np.asarray(data.diff, dtype=np.float64))
+    diff = sp.csr_matrix(data.explicit_diff(), dtype=np.float64)
     indicator = sp.csr_matrix((np.ones(n), (data.groups, np.arange(n))), shape=(k, n))
     rows = sp.vstack([sp.hstack([-diff, sp.csr_matrix((n, 1))]),
                       sp.hstack([-(indicator @ diff), np.ones((k, 1))])]).tocsc()
@@ -145,17 +147,16 @@ def _improving_direction(data, theta_set, tol=1e-9):
 def _normal_equations(data, pair_weights, target):
     """H = Sᵀ(w⊙S) and q = Sᵀ(w⊙b), streamed; never an N×N matrix."""
     d = data.dim
-    if data.is_sparse:
-        ws = data.diff.multiply(pair_weights[:, None]).tocsr()
-        hess = np.asarray((data.diff.T @ ws).todense())
-        return hess, np.asarray(ws.T @ target).ravel()
     hess = np.zeros((d, d))
     rhs = np.zeros(d)
-    for start in range(0, data.n_samples, CHUNK_ROWS):
-        block = np.asarray(data.diff[start:start + CHUNK_ROWS], dtype=np.float64)
-        wb = block * pair_weights[start:start + len(block), None]
-        hess += block.T @ wb
-        rhs += wb.T @ target[start:start + len(block)]
+    for start, stop, block in data.row_blocks():
+        if sp.issparse(block):
+            wb = block.multiply(pair_weights[start:stop, None]).tocsr()
+            hess += (block.T @ wb).toarray()
+        else:
+            wb = block * pair_weights[start:stop, None]
+            hess += block.T @ wb
+        rhs += np.asarray(wb.T @ target[start:stop]).ravel()
     return hess, rhs
 
 
@@ -182,7 +183,7 @@ def _row_space_least_squares(data, form, pair_weights, radius):
     yt = vec.T @ (root * form.target)
     coef, keep = _trust_region_coefficients(lam, np.sqrt(lam) * yt, radius)
     dual = np.where(keep, coef / np.sqrt(np.where(keep, lam, 1.0)), 0.0)
-    return np.asarray(data.diff.T @ (root * (vec @ dual))).ravel()
+    return data.rmatvec(root * (vec @ dual))
 
 
 def group_normal_equations(data, target_offset, theta_set=None):
@@ -201,11 +202,9 @@ def group_normal_equations(data, target_offset, theta_set=None):
         return None
     target = data.ref_margin + target_offset
     if isinstance(theta_set, L2Ball) and theta_set.center is not None and np.any(theta_set.center):
-        target = target - np.asarray(data.diff @ theta_set.center).ravel()
+        target = target - data.matvec(theta_set.center)
     if data.dim > data.n_samples and not data.streamed:
-        gram = data.diff @ data.diff.T
-        gram = gram.toarray() if hasattr(gram, "toarray") else np.asarray(gram, dtype=np.float64)
-        return RowSpaceForm(gram=np.asarray(gram, dtype=np.float64), target=target)
+        return RowSpaceForm(gram=data.gram(), target=target)
     k, d = data.n_groups, data.dim
     grams, rhs = np.empty((k, d, d)), np.empty((k, d))
     for g in range(k):
@@ -259,7 +258,7 @@ def weighted_least_squares(data, group_weights, target_offset, theta_set=None, n
     pair_w = (w / data.group_sizes)[data.groups]
     target = data.ref_margin + target_offset
     root_w = np.sqrt(pair_w)
-    if isinstance(theta_set, Box) and not data.is_sparse:
+    if isinstance(theta_set, Box) and data.is_dense:
         a = np.asarray(data.diff, dtype=np.float64) * root_w[:, None]
         lower = np.broadcast_to(theta_set.lower, (data.dim,))
         upper = np.broadcast_to(theta_set.upper, (data.dim,))
@@ -393,8 +392,8 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
     lam = ((1.0 - chi) / k + chi * alpha) if robust else w
     value = float((1.0 - chi) * losses.mean() + chi * losses.max()) if robust else float(w @ losses)
     y = np.clip(y, 0.0, lam[data.groups] * inv)
-    h = np.asarray(data.diff @ theta).ravel() - data.ref_margin
-    direction = -beta * np.asarray(data.diff.T @ y).ravel()
+    h = data.matvec(theta) - data.ref_margin
+    direction = -beta * data.rmatvec(y)
     linear = theta_set.min_linear(theta, direction)
     if np.isfinite(linear):
         lower, kind = float(y @ (1.0 - beta * h)) + linear, "rigorous"
@@ -407,7 +406,7 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
 
 def _hinge_highs(data, beta, theta_set, robust, w, chi, inv):
     n, d, k = data.n_samples, data.dim, data.n_groups
-    diff = data.diff if sp.issparse(data.diff) else sp.csr_matrix(np.asarray(data.diff, dtype=np.float64))
+    diff = sp.csr_matrix(data.explicit_diff(), dtype=np.float64)
     rows = [sp.hstack([-beta * diff, -sp.identity(n, format="csr"), sp.csr_matrix((n, 1))])]
     rhs = [-(1.0 + beta * data.ref_margin)]
     if robust:

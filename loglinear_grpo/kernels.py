@@ -16,6 +16,8 @@ one pass's worth of arithmetic whatever K.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import scipy.sparse as sp
 from scipy.special import expit, log_expit
@@ -97,14 +99,19 @@ def losses_and_group_gradients(theta, data, loss, beta, workspace=None):
 
     ``loss_sums[g] = Σ_{i∈D_g} ℓ(h_i)`` and ``G[g] = Σ_{i∈D_g} ℓ'(h_i) s_i`` (divide by N_g for the
     means). Dense and memory-mapped S (float64 or float32) go block by block; a sparse S in two
-    products (its blocks have no cache reuse to gain).
+    products (its blocks have no cache reuse to gain); an implicit S in its two products
+    :math:`S\\theta` and :math:`S^\\top U` (U: N × K).
     """
     spec = get_loss(loss)
     k, d = data.n_groups, data.dim
-    if data.is_sparse:
-        h = np.asarray(data.diff @ theta).ravel() - data.ref_margin
+    if data.is_sparse or data.is_operator:
+        h = data.matvec(theta) - data.ref_margin
         value, deriv = spec.value_and_grad(h, beta)
         loss_sums = np.bincount(data.groups, weights=value, minlength=k)
+        if data.is_operator:          # Sᵀ U with U = ℓ'_i in column g_i: one call, however the operator does it
+            weights = np.zeros((data.n_samples, k))
+            weights[np.arange(data.n_samples), data.groups] = deriv
+            return loss_sums, np.ascontiguousarray(data.diff.rmatmat(weights).T)
         indicator = sp.csr_matrix((deriv, (data.groups, np.arange(data.n_samples))), shape=(k, data.n_samples))
         return loss_sums, np.asarray((indicator @ data.diff).todense())
     ws = workspace if workspace is not None and workspace.data is data else Workspace(data)
@@ -145,3 +152,33 @@ def losses_and_group_gradients(theta, data, loss, beta, workspace=None):
             indicator = sp.csr_matrix((deriv, (g, ws.columns[:n])), shape=(k, n))
             grads += indicator @ np.asarray(block)
     return loss_sums, grads
+
+
+class FullPass(NamedTuple):
+    """One full pass at θ: the group loss sums and what the θ step needs for any group weights w.
+
+    For a stored S (dense, memory-mapped, sparse) the pass already holds the K × d group gradient sums
+    :math:`G_g = \\sum_{i\\in D_g}\\ell'_i s_i` (one read of S). For an implicit S it holds
+    the pair derivatives :math:`\\ell'_i`, and :meth:`gradient` is one more product
+    :math:`S^\\top u` — two passes, but never K of them.
+    """
+
+    loss_sums: np.ndarray
+    group_gradients: np.ndarray | None
+    pair_derivatives: np.ndarray | None
+
+    def gradient(self, group_weights, data):
+        """:math:`\\sum_g w_g G_g`, shape (d,)."""
+        if self.group_gradients is not None:
+            return group_weights @ self.group_gradients
+        return data.rmatvec(group_weights[data.groups] * self.pair_derivatives)
+
+
+def full_pass(theta, data, loss, beta, workspace=None):
+    """:class:`FullPass` at θ (see :func:`losses_and_group_gradients`)."""
+    if data.is_operator:
+        h = data.matvec(theta) - data.ref_margin
+        value, deriv = get_loss(loss).value_and_grad(h, beta)
+        return FullPass(np.bincount(data.groups, weights=value, minlength=data.n_groups), None, deriv)
+    loss_sums, grads = losses_and_group_gradients(theta, data, loss, beta, workspace)
+    return FullPass(loss_sums, grads, None)

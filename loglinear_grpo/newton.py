@@ -55,7 +55,7 @@ from scipy.special import logsumexp, softmax
 
 from ._linalg import EPS
 from .constraints import L2Ball, Unconstrained
-from .data import CHUNK_ROWS, PreferenceData
+from .data import PreferenceData
 from .losses import get_loss
 
 #: the temperature μ shrinks by this factor once the Newton decrement is at most DECREMENT_SHARE of it
@@ -96,21 +96,12 @@ class PairOracle:
 
     # -- S-products ------------------------------------------------------------------
     def _blocks(self):
-        n = self.data.n_samples
-        if self.data.is_sparse:
-            yield 0, n, self.data.diff
-            return
-        for start in range(0, n, CHUNK_ROWS):
-            stop = min(start + CHUNK_ROWS, n)
-            yield start, stop, np.asarray(self.data.diff[start:stop], dtype=np.float64)
+        return self.data.row_blocks()
 
     def product(self, x):
         """S x, shape (N,)."""
         self.passes += 1
-        out = np.empty(self.data.n_samples)
-        for start, stop, block in self._blocks():
-            out[start:stop] = np.asarray(block @ x).ravel()
-        return out
+        return self.data.matvec(x)
 
     def margins(self, theta):
         return self.product(theta) - self.data.ref_margin
@@ -172,10 +163,10 @@ class RowSpaceReduction:
     basis: np.ndarray          # V Λ^{-1/2}, shape (N, r)
 
     def lift(self, b, original):
-        return self.center + np.asarray(original.diff.T @ (self.basis @ b)).ravel()
+        return self.center + original.rmatvec(self.basis @ b)
 
     def reduce(self, theta, original):
-        return self.basis.T @ np.asarray(original.diff @ (theta - self.center)).ravel()
+        return self.basis.T @ original.matvec(theta - self.center)
 
 
 _REDUCTIONS = weakref.WeakKeyDictionary()
@@ -194,14 +185,13 @@ def row_space_reduction(data, theta_set):
         return None
     cached = _REDUCTIONS.get(data)                  # one kernel and eigen-decomposition per data set
     if cached is None:
-        kernel = data.diff @ data.diff.T
-        kernel = kernel.toarray() if sp.issparse(kernel) else np.asarray(kernel, dtype=np.float64)
+        kernel = data.gram()
         lam, vec = np.linalg.eigh(kernel)
         keep = lam > max(lam.max(initial=0.0), 1e-300) * data.n_samples * EPS
         cached = _REDUCTIONS[data] = (vec[:, keep], np.sqrt(lam[keep]))
     vec, root = cached
     center = np.zeros(data.dim) if getattr(theta_set, "center", None) is None else theta_set.center
-    offsets = data.ref_margin - np.asarray(data.diff @ center).ravel()
+    offsets = data.ref_margin - data.matvec(center)
     reduced = PreferenceData(vec * root, data.groups, offsets, group_names=data.group_names,
                              check_finite=False)
     reduced_set = L2Ball(theta_set.radius) if isinstance(theta_set, L2Ball) else Unconstrained()

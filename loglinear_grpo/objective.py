@@ -10,38 +10,13 @@ import numpy as np
 import pandas as pd
 
 from ._validation import check_loss, check_positive_finite, check_vector
-from .data import CHUNK_ROWS, PreferenceData
+from .data import PreferenceData
 from .losses import get_loss
-
-def _blocks(data):
-    n = data.n_samples
-    if not data.streamed:
-        yield 0, n, data.diff
-        return
-    for start in range(0, n, CHUNK_ROWS):
-        stop = min(start + CHUNK_ROWS, n)
-        yield start, stop, data.diff[start:stop]
 
 
 def margins(theta, data):
     """:math:`h_i(\\theta) = s_i^\\top\\theta - r_i` for every pair (§3.1), shape (N,)."""
-    if not data.streamed:
-        return np.asarray(data.diff @ theta).ravel() - data.ref_margin
-    h = np.empty(data.n_samples)
-    for start, stop, block in _blocks(data):
-        h[start:stop] = block @ theta
-    h -= data.ref_margin
-    return h
-
-
-def rmatvec(data, v):
-    """:math:`S^\\top v` (streamed), shape (d,)."""
-    if not data.streamed:
-        return np.asarray(data.diff.T @ v).ravel()
-    out = np.zeros(data.dim)
-    for start, stop, block in _blocks(data):
-        out += block.T @ v[start:stop]
-    return out
+    return data.matvec(theta) - data.ref_margin
 
 
 def group_means(values, data):
@@ -87,7 +62,7 @@ def weighted_gradient(theta, weights, data, loss, beta):
     :math:`u_i = \\frac{w_{g_i}}{N_{g_i}}\\,\\ell'(h_i)` (Eq. (11) summed over the data)."""
     h = margins(theta, data)
     pair_w = (weights / data.group_sizes)[data.groups]
-    return rmatvec(data, pair_w * get_loss(loss).derivative(h, beta))
+    return data.rmatvec(pair_w * get_loss(loss).derivative(h, beta))
 
 
 def _check_data(data):

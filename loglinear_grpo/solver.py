@@ -62,7 +62,7 @@ from .constraints import L2Ball, make_constraint
 from .data import CHUNK_ROWS
 from .exact import certified_best_response, group_normal_equations, hinge_program, weighted_least_squares
 from .losses import get_loss
-from .kernels import Workspace, losses_and_group_gradients
+from .kernels import Workspace, full_pass
 from .objective import _check_data, _group_losses, group_metrics, margins
 
 #: steps drawn per call of the counter-based sampler (one Generator per block)
@@ -270,8 +270,9 @@ def theory_step_sizes(constants, steps):
 
 
 def _largest_group_curvature(data, iters=30, seed=0):
-    """max_g λ_max(S_gᵀS_g/N_g) by power iteration on each group (used for a safe 1/L step), on S
-    divided by its largest entry (no overflow or underflow whatever the scale of the features)."""
+    """max_g λ_max(S_gᵀS_g/N_g) by power iteration on each group (used for a safe 1/L step); the
+    vectors are scaled by S's largest entry, so that no product over- or underflows whatever the
+    scale of the features."""
     rng = np.random.default_rng(seed)
     scale = _max_abs(data)
     if scale == 0.0:
@@ -279,13 +280,17 @@ def _largest_group_curvature(data, iters=30, seed=0):
     best = 0.0
     for g in range(data.n_groups):
         rows = np.flatnonzero(data.groups == g)
-        sub = data.diff[rows]
-        sub = sub.multiply(1.0 / scale).tocsr() if data.is_sparse else np.asarray(sub, dtype=np.float64) / scale
+        if data.is_operator:
+            sub = data.diff.subset(rows)
+            product, adjoint = sub.matvec, sub.rmatvec
+        else:
+            sub = data.diff[rows]
+            product, adjoint = (lambda x: np.asarray(sub @ x).ravel()), (lambda y: np.asarray(sub.T @ y).ravel())
         v = rng.standard_normal(data.dim)
         v /= np.linalg.norm(v)
         lam = 0.0
         for _ in range(iters):
-            w = np.asarray(sub.T @ np.asarray(sub @ v).ravel()).ravel() / len(rows)
+            w = adjoint(product(v / scale) / scale) / len(rows)
             lam = float(np.linalg.norm(w))
             if lam == 0.0:
                 break
@@ -295,6 +300,9 @@ def _largest_group_curvature(data, iters=30, seed=0):
 
 
 def _max_abs(data):
+    """The largest |entry| of S (for an implicit S, the largest row norm: an upper bound)."""
+    if data.is_operator:
+        return float(np.max(data.row_norms(), initial=0.0))
     if data.is_sparse:
         return float(np.max(np.abs(data.diff.data), initial=0.0))
     top = 0.0
@@ -561,11 +569,11 @@ def update(state, data, config, batch=None, workspace=None):
 
 def _full_step(state, data, config, t, workspace=None):
     """Losses and group gradients in one pass over S (:mod:`loglinear_grpo.kernels`), then the α
-    step, then the θ step with the gradient :math:`\sum_g (\lambda_g/N_g)\,G_g`."""
-    loss_sums, grad_sums = losses_and_group_gradients(state.theta, data, config.loss, config.beta, workspace)
-    losses = loss_sums / config.group_sizes
+    step, then the θ step with the gradient :math:`\\sum_g (\\lambda_g/N_g)\\,G_g`."""
+    result = full_pass(state.theta, data, config.loss, config.beta, workspace)
+    losses = result.loss_sums / config.group_sizes
     log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
-    grad = (_theta_weights(alpha, config) / config.group_sizes) @ grad_sums
+    grad = result.gradient(_theta_weights(alpha, config) / config.group_sizes, data)
     theta = _projected_step(state.theta, grad, config, t)
     return theta, log_alpha, alpha, losses
 
@@ -629,8 +637,8 @@ def _full_batch_run(state, data, config, stop, workspace):
     alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
     sizes, chi, k = config.group_sizes, config.chi, log_alpha.size
     for t in range(state.step + 1, stop + 1):
-        loss_sums, grad_sums = losses_and_group_gradients(theta, data, config.loss, config.beta, workspace)
-        losses = loss_sums / sizes
+        result = full_pass(theta, data, config.loss, config.beta, workspace)
+        losses = result.loss_sums / sizes
         if config.adaptive_alpha:
             log_alpha += (config.alpha_step.at(t) * chi) * losses
             if not np.all(np.isfinite(log_alpha)):
@@ -638,7 +646,7 @@ def _full_batch_run(state, data, config, stop, workspace):
                                  f"overflows at step {t}: use a smaller alpha_step_size")
             alpha = _normalize_in_place(log_alpha)
         weights = alpha if chi == 1.0 else (1.0 - chi) / k + chi * alpha
-        grad = (weights / sizes) @ grad_sums
+        grad = result.gradient(weights / sizes, data)
         grad *= config.theta_step.at(t)
         theta -= grad
         theta = _project_in_place(theta, config, t)
@@ -686,14 +694,11 @@ def _single_pair_run(state, data, config, stop, sampler_cache):
 
 
 def _stochastic_step(state, data, config, batch, t):
-    if batch.size == 1 and config.scalar_loss is not None and not data.is_sparse:
+    if batch.size == 1 and config.scalar_loss is not None and data.is_dense:
         return _single_pair_step(state, data, config, int(batch[0]), t)
     loss, beta = config.loss, config.beta
-    rows = data.diff[batch]
-    if data.is_sparse:
-        h = np.asarray(rows @ state.theta).ravel() - data.ref_margin[batch]
-    else:
-        h = rows @ state.theta - data.ref_margin[batch]
+    rows = data.rows(batch)
+    h = np.asarray(rows @ state.theta).ravel() - data.ref_margin[batch]
     groups = data.groups[batch]
     scale = config.n_samples * config.pair_inv_size[batch] / batch.size    # N/(N_g B)
     values, dl = get_loss(loss).value_and_grad(h, beta)
@@ -1077,7 +1082,7 @@ def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, f
     cert, cert_step = None, -1
     try:
         single = (config.estimator == "stochastic" and config.batch_size == 1 and config.scalar_loss is not None
-                  and not data.is_sparse)
+                  and data.is_dense)
         fast = callback is None and (single or config.estimator == "full")
         while state.step < config.steps:
             if fast:                     # run in place up to the next step that logs, certifies or saves

@@ -319,3 +319,26 @@ def test_a_mistyped_path_is_no_hub_id(tmp_path):
         lh.load_preference_pairs(str(tmp_path / "my-pairs.jsnol"))
     with pytest.raises(ValueError, match="no such file"):
         lh.load_preference_pairs("pairs.tsv")
+
+
+def test_implicit_storage_trains_the_same_head_from_a_memory_mapped_cache(tmp_path, shared_pairs, gemma_folder):
+    """--storage implicit: S from the memory-mapped hidden states (llm_head.features.PairDifferenceOperator)
+    gives the CSR run's certified head."""
+    data = tmp_path / "pairs.jsonl"
+    shared_pairs.to_json(data, orient="records", lines=True)
+    work = tmp_path / "work"
+    assert _extract(data, work, gemma_folder) == 0
+    for storage in ("csr", "implicit"):
+        assert cli(["train", "--workdir", str(work), "--loss", "sigmoid", "--radius", "0.5", "--storage", storage,
+                    "--run", storage]) == 0
+    thetas = [np.load(work / "runs" / s / "theta.npy") for s in ("csr", "implicit")]
+    np.testing.assert_allclose(thetas[1], thetas[0], rtol=1e-8, atol=1e-10)
+    with open(work / "runs" / "implicit" / "settings.json") as fh:
+        settings = json.load(fh)
+    assert settings["certificate"]["converged"] and settings["storage"] == "implicit"
+    assert cli(["evaluate", "--workdir", str(work), "--run", "implicit", "--split", "train"]) == 0
+    problem, _ = lh.load_problem(str(work), storage="implicit")
+    assert isinstance(problem.features.hidden, np.memmap)
+    assert problem.data("train").is_operator
+    eager, *_ = wd.load_workdir(str(work))
+    np.testing.assert_array_equal(np.asarray(problem.features.hidden), eager.hidden)
