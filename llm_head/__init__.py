@@ -20,7 +20,7 @@ from .data import (PreferencePairs, assign_splits, items_from_pairs, load_prefer
                    pairs_from_frame)
 from .extract import (DEFAULT_MODEL, LoadedModel, Rendering, extract_features, load_model, prepare_model,
                       smollm2_gguf, time_extraction)
-from .features import LastLayerFeatures
+from .features import LastLayerFeatures, PairDifferenceOperator, pair_rows
 from .head import (export_model, head_rows, load_head_delta, reference_theta, save_head_delta,
                    untie_output_layer, write_rows)
 from .opinions import PAPER_COUNTRIES, OpinionItems, load_global_opinions, make_pairs, opinion_pairs
@@ -29,9 +29,9 @@ from .workdir import load_problem
 
 __all__ = [
     "DEFAULT_MODEL", "HeadProblem", "LastLayerFeatures", "LoadedModel", "OpinionItems", "PAPER_COUNTRIES",
-    "PreferencePairs", "Rendering", "alpha_history", "assign_splits", "evaluate", "export_model",
+    "PairDifferenceOperator", "PreferencePairs", "Rendering", "alpha_history", "assign_splits", "evaluate", "export_model",
     "extract_features", "head_rows", "items_from_pairs", "js_distances", "load_global_opinions",
     "load_head_delta", "load_model", "load_preference_pairs", "load_problem", "make_pairs", "opinion_pairs",
-    "pair_indices", "pairs_from_frame", "prepare_model", "reference_theta", "save_head_delta", "smollm2_gguf",
+    "pair_indices", "pair_rows", "pairs_from_frame", "prepare_model", "reference_theta", "save_head_delta", "smollm2_gguf",
     "time_extraction", "train", "untie_output_layer", "write_rows",
 ]

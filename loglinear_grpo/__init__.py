@@ -12,6 +12,7 @@ from .data import PreferenceData
 from .exact import ExactResult, best_response, duality_gap, solve_exact, weighted_least_squares
 from .losses import pair_loss, pair_loss_derivative
 from .objective import group_losses, group_metrics, margins, weighted_gradient, worst_group_loss
+from .operators import PairOperator
 from .solver import (ConvergenceWarning, SolveResult, SolverConfig, SolverState, StepSize, averaged_alpha,
                      averaged_theta, init, make_config, sample_batch, solve, theory_constants,
                      theory_step_sizes, update)
@@ -19,7 +20,7 @@ from .solver import (ConvergenceWarning, SolveResult, SolverConfig, SolverState,
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConvergenceWarning", "Box", "ConvexSet", "ExactResult", "L2Ball", "PreferenceData", "SolveResult", "SolverConfig",
+    "ConvergenceWarning", "Box", "ConvexSet", "ExactResult", "L2Ball", "PairOperator", "PreferenceData", "SolveResult", "SolverConfig",
     "SolverState", "StepSize", "Unconstrained", "averaged_alpha", "averaged_theta", "best_response",
     "duality_gap", "group_losses", "group_metrics", "init", "make_config", "margins", "pair_loss",
     "pair_loss_derivative", "sample_batch", "solve", "solve_exact", "theory_constants",

@@ -113,6 +113,16 @@ def _check_diff(diff, check_finite):
     return arr
 
 
+def weighted_gram(block, weights):
+    """:math:`B^\\top\\mathrm{diag}(w)B` (dense d × d) of one block of rows (ndarray or CSR), w ≥ 0."""
+    root = np.sqrt(weights)
+    if _is_sparse(block):
+        scaled = block.multiply(root[:, None]).tocsr()
+        return (scaled.T @ scaled).toarray()
+    scaled = block * root[:, None]
+    return scaled.T @ scaled
+
+
 @dataclass(frozen=True, eq=False)
 class PreferenceData:
     """Pairs ``(x_g, y_w, y_l)`` of ``K`` groups, reduced to what a log-linear policy needs.

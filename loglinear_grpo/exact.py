@@ -27,7 +27,7 @@ from ._linalg import solve_psd as _solve_psd
 from ._linalg import trust_region_coefficients as _trust_region_coefficients
 from ._validation import check_loss, check_positive_finite, check_vector
 from .constraints import L2Ball, Box, Unconstrained, make_constraint
-from .data import PreferenceData
+from .data import PreferenceData, weighted_gram
 from .losses import get_loss
 from .objective import _check_data, _group_losses
 
@@ -150,13 +150,8 @@ def _normal_equations(data, pair_weights, target):
     hess = np.zeros((d, d))
     rhs = np.zeros(d)
     for start, stop, block in data.row_blocks():
-        if sp.issparse(block):
-            wb = block.multiply(pair_weights[start:stop, None]).tocsr()
-            hess += (block.T @ wb).toarray()
-        else:
-            wb = block * pair_weights[start:stop, None]
-            hess += block.T @ wb
-        rhs += np.asarray(wb.T @ target[start:stop]).ravel()
+        hess += weighted_gram(block, pair_weights[start:stop])
+        rhs += np.asarray(block.T @ (pair_weights[start:stop] * target[start:stop])).ravel()
     return hess, rhs
 
 

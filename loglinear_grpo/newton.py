@@ -55,7 +55,7 @@ from scipy.special import logsumexp, softmax
 
 from ._linalg import EPS
 from .constraints import L2Ball, Unconstrained
-from .data import PreferenceData
+from .data import PreferenceData, weighted_gram
 from .losses import get_loss
 
 #: the temperature μ shrinks by this factor once the Newton decrement is at most DECREMENT_SHARE of it
@@ -113,7 +113,7 @@ class PairOracle:
         data = self.data
         k, d = data.n_groups, data.dim
         weights = pair_d1 * self.pair_inv_size
-        root = np.sqrt(np.maximum(pair_curv, 0.0))
+        curv = np.maximum(pair_curv, 0.0)
         grads = np.zeros((k, d))
         hess = np.zeros((d, d))
         for start, stop, block in self._blocks():
@@ -121,12 +121,7 @@ class PairOracle:
             indicator = sp.csr_matrix((weights[start:stop], (data.groups[start:stop], rows)),
                                       shape=(k, stop - start))
             grads += np.asarray((indicator @ block).todense() if sp.issparse(block) else indicator @ block)
-            if sp.issparse(block):
-                scaled = block.multiply(root[start:stop, None]).tocsr()
-                hess += (scaled.T @ scaled).toarray()
-            else:
-                scaled = block * root[start:stop, None]
-                hess += scaled.T @ scaled
+            hess += weighted_gram(block, curv[start:stop])
         return grads, hess
 
     # -- per-pair terms ------------------------------------------------------------------

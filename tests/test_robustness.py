@@ -1,11 +1,9 @@
 """Reliability: no silent wrong answer, no lost work. One regression test per item of the reliability
 issue (each failed on the code before it), then a fuzz test that keeps it so."""
 import os
-import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import tracemalloc
 import warnings
 
