@@ -14,7 +14,9 @@
 6. a memory-mapped float32 S of 2·10^7 × 32 (2.4 GB): one full-batch iteration against one streamed
    pass over the file, and the resident memory;
 7. how the cost of one iteration grows with N, d and K (one log–log panel per axis, full-batch
-   and stochastic estimators; ``--scaling-only`` runs just this).
+   and stochastic estimators; ``--scaling-only`` runs just this);
+8. where the time of item 2 goes, in ns per pair: the first product, the loss terms, the
+   group-gradient product (``--breakdown-only`` runs just this).
 
 Prints a table and writes ``speed.csv``, ``scaling.csv`` and ``scaling.png`` to ``--out``. Timings are the
 best of several repeats; this machine is shared, so read them as ±10%.
@@ -92,12 +94,63 @@ def large(rows, n, d, k=5):
                          "ratio": one_pass / it,
                          "note": f"share of one NumPy pass S@θ (goal ≥ 0.5, aim 0.8); pass = "
                                  f"{s.nbytes / one_pass / 1e9:.1f} GB/s"})
-        del s, unsorted, ordered
     for order in ("random order", "sorted by group"):
         rows.append({"case": f"N={n:.0e} d={d} K={k}, {order}", "what": "float32 vs float64 iteration",
                      "toolkit_s": times[(np.float32, order)], "reference_s": times[(np.float64, order)],
                      "ratio": times[(np.float32, order)] / times[(np.float64, order)],
                      "note": "time ratio float32 / float64 (the same iteration on half the bytes)"})
+
+
+def breakdown(rows, n, d, k=5):
+    """Where one full-batch DPO iteration's time goes, per pair (ns), against the pass S @ θ: the
+    blocked first product alone, the per-pair loss terms (ℓ, ℓ' of DPO: one exp, one log and seven
+    cheap ufuncs), the group-gradient product (sorted groups: one gemv per run; random groups: the
+    K × rows weight matrix and its product), and the whole iteration."""
+    from loglinear_grpo import kernels
+    rng = np.random.default_rng(0)
+    groups = np.sort(rng.integers(0, k, n))
+    theta = rng.standard_normal(d) * 0.1
+    for dtype in (np.float64, np.float32):
+        s = rng.standard_normal((n, d)).astype(dtype)
+        data = lg.PreferenceData(s, groups, check_finite=False)
+        ws = kernels.Workspace(data)
+        m = ws.rows
+        th = theta.astype(dtype)
+        blocks = [(a, min(a + m, n)) for a in range(0, n, m)]
+        h = np.empty(n)
+
+        def first_product():
+            for a, b in blocks:
+                np.dot(s[a:b], th, out=ws.h[:b - a])
+
+        def loss_terms():
+            for a, b in blocks:
+                kernels._dpo_block(h[a:b], 0.1, ws, b - a)
+
+        deriv = rng.standard_normal(n).astype(dtype)
+
+        def group_products_sorted():
+            for a, b in blocks:
+                deriv[a:b] @ s[a:b]                      # one run per block (groups sorted)
+
+        g = rng.integers(0, k, m)
+
+        def group_products_random():
+            for a, b in blocks:
+                w = ws.weights[:, :b - a]
+                w.fill(0.0)
+                w[g[:b - a], ws.columns[:b - a]] = deriv[a:b]
+                w @ s[a:b]
+
+        parts = {"pass S@θ (reference)": lambda: s @ th, "blocked first product": first_product,
+                 "loss terms ℓ, ℓ' (DPO)": loss_terms, "group gradients, sorted groups": group_products_sorted,
+                 "group gradients, random groups": group_products_random,
+                 "whole iteration (sorted)": lambda: kernels.losses_and_group_gradients(theta, data, "dpo", 0.1, ws)}
+        for what, fn in parts.items():
+            t = best_of(fn, 5)
+            rows.append({"case": f"N={n:.0e} d={d} K={k} {np.dtype(dtype).name}", "what": f"breakdown: {what}",
+                         "toolkit_s": t, "reference_s": np.nan, "ratio": t / n * 1e9,
+                         "note": "ratio = ns per pair"})
 
 
 def stochastic(rows, steps):
@@ -301,7 +354,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("--scaling-only", action="store_true", help="run item 6 only")
+    parser.add_argument("--scaling-only", action="store_true", help="run item 7 only")
+    parser.add_argument("--breakdown-only", action="store_true", help="run item 8 only")
     parser.add_argument("--memmap-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memmap_worker:
@@ -309,6 +363,13 @@ def main(argv=None):
         memmap_worker(int(n), int(d), int(steps), folder)
         return 0
     os.makedirs(args.out, exist_ok=True)
+    if args.breakdown_only:
+        rows = []
+        breakdown(rows, 10**5 if args.quick else 10**6, 64)
+        table = pd.DataFrame(rows)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        table.to_csv(os.path.join(args.out, "breakdown.csv"), index=False)
+        return 0
     table = scaling(args.quick)
     table.to_csv(os.path.join(args.out, "scaling.csv"), index=False)
     plot_scaling(table, os.path.join(args.out, "scaling.png"))
@@ -318,6 +379,7 @@ def main(argv=None):
     rows = []
     paper_size(rows, 2000 if args.quick else 20000)
     large(rows, 10**5 if args.quick else 10**6, 64)
+    breakdown(rows, 10**5 if args.quick else 10**6, 64)
     stochastic(rows, 500 if args.quick else 20000)
     closed_form(rows)
     certified(rows, 10**5 if args.quick else 10**6, 64,

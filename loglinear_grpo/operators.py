@@ -68,11 +68,15 @@ class PairOperator(abc.ABC):
 
     def rows(self, index):
         """The rows :math:`s_i`, i ∈ ``index``: a dense (len(index), d) array or a CSR matrix.
-        Default: :math:`(S^\\top E)^\\top` with E the unit vectors of ``index``."""
+        Default: :math:`s_i = S^\\top e_i`, one product per row (O(N) extra memory)."""
         index = np.asarray(index, dtype=np.intp).ravel()
-        unit = np.zeros((self.shape[0], index.size))
-        unit[index, np.arange(index.size)] = 1.0
-        return np.ascontiguousarray(self.rmatmat(unit).T)
+        out = np.empty((index.size, self.shape[1]))
+        unit = np.zeros(self.shape[0])
+        for j, i in enumerate(index):
+            unit[i] = 1.0
+            out[j] = self.rmatvec(unit)
+            unit[i] = 0.0
+        return out
 
     def row_blocks(self, block_rows=ROW_BLOCK):
         """``(start, stop, rows)`` over all rows in order, ``block_rows`` at a time."""
