@@ -1,7 +1,7 @@
 """Long answers at LLM scale: the implicit S against the CSR S (issue 14).
 
     python benchmarks/implicit_features.py [--pairs 10000] [--lengths 4 8 16 32 64] [--hidden-size 2048]
-        [--vocab 8000] [--solve-pairs 2000] [--quick] [--out benchmarks/results]
+        [--vocab 8000] [--solve-pairs 2000] [--quick] [--out paper_figures/performance]
 
 Random hidden states (no model needed) stand in for a cache of final hidden states: ``pairs`` pairs of
 two answers of ``L`` tokens each, one float16 hidden state of size ``hidden-size`` per answer token
@@ -171,7 +171,7 @@ def main(argv=None):
     p.add_argument("--csr-limit", type=float, default=6.0, help="build the CSR S up to this many GiB")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="1000 pairs, L = 4 16, d_h = 256 (a smoke run)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=os.path.join(ROOT, "paper_figures", "performance"))
     p.add_argument("--measure", choices=("implicit", "csr", "solve"), help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)

@@ -1,6 +1,6 @@
 """Speed and scale of the solvers, measured against the machine's own limits.
 
-    python benchmarks/speed.py [--quick] [--out benchmarks/results]
+    python benchmarks/speed.py [--quick] [--out paper_figures/performance]
 
 1. full-batch solve at the paper's size (N=300, d=4, K=2) vs a bare NumPy loop of the same
    update, identical iterates asserted (goal ≤ 1.2×);
@@ -353,7 +353,7 @@ def plot_scaling(table, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "paper_figures", "performance"))
     parser.add_argument("--scaling-only", action="store_true", help="run item 7 only")
     parser.add_argument("--breakdown-only", action="store_true", help="run item 8 only")
     parser.add_argument("--memmap-worker", nargs=4, help=argparse.SUPPRESS)

@@ -13,9 +13,17 @@ multiplied in float32 (no float64 copy of S, ever), with the per-block results a
 float64. When every group's pairs are stored contiguously (:meth:`PreferenceData.sorted_by_group`),
 ``G`` takes one product per group run instead of a K-row product: the second read of a block costs
 one pass's worth of arithmetic whatever K.
+
+A large dense S is cut into a fixed number of parts (by N alone, never by the machine), each part's
+blocks are summed by one thread with BLAS held to one thread (``threadpoolctl``), and the parts'
+sums are added in order: the loss terms and the second product are arithmetic, not memory traffic,
+and a second core halves them. The result does not depend on how many cores run it.
 """
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -32,8 +40,31 @@ DENSE_GROUPS = 64
 SMALL = 4096
 
 
-class Workspace:
-    """Scratch buffers of :func:`losses_and_group_gradients` for one data set (block-sized, reused).
+#: at most this many rows in a block (bounds the K × rows weight matrix when d is small)
+MAX_BLOCK_ROWS = 16384
+#: a large S is cut into at most this many parts (a function of N only: results never depend on cores)
+MAX_PARTS = 8
+#: ... each of at least this many blocks
+PART_BLOCKS = 4
+
+
+class _Scratch:
+    """Block-sized scratch arrays of one thread."""
+
+    def __init__(self, rows, k, dtype, dense_groups):
+        self.h = np.empty(rows, dtype=dtype)
+        self.margin = np.empty(rows)
+        self.z = np.empty(rows)
+        self.e = np.empty(rows)
+        self.value = np.empty(rows)
+        self.deriv = np.empty(rows)
+        self.weights = np.zeros((k, rows), dtype=dtype) if dense_groups else None
+        self.columns = np.arange(rows)
+
+
+class Workspace(_Scratch):
+    """Scratch buffers of :func:`losses_and_group_gradients` for one data set (block-sized, reused;
+    one set per part of S).
 
     They carry nothing from one iteration to the next: a pass computes the same numbers with a fresh
     workspace, so a workspace never changes the iterates (and is not part of a checkpoint)."""
@@ -43,21 +74,45 @@ class Workspace:
         diff = data.diff
         self.dtype = np.float32 if getattr(diff, "dtype", np.float64) == np.float32 else np.float64
         itemsize = np.dtype(self.dtype).itemsize
-        self.rows = int(min(data.n_samples, max(256, BLOCK_BYTES // max(1, data.dim * itemsize))))
-        k = data.n_groups
-        self.h = np.empty(self.rows, dtype=self.dtype)
-        self.margin = np.empty(self.rows)
-        self.z = np.empty(self.rows)
-        self.e = np.empty(self.rows)
-        self.value = np.empty(self.rows)
-        self.deriv = np.empty(self.rows)
+        n, k = data.n_samples, data.n_groups
+        self.rows = int(min(n, MAX_BLOCK_ROWS, max(256, BLOCK_BYTES // max(1, data.dim * itemsize))))
         self.dense_groups = k <= DENSE_GROUPS
-        self.weights = np.zeros((k, self.rows), dtype=self.dtype) if self.dense_groups else None
-        self.columns = np.arange(self.rows)
+        super().__init__(self.rows, k, self.dtype, self.dense_groups)
         # groups stored contiguously (see PreferenceData.sorted_by_group): one product per run of a group
         labels = data.groups
         starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
         self.runs = (np.r_[starts, labels.size], labels[starts]) if starts.size == k else None
+        n_blocks = -(-n // self.rows)
+        n_parts = max(1, min(MAX_PARTS, n_blocks // PART_BLOCKS)) if data.is_dense else 1
+        edges = [self.rows * (n_blocks * j // n_parts) for j in range(n_parts)] + [n]
+        self.parts = list(zip(edges[:-1], edges[1:]))
+        self.scratch = [self] + [_Scratch(self.rows, k, self.dtype, self.dense_groups)
+                                 for _ in range(n_parts - 1)]
+
+
+_POOL = {"pid": None, "executor": None, "blas": None}
+_POOL_LOCK = threading.Lock()
+
+
+def threads():
+    """Threads a pass may use: the cores this process may run on (``os.sched_getaffinity``), at most
+    :data:`MAX_PARTS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                 # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_PARTS, cores))
+
+
+def _executor():
+    """The process's worker pool and BLAS controller (made again in a forked child, whose parent's
+    threads do not exist)."""
+    with _POOL_LOCK:
+        if _POOL["pid"] != os.getpid():
+            from threadpoolctl import ThreadpoolController
+            _POOL.update(pid=os.getpid(), executor=ThreadPoolExecutor(threads(), thread_name_prefix="lg-pass"),
+                         blas=ThreadpoolController())
+        return _POOL["executor"], _POOL["blas"]
 
 
 def _dpo_block(h, beta, ws, n):
@@ -118,23 +173,40 @@ def losses_and_group_gradients(theta, data, loss, beta, workspace=None):
     if data.n_samples <= SMALL and ws.dense_groups and not data.streamed:
         return _small_pass(theta, data, spec, beta, ws)
     theta_c = theta.astype(ws.dtype, copy=False)
+    jobs = [(theta_c, data, spec, beta, ws, scratch, a, b) for (a, b), scratch in zip(ws.parts, ws.scratch)]
+    if len(jobs) == 1 or threads() == 1:
+        results = [_part_pass(*job) for job in jobs]
+    else:
+        executor, blas = _executor()
+        with blas.limit(limits=1, user_api="blas"):      # one BLAS thread per part: no oversubscription
+            results = list(executor.map(lambda job: _part_pass(*job), jobs))
+    loss_sums, grads = results[0]
+    for part_sums, part_grads in results[1:]:            # in part order: the same sums on any machine
+        loss_sums += part_sums
+        grads += part_grads
+    return loss_sums, grads
+
+
+def _part_pass(theta_c, data, spec, beta, ws, scratch, first, last):
+    """Loss sums and group gradient sums of the pairs ``first:last``, block by block, in ``scratch``."""
+    k, d = data.n_groups, data.dim
     loss_sums = np.zeros(k)
     grads = np.zeros((k, d))
     diff, ref, groups = data.diff, data.ref_margin, data.groups
-    for start in range(0, data.n_samples, ws.rows):
-        stop = min(start + ws.rows, data.n_samples)
+    for start in range(first, last, ws.rows):
+        stop = min(start + ws.rows, last)
         n = stop - start
         block = diff[start:stop]
-        h_c = np.dot(block, theta_c, out=ws.h[:n])
-        h = np.subtract(h_c, ref[start:stop], out=ws.margin[:n])       # float64 margins
+        h_c = np.dot(block, theta_c, out=scratch.h[:n])
+        h = np.subtract(h_c, ref[start:stop], out=scratch.margin[:n])       # float64 margins
         if spec.name == "dpo":
-            value, deriv = _dpo_block(h, beta, ws, n)
+            value, deriv = _dpo_block(h, beta, scratch, n)
         else:
             value, deriv = spec.value_and_grad(h, beta)
         if ws.runs is not None:
             bounds, labels = ws.runs
-            first = int(np.searchsorted(bounds, start, side="right")) - 1
-            for j in range(first, labels.size):
+            run = int(np.searchsorted(bounds, start, side="right")) - 1
+            for j in range(run, labels.size):
                 lo, hi = max(bounds[j], start) - start, min(bounds[j + 1], stop) - start
                 if hi <= 0 or lo >= n:
                     break
@@ -144,12 +216,12 @@ def losses_and_group_gradients(theta, data, loss, beta, workspace=None):
         g = groups[start:stop]
         loss_sums += np.bincount(g, weights=value, minlength=k)
         if ws.dense_groups:
-            weights = ws.weights[:, :n]
+            weights = scratch.weights[:, :n]
             weights.fill(0.0)
-            weights[g, ws.columns[:n]] = deriv
+            weights[g, scratch.columns[:n]] = deriv
             grads += weights @ block
         else:
-            indicator = sp.csr_matrix((deriv, (g, ws.columns[:n])), shape=(k, n))
+            indicator = sp.csr_matrix((deriv, (g, scratch.columns[:n])), shape=(k, n))
             grads += indicator @ np.asarray(block)
     return loss_sums, grads
 
@@ -176,9 +248,23 @@ class FullPass(NamedTuple):
 
 def full_pass(theta, data, loss, beta, workspace=None):
     """:class:`FullPass` at θ (see :func:`losses_and_group_gradients`)."""
+    return make_pass(data, loss, beta, workspace)(theta)
+
+
+def make_pass(data, loss, beta, workspace=None):
+    """θ ↦ :func:`full_pass` (θ) with the choice of kernel made once, for loops over iterations
+    (at the paper's size the per-call dispatch costs as much as the arithmetic)."""
+    spec = get_loss(loss)
     if data.is_operator:
-        h = data.matvec(theta) - data.ref_margin
-        value, deriv = get_loss(loss).value_and_grad(h, beta)
-        return FullPass(np.bincount(data.groups, weights=value, minlength=data.n_groups), None, deriv)
-    loss_sums, grads = losses_and_group_gradients(theta, data, loss, beta, workspace)
-    return FullPass(loss_sums, grads, None)
+        groups, ref, k = data.groups, data.ref_margin, data.n_groups
+
+        def operator_pass(theta):
+            value, deriv = spec.value_and_grad(data.matvec(theta) - ref, beta)
+            return FullPass(np.bincount(groups, weights=value, minlength=k), None, deriv)
+        return operator_pass
+    if not data.is_sparse:
+        ws = workspace if workspace is not None and workspace.data is data else Workspace(data)
+        if data.n_samples <= SMALL and ws.dense_groups and not data.streamed:
+            return lambda theta: FullPass(*_small_pass(theta, data, spec, beta, ws), None)
+        workspace = ws
+    return lambda theta: FullPass(*losses_and_group_gradients(theta, data, spec, beta, workspace), None)

@@ -62,7 +62,7 @@ from .constraints import L2Ball, make_constraint
 from .data import CHUNK_ROWS
 from .exact import certified_best_response, group_normal_equations, hinge_program, weighted_least_squares
 from .losses import get_loss
-from .kernels import Workspace, full_pass
+from .kernels import Workspace, full_pass, make_pass
 from .objective import _check_data, _group_losses, group_metrics, margins
 
 #: steps drawn per call of the counter-based sampler (one Generator per block)
@@ -605,9 +605,9 @@ def _single_pair_step(state, data, config, i, t):
 
 def _normalize_in_place(log_alpha):
     """:func:`log_normalize`'s arithmetic on ``log_alpha`` in place; returns α."""
-    log_alpha -= log_alpha.max()
+    log_alpha -= np.maximum.reduce(log_alpha)        # = .max() and .sum(), without their Python wrappers
     e = np.exp(log_alpha)
-    total = e.sum()
+    total = np.add.reduce(e)
     log_alpha -= np.log(total)
     return e / total
 
@@ -636,17 +636,19 @@ def _full_batch_run(state, data, config, stop, workspace):
     log_alpha, alpha_sum = state.log_alpha.copy(), state.alpha_sum.copy()
     alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
     sizes, chi, k = config.group_sizes, config.chi, log_alpha.size
+    one_pass = make_pass(data, config.loss, config.beta, workspace)
     for t in range(state.step + 1, stop + 1):
-        result = full_pass(theta, data, config.loss, config.beta, workspace)
+        result = one_pass(theta)
         losses = result.loss_sums / sizes
         if config.adaptive_alpha:
             log_alpha += (config.alpha_step.at(t) * chi) * losses
-            if not np.all(np.isfinite(log_alpha)):
+            if not math.isfinite(np.add.reduce(log_alpha)):      # a NaN or ±inf entry, in one reduction
                 raise ValueError(f"alpha_step_size ({config.alpha_step.describe()}) times the group losses "
                                  f"overflows at step {t}: use a smaller alpha_step_size")
             alpha = _normalize_in_place(log_alpha)
         weights = alpha if chi == 1.0 else (1.0 - chi) / k + chi * alpha
-        grad = result.gradient(weights / sizes, data)
+        grads = result.group_gradients
+        grad = (weights / sizes) @ grads if grads is not None else result.gradient(weights / sizes, data)
         grad *= config.theta_step.at(t)
         theta -= grad
         theta = _project_in_place(theta, config, t)
