@@ -39,25 +39,14 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import loglinear_grpo as lg  # noqa: E402
-from loglinear_grpo.synthetic import SCENARIO_LABELS, scenario_data  # noqa: E402
+from loglinear_grpo.synthetic import SCENARIO_LABELS, disagreeing_groups, scenario_data  # noqa: E402
 
 LOSSES = ("dpo", "ipo", "hinge")
 
 
 def random_problem(sizes, dim, seed=0, scale=4.0, row_norm=1.0):
     """Unequal groups whose Bradley–Terry preferences disagree; ‖s_i‖ ≤ ``row_norm``."""
-    rng = np.random.default_rng(seed)
-    base = rng.normal(size=dim)
-    rows, groups = [], []
-    for g, n in enumerate(sizes):
-        w = base + 1.5 * rng.normal(size=dim)
-        w *= scale / np.linalg.norm(w)
-        s = rng.normal(size=(n, dim)) * (1.5 / np.sqrt(dim))
-        s *= row_norm / np.maximum(row_norm, np.linalg.norm(s, axis=1))[:, None]
-        s[rng.random(n) >= 1.0 / (1.0 + np.exp(-(s @ w)))] *= -1.0
-        rows.append(s)
-        groups.append(np.full(n, g))
-    return lg.PreferenceData(np.vstack(rows), np.concatenate(groups))
+    return disagreeing_groups(sizes, dim, seed=seed, scale=scale, feature_scale=1.5 / np.sqrt(dim), row_norm=row_norm)
 
 
 def problems(args):

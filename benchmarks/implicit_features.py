@@ -1,7 +1,7 @@
 """Long answers at LLM scale: the implicit S against the CSR S (issue 14).
 
     python benchmarks/implicit_features.py [--pairs 10000] [--lengths 4 8 16 32 64] [--hidden-size 2048]
-        [--vocab 8000] [--solve-pairs 2000] [--quick] [--out paper_figures/performance]
+        [--vocab 8000] [--solve-pairs 2000] [--quick] [--out paper_figures/performance] [--redraw]
 
 Random hidden states (no model needed) stand in for a cache of final hidden states: ``pairs`` pairs of
 two answers of ``L`` tokens each, one float16 hidden state of size ``hidden-size`` per answer token
@@ -148,10 +148,20 @@ def plot(table, path):
     part = table[table["route"] == "implicit"].sort_values("length")
     axes[1].plot(part["length"], part["cache_GiB"], "k:", label="hidden-state cache")
     axes[1].plot(part["length"], part["csr_GiB_predicted"], "r:", label="CSR S (predicted)")
-    axes[0].set(xscale="log", yscale="log", xlabel="answer length L (tokens)", ylabel="s per full-batch iteration",
-                title="time per iteration")
-    axes[1].set(xscale="log", yscale="log", xlabel="answer length L (tokens)", ylabel="GiB", title="memory")
+    axes[0].set(yscale="log", ylabel="s per full-batch GR-DPO iteration", title="time per iteration")
+    axes[1].set(yscale="log", ylabel="GiB", title="peak resident memory (mapped cache included)")
+    for ax, column in ((axes[0], ["iteration_s"]), (axes[1], ["peak_rss_GiB", "cache_GiB", "csr_GiB_predicted"])):
+        values = table[column].to_numpy(dtype=float)
+        low, high = np.nanmin(values), np.nanmax(values)
+        ticks = 2.0 ** np.arange(np.floor(np.log2(low)), np.ceil(np.log2(high)) + 1)
+        ax.set_yticks(ticks, [f"{v:g}" for v in ticks])
+        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    lengths = sorted(table["length"].unique())
     for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(v) for v in lengths])
+        ax.minorticks_off()
+        ax.set_xlabel("answer length L (tokens)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"{int(part['pairs'].iloc[0])} pairs, d_h = {int(part['hidden_size'].iloc[0])}, "
@@ -172,6 +182,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="1000 pairs, L = 4 16, d_h = 256 (a smoke run)")
     p.add_argument("--out", default=os.path.join(ROOT, "paper_figures", "performance"))
+    p.add_argument("--redraw", action="store_true", help="redraw the figure from --out's implicit_features.csv")
     p.add_argument("--measure", choices=("implicit", "csr", "solve"), help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
@@ -179,6 +190,9 @@ def main(argv=None):
     if args.measure:
         args.route = args.measure
         measure(args)
+        return 0
+    if args.redraw:
+        plot(pd.read_csv(os.path.join(args.out, "implicit_features.csv")), os.path.join(args.out, "implicit_features.png"))
         return 0
     if args.quick:
         args.pairs, args.lengths, args.hidden_size, args.vocab, args.solve_pairs = 1000, [4, 16], 256, 2000, 500

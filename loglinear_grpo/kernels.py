@@ -158,7 +158,7 @@ def losses_and_group_gradients(theta, data, loss, beta, workspace=None):
     :math:`S\\theta` and :math:`S^\\top U` (U: N × K).
     """
     spec = get_loss(loss)
-    k, d = data.n_groups, data.dim
+    k = data.n_groups
     if data.is_sparse or data.is_operator:
         h = data.matvec(theta) - data.ref_margin
         value, deriv = spec.value_and_grad(h, beta)

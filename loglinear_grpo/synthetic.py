@@ -207,3 +207,27 @@ def scenario_data(scenario, n=300, n_val=None, seed=0, feature_map="swapped", de
     train = bandit.sample(n, spec["weights"], spec["responses"], deterministic_ratio, seed=2 * seed)
     val = bandit.sample(n_val, spec["weights"], spec["responses"], deterministic_ratio, seed=2 * seed + 1)
     return bandit, train, val
+
+
+def disagreeing_groups(sizes, dim, *, seed=0, scale=4.0, feature_scale=1.0, row_norm=1.0, ref_scale=0.0):
+    """A random problem whose groups disagree: group g's pairs are labelled by Bradley–Terry with its
+    own reward weights :math:`w_g = \\text{scale}\\cdot(b + 1.5 z_g)/\\lVert b + 1.5 z_g\\rVert` (a shared
+    b and a group term z_g, both standard normal).
+
+    Rows are ``feature_scale`` × standard normal, shrunk to norm ≤ ``row_norm``; the winner is the first
+    answer with probability σ(sᵀw_g) (else the row is negated); ``ref_margin`` is ``ref_scale`` ×
+    standard normal (0: none). Returns a :class:`PreferenceData` with the groups stored in order.
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=dim)
+    rows, groups = [], []
+    for g, n in enumerate(sizes):
+        w = base + 1.5 * rng.normal(size=dim)
+        w *= scale / np.linalg.norm(w)
+        s = rng.normal(size=(n, dim)) * feature_scale
+        s *= row_norm / np.maximum(row_norm, np.linalg.norm(s, axis=1))[:, None]
+        s[rng.random(n) >= 1.0 / (1.0 + np.exp(-(s @ w)))] *= -1.0
+        rows.append(s)
+        groups.append(np.full(n, g))
+    ref = rng.normal(size=sum(sizes)) * ref_scale if ref_scale else None
+    return PreferenceData(np.vstack(rows), np.concatenate(groups), ref_margin=ref)

@@ -11,22 +11,12 @@ from hypothesis import strategies as st
 
 import loglinear_grpo as lg
 from conftest import ROOT, make_problem
+from loglinear_grpo.synthetic import disagreeing_groups
 
 
 def bt_problem(seed, sizes=(400, 120, 40), dim=6, scale=4.0):
     """The issue's problem: unequal groups, ‖s_i‖ ≤ 1, Bradley–Terry labels from disagreeing θ_g."""
-    rng = np.random.default_rng(seed)
-    base = rng.normal(size=dim)
-    rows, groups = [], []
-    for g, n in enumerate(sizes):
-        w = base + 1.5 * rng.normal(size=dim)
-        w *= scale / np.linalg.norm(w)
-        s = rng.normal(size=(n, dim))
-        s /= np.maximum(1.0, np.linalg.norm(s, axis=1))[:, None]
-        s[rng.random(n) >= 1.0 / (1.0 + np.exp(-(s @ w)))] *= -1.0
-        rows.append(s)
-        groups.append(np.full(n, g))
-    return lg.PreferenceData(np.vstack(rows), np.concatenate(groups), ref_margin=rng.normal(size=sum(sizes)) * 0.3)
+    return disagreeing_groups(sizes, dim, seed=seed, scale=scale, ref_scale=0.3)
 
 
 def exact_value(data, **kw):

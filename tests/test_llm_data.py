@@ -215,12 +215,18 @@ def test_work_folder_is_safe(tmp_path, shared_pairs, gemma_folder):
         _extract(data, tmp_path / "w2", gemma_folder, "--limit", "0")
 
 
-def test_evaluate_refuses_a_run_of_other_features(tmp_path, shared_pairs, gemma_folder):
+def _trained_run(tmp_path, shared_pairs, gemma_folder):
+    """The shared pairs as JSONL, extracted into a work folder, and one run ``r`` trained there."""
     data = tmp_path / "pairs.jsonl"
     shared_pairs.to_json(data, orient="records", lines=True)
     work = tmp_path / "work"
     assert _extract(data, work, gemma_folder) == 0
     assert cli(["train", "--workdir", str(work), "--radius", "0.5", "--run", "r"]) == 0
+    return data, work
+
+
+def test_evaluate_refuses_a_run_of_other_features(tmp_path, shared_pairs, gemma_folder):
+    data, work = _trained_run(tmp_path, shared_pairs, gemma_folder)
     settings_path = work / "runs" / "r" / "settings.json"
     settings = json.loads(settings_path.read_text())
     settings["features_sha256"] = "0" * 64
@@ -298,11 +304,7 @@ def test_export_reload_of_the_smollm2_head(tmp_path, shared_pairs):
 
 
 def test_a_run_is_not_silently_replaced(tmp_path, shared_pairs, gemma_folder):
-    data = tmp_path / "pairs.jsonl"
-    shared_pairs.to_json(data, orient="records", lines=True)
-    work = tmp_path / "work"
-    assert _extract(data, work, gemma_folder) == 0
-    assert cli(["train", "--workdir", str(work), "--radius", "0.5", "--run", "r"]) == 0
+    data, work = _trained_run(tmp_path, shared_pairs, gemma_folder)
     assert cli(["export", "--workdir", str(work), "--run", "r", "--delta-only"]) == 0
     with pytest.raises(SystemExit, match="exists"):
         cli(["train", "--workdir", str(work), "--radius", "0.3", "--run", "r"])
