@@ -181,7 +181,8 @@ def main(argv=None):
     p.add_argument("--csr-limit", type=float, default=6.0, help="build the CSR S up to this many GiB")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="1000 pairs, L = 4 16, d_h = 256 (a smoke run)")
-    p.add_argument("--out", default=os.path.join(ROOT, "paper_figures", "performance"))
+    p.add_argument("--out", default=os.path.join(ROOT, "paper_figures", "performance"),
+                   help="output folder (default: paper_figures/performance)")
     p.add_argument("--redraw", action="store_true", help="redraw the figure from --out's implicit_features.csv")
     p.add_argument("--measure", choices=("implicit", "csr", "solve"), help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -224,7 +225,7 @@ def main(argv=None):
     table.to_csv(os.path.join(args.out, "implicit_features.csv"), index=False)
     plot(table, os.path.join(args.out, "implicit_features.png"))
     with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(table.round(4).to_string(index=False))
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 

@@ -353,7 +353,8 @@ def plot_scaling(table, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "paper_figures", "performance"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "paper_figures", "performance"),
+                        help="output folder (default: paper_figures/performance)")
     parser.add_argument("--scaling-only", action="store_true", help="run item 7 only")
     parser.add_argument("--breakdown-only", action="store_true", help="run item 8 only")
     parser.add_argument("--memmap-worker", nargs=4, help=argparse.SUPPRESS)

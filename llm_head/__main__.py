@@ -243,6 +243,8 @@ def cmd_train(args):
     settings = {k: v for k, v in vars(args).items() if k not in ("config",)}
     settings["split_by"] = args.split_by or record_split(args)
     settings["features_sha256"] = problem.features_sha256
+    storage_used = "implicit" if problem.data("train").is_operator else "csr"
+    settings["storage_used"] = storage_used              # what --storage auto chose
     settings["solver"] = result.config.describe()
     settings["certificate"] = {"converged": bool(result.converged), "gap": float(result.gap),
                                "relative_gap": float(result.relative_gap), "value": float(result.value),
@@ -254,7 +256,8 @@ def cmd_train(args):
     shown = next((s for s in ("test", "val", "train") if s in tables), None)
     if shown is not None:
         _print_table(tables[shown], shown, problem)
-    print(f"training objective ({args.method}, {args.loss}) on the train split: {result.summary()}")
+    print(f"training objective ({args.method}, {args.loss}) on the train split, S stored as {storage_used} "
+          f"(--storage {args.storage}): {result.summary()}")
     print(f"run -> {out}")
     return 0
 

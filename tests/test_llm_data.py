@@ -330,9 +330,12 @@ def test_implicit_storage_trains_the_same_head_from_a_memory_mapped_cache(tmp_pa
     shared_pairs.to_json(data, orient="records", lines=True)
     work = tmp_path / "work"
     assert _extract(data, work, gemma_folder) == 0
-    for storage in ("csr", "implicit"):
+    for storage in ("csr", "implicit", "auto"):
         assert cli(["train", "--workdir", str(work), "--loss", "sigmoid", "--radius", "0.5", "--storage", storage,
                     "--run", storage]) == 0
+        with open(work / "runs" / storage / "settings.json") as fh:
+            # what was used is recorded (auto: CSR, this S being far below the CSR limit)
+            assert json.load(fh)["storage_used"] == ("implicit" if storage == "implicit" else "csr")
     thetas = [np.load(work / "runs" / s / "theta.npy") for s in ("csr", "implicit")]
     np.testing.assert_allclose(thetas[1], thetas[0], rtol=1e-8, atol=1e-10)
     with open(work / "runs" / "implicit" / "settings.json") as fh:
