@@ -642,8 +642,8 @@ def _full_batch_run(state, data, config, stop, workspace):
         losses = result.loss_sums / sizes
         if config.adaptive_alpha:
             log_alpha += (config.alpha_step.at(t) * chi) * losses
-            # all finite (NaN propagates through both), without np.isfinite's temporary
-            if not (math.isfinite(np.maximum.reduce(log_alpha)) and math.isfinite(np.minimum.reduce(log_alpha))):
+            # one reduction: a finite sum means every entry is finite (as in _projected_step)
+            if not (math.isfinite(np.add.reduce(log_alpha)) or np.all(np.isfinite(log_alpha))):
                 raise ValueError(f"alpha_step_size ({config.alpha_step.describe()}) times the group losses "
                                  f"overflows at step {t}: use a smaller alpha_step_size")
             alpha = _normalize_in_place(log_alpha)
