@@ -15,15 +15,16 @@ float64. When every group's pairs are stored contiguously (:meth:`PreferenceData
 one pass's worth of arithmetic whatever K.
 
 A large dense S is cut into a fixed number of parts (by N alone, never by the machine), each part's
-blocks are summed by one thread with BLAS held to one thread (``threadpoolctl``), and the parts'
-sums are added in order: the loss terms and the second product are arithmetic, not memory traffic,
-and a second core halves them. The result does not depend on how many cores run it.
+blocks are summed by one thread with BLAS held to one thread (``threadpoolctl``; process-wide while a
+pass runs, so passes of concurrent solves take turns), and the parts' sums are added in order: the
+loss terms and the second product are arithmetic, not memory traffic, and a second core shares them.
+The result does not depend on how many cores run it, nor on the BLAS thread setting.
 """
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 import numpy as np
@@ -105,14 +106,14 @@ def threads():
 
 
 def _executor():
-    """The process's worker pool and BLAS controller (made again in a forked child, whose parent's
-    threads do not exist)."""
+    """The process's worker pool, BLAS controller and pass lock (made again in a forked child, whose
+    parent's threads do not exist)."""
     with _POOL_LOCK:
         if _POOL["pid"] != os.getpid():
             from threadpoolctl import ThreadpoolController
             _POOL.update(pid=os.getpid(), executor=ThreadPoolExecutor(threads(), thread_name_prefix="lg-pass"),
-                         blas=ThreadpoolController())
-        return _POOL["executor"], _POOL["blas"]
+                         blas=ThreadpoolController(), lock=threading.Lock())
+        return _POOL["executor"], _POOL["blas"], _POOL["lock"]
 
 
 def _dpo_block(h, beta, ws, n):
@@ -174,12 +175,20 @@ def losses_and_group_gradients(theta, data, loss, beta, workspace=None):
         return _small_pass(theta, data, spec, beta, ws)
     theta_c = theta.astype(ws.dtype, copy=False)
     jobs = [(theta_c, data, spec, beta, ws, scratch, a, b) for (a, b), scratch in zip(ws.parts, ws.scratch)]
-    if len(jobs) == 1 or threads() == 1:
-        results = [_part_pass(*job) for job in jobs]
-    else:
-        executor, blas = _executor()
-        with blas.limit(limits=1, user_api="blas"):      # one BLAS thread per part: no oversubscription
-            results = list(executor.map(lambda job: _part_pass(*job), jobs))
+    executor, blas, lock = _executor()
+    # BLAS on one thread, threaded parts or not: its results (a small gemm's bits) depend on its thread
+    # count. The limit is process-wide, so passes from concurrent solves take turns (the lock).
+    with lock, blas.limit(limits=1, user_api="blas"):
+        if len(jobs) == 1 or threads() == 1:
+            results = [_part_pass(*job) for job in jobs]
+        else:
+            futures = [executor.submit(_part_pass, *job) for job in jobs]
+            try:
+                results = [future.result() for future in futures]
+            finally:                                      # an error or Ctrl-C: no part left writing
+                for future in futures:
+                    future.cancel()
+                wait(futures)
     loss_sums, grads = results[0]
     for part_sums, part_grads in results[1:]:            # in part order: the same sums on any machine
         loss_sums += part_sums

@@ -637,13 +637,14 @@ def _full_batch_run(state, data, config, stop, workspace):
     alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
     sizes, chi, k = config.group_sizes, config.chi, log_alpha.size
     one_pass = make_pass(data, config.loss, config.beta, workspace)
+    zeros = np.zeros(k)
     for t in range(state.step + 1, stop + 1):
         result = one_pass(theta)
         losses = result.loss_sums / sizes
         if config.adaptive_alpha:
             log_alpha += (config.alpha_step.at(t) * chi) * losses
-            # one reduction: a finite sum means every entry is finite (as in _projected_step)
-            if not (math.isfinite(np.add.reduce(log_alpha)) or np.all(np.isfinite(log_alpha))):
+            # every entry finite ⇔ log α · 0 = 0 (inf·0 and NaN·0 are NaN; no overflow, no temporary)
+            if not math.isfinite(log_alpha @ zeros):
                 raise ValueError(f"alpha_step_size ({config.alpha_step.describe()}) times the group losses "
                                  f"overflows at step {t}: use a smaller alpha_step_size")
             alpha = _normalize_in_place(log_alpha)

@@ -277,6 +277,7 @@ def test_float32_storage_is_read_as_float32_and_matches_float64():
     assert data32.diff.dtype == np.float32 and np.shares_memory(data32.diff, s32)
     theta = rng.standard_normal(d) * 0.3
     workspace = kernels.Workspace(data32)
+    kernels.losses_and_group_gradients(theta, data32, "dpo", 0.1, workspace)   # one-off set-up (thread pool)
     tracemalloc.start()
     sums32, grads32 = kernels.losses_and_group_gradients(theta, data32, "dpo", 0.1, workspace)
     peak = tracemalloc.get_traced_memory()[1]
@@ -332,3 +333,41 @@ def test_a_pass_gives_the_same_sums_on_any_number_of_cores(order, monkeypatch, t
     np.testing.assert_allclose(many[0], np.bincount(data.groups, weights=value, minlength=k), rtol=1e-12)
     expected = np.stack([deriv[data.groups == g] @ data.diff[data.groups == g] for g in range(k)])
     np.testing.assert_allclose(many[1], expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+
+
+def test_concurrent_passes_and_blas_settings_do_not_change_the_sums(monkeypatch):
+    """Passes from solves in two user threads give a lone pass's sums bit for bit and leave the BLAS
+    thread setting as they found it; the sums do not depend on that setting either (review findings)."""
+    import threading
+    from threadpoolctl import threadpool_info, threadpool_limits
+    from loglinear_grpo import kernels
+
+    rng = np.random.default_rng(8)
+    n, d, k = 70_001, 64, 5
+    data = lg.PreferenceData(rng.standard_normal((n, d)), rng.integers(0, k, n), check_finite=False)
+    theta = rng.standard_normal(d) * 0.1
+    alone = kernels.losses_and_group_gradients(theta, data, "dpo", 0.1)
+    before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    results, errors = [], []
+
+    def worker():
+        try:
+            workspace = kernels.Workspace(data)
+            for _ in range(5):
+                results.append(kernels.losses_and_group_gradients(theta, data, "dpo", 0.1, workspace))
+        except Exception as exc:          # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors and len(results) == 10
+    for sums, grads in results:
+        assert np.array_equal(sums, alone[0]) and np.array_equal(grads, alone[1])
+    assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == before
+    monkeypatch.setattr(kernels, "threads", lambda: 1)
+    with threadpool_limits(limits=2, user_api="blas"):
+        serial = kernels.losses_and_group_gradients(theta, data, "dpo", 0.1)
+    assert np.array_equal(serial[0], alone[0]) and np.array_equal(serial[1], alone[1])
