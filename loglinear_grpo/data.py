@@ -16,12 +16,13 @@ cancels, so a data set is just the rows ``s_i``, the offsets ``r_i`` and the gro
 from __future__ import annotations
 
 import mmap
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 
-from .operators import PairOperator, as_pair_operator
+from .operators import PairOperator, as_pair_operator, check_adjoint as _check_adjoint
 
 #: rows per block when streaming over ``diff`` (about 4 MiB of float64 at d=64)
 CHUNK_ROWS = 8192
@@ -44,10 +45,12 @@ def _check_scale(name, top):
                          "rescale it (the solvers' margins would under- or overflow)")
 
 
-def _check_operator(op, check_finite):
+def _check_operator(op, check_finite, check_adjoint):
     shape = getattr(op, "shape", None)
     if shape is None or len(shape) != 2:
         raise ValueError(f"diff: an operator must have a 2-D shape (N, d), got {shape!r}")
+    if check_adjoint and shape[0] > 0:     # two products: a wrong rmatvec would void every certificate
+        _check_adjoint(op)
     if check_finite:       # one pass over the rows: NaN/inf in any entry shows in its row's norm
         norms = op.row_norms()
         if norms.shape != (shape[0],) or not np.all(np.isfinite(norms)):
@@ -56,10 +59,10 @@ def _check_operator(op, check_finite):
     return op
 
 
-def _check_diff(diff, check_finite):
+def _check_diff(diff, check_finite, check_adjoint=True):
     op = as_pair_operator(diff)
     if op is not None:
-        return _check_operator(op, check_finite)
+        return _check_operator(op, check_finite, check_adjoint)
     if _is_sparse(diff):
         if diff.ndim != 2:
             raise ValueError(f"diff must be 2-D (N x d), got ndim={diff.ndim}")
@@ -113,6 +116,108 @@ def _check_diff(diff, check_finite):
     return arr
 
 
+def _missing_labels_error(count, n):
+    return ValueError(f"groups has {count} missing label(s) (None, NaN, pandas.NA or NaT) among {n} pairs: every "
+                      "pair needs a group; drop those pairs, or give them a group of their own (e.g. "
+                      "groups.fillna('unknown'))")
+
+
+def _is_number_type(t):
+    return issubclass(t, (numbers.Real, np.bool_))
+
+
+def _parse_groups(raw, n, names):
+    """``(labels, names)``: the group labels of :class:`PreferenceData` as an integer or float array of
+    indices (checked later against ``0..K-1``) and the group names (``None`` unless known), by the rule
+    of its docstring: numbers are indices compared by value, other labels are names; missing labels and
+    labels mixing the two are refused."""
+    try:
+        groups = np.asarray(raw)
+    except (TypeError, ValueError):
+        raise ValueError("groups must be a 1-D array of group labels (integers 0..K-1, or names)") from None
+    if groups.ndim != 1 or groups.shape[0] != n:
+        raise ValueError(f"groups must have shape ({n},) to match diff, got {groups.shape}")
+    if isinstance(names, str):
+        raise ValueError("group_names must be a sequence of names, not one string")
+    if groups.dtype.kind in "US" and not isinstance(raw, np.ndarray):
+        # numpy turns a sequence mixing numbers and strings into strings ([1, "1"] -> ["1", "1"]): read its items
+        try:
+            items = np.asarray(raw, dtype=object)
+        except (TypeError, ValueError):          # pragma: no cover - asarray succeeded above
+            items = groups
+        if items.shape == groups.shape:
+            groups = items
+    if groups.dtype.kind == "O":
+        import pandas as pd
+        missing = int(np.count_nonzero(np.asarray(pd.isna(groups), dtype=bool)))
+        if missing:
+            raise _missing_labels_error(missing, n)
+        kinds = {type(g) for g in groups.tolist()}
+        numeric = {t for t in kinds if _is_number_type(t)}
+        if numeric and numeric != kinds:
+            example = {}
+            for g in groups.tolist():
+                example.setdefault(_is_number_type(type(g)), g)
+                if len(example) == 2:
+                    break
+            raise ValueError(
+                f"groups mixes numeric labels (e.g. {example[True]!r}) with other labels (e.g. {example[False]!r}): "
+                "numbers are group indices 0..K-1 and other labels are group names, so a mix is ambiguous "
+                "(is 1 the group '1'?); convert all labels to one kind, e.g. all to str or all to int")
+        if numeric:                              # equal numbers are one group: 1, 1.0, np.int64(1), True
+            integral = all(issubclass(t, (numbers.Integral, np.bool_)) for t in kinds)
+            try:
+                groups = groups.astype(np.int64 if integral else np.float64)
+            except (OverflowError, TypeError, ValueError):
+                raise ValueError("groups has numeric labels that are not 64-bit numbers; labels must be "
+                                 "integers 0..K-1") from None
+    if groups.dtype.kind in "USO":               # names, in order of first appearance, identified by value
+        values = groups.tolist()
+        try:
+            codes = {}
+            index = np.fromiter((codes.setdefault(g, len(codes)) for g in values), dtype=np.intp, count=n)
+        except TypeError:
+            raise ValueError("groups holds an unhashable label (e.g. a list): labels must be numbers or names "
+                             "(str)") from None
+        label_names = [str(g) for g in codes]
+        if len(set(label_names)) != len(label_names):
+            seen = {}
+            for g, name in zip(codes, label_names):
+                if name in seen:
+                    raise ValueError(f"groups has distinct labels {seen[name]!r} and {g!r} that are both named "
+                                     f"{name!r}: convert the labels so that distinct groups print differently")
+                seen[name] = g
+        if names is None:
+            names = label_names
+            groups = index
+        else:
+            position = {str(g): k for k, g in enumerate(names)}
+            unknown = sorted(name for name in label_names if name not in position)[:5]
+            if unknown:
+                raise ValueError(f"groups has label(s) {unknown} that group_names does not list")
+            groups = np.array([position[name] for name in label_names], dtype=np.intp)[index]
+    if groups.dtype.kind == "f":
+        missing = int(np.count_nonzero(np.isnan(groups)))
+        if missing:
+            raise _missing_labels_error(missing, n)
+        if not np.all(np.isfinite(groups)) or not np.all(groups == np.round(groups)):
+            raise ValueError("groups must hold integer labels 0..K-1")
+    elif groups.dtype.kind in "mM":
+        missing = int(np.count_nonzero(np.isnat(groups)))
+        if missing:
+            raise _missing_labels_error(missing, n)
+        raise ValueError(f"groups must hold integer labels 0..K-1 or names, got dtype {groups.dtype}")
+    elif groups.dtype.kind not in "iub":
+        raise ValueError(f"groups must hold integer labels, got dtype {groups.dtype}")
+    if groups.min() < 0:
+        raise ValueError("groups must be non-negative (labels 0..K-1)")
+    top = groups.max()
+    if top >= n:       # before any allocation of size max label: K groups need K non-empty groups
+        raise ValueError(f"groups has label {float(top):.6g} but only {n} pairs: labels must be 0..K-1 "
+                         "with every group holding a pair")
+    return groups.astype(np.intp), names
+
+
 def weighted_gram(block, weights):
     """:math:`B^\\top\\mathrm{diag}(w)B` (dense d × d) of one block of rows (ndarray or CSR), w ≥ 0."""
     root = np.sqrt(weights)
@@ -138,7 +243,16 @@ class PreferenceData:
         — is used through its products only (:mod:`loglinear_grpo.operators`).
     groups : array_like, shape (N,)
         Group label of each pair: integers in ``0..K-1``, or names (strings; then ``group_names``
-        defaults to the names in order of first appearance).
+        defaults to the names in order of first appearance). Labels are identified by value:
+
+        * numbers (of any type: ``1``, ``1.0``, ``np.int64(1)`` and ``True`` are equal, hence one
+          group) are group indices and must be integers in ``0..K-1``;
+        * anything else (strings; any hashable value, named by ``str()``) is a group name, and
+          ``group_names``, when given, are matched against those names. Two distinct labels with the
+          same name (e.g. ``"b'a'"`` and ``b"a"``) are refused.
+
+        Refused with a ``ValueError``: missing labels (``None``, NaN, ``pandas.NA``, NaT; the message
+        gives their count) and a mix of numbers and other labels (``[1, "1"]`` would be ambiguous).
     ref_margin : array_like, shape (N,), optional
         :math:`r_i = \\log\\pi_\\mathrm{ref}(y_w|x) - \\log\\pi_\\mathrm{ref}(y_l|x)`;
         zeros (a uniform reference policy) when omitted.
@@ -149,11 +263,16 @@ class PreferenceData:
         Declares ``K`` without names (names default to ``"0" .. "K-1"``).
     check_finite : bool, default True
         Reject NaN/inf in ``diff`` and ``ref_margin`` (one streamed pass over a memmap).
+    check_adjoint : bool, default True
+        For an implicit S (operator): check with two products that ``rmatvec`` is the adjoint of
+        ``matvec`` (:func:`~loglinear_grpo.operators.check_adjoint`; relative tolerance 10⁻⁶ for
+        float64 products, 1.2·10⁻³ for float32), and refuse it otherwise; ``False`` skips the check.
+        Ignored for an explicit S.
 
     Raises
     ------
     ValueError
-        On a shape mismatch, NaN/inf, group labels that are negative, non-integer or
+        On a shape mismatch, NaN/inf, group labels that are missing, mixed, negative, non-integer or
         ``>= K``, or an empty declared group; the message names the argument.
     """
 
@@ -163,44 +282,16 @@ class PreferenceData:
     group_names: tuple | None = None
     n_groups: int | None = None
     check_finite: bool = True
+    check_adjoint: bool = True
     group_sizes: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
-        diff = _check_diff(self.diff, self.check_finite)
+        diff = _check_diff(self.diff, self.check_finite, self.check_adjoint)
         n = diff.shape[0]
         if n == 0:
             raise ValueError("diff must hold at least one pair (N >= 1)")
 
-        try:
-            groups = np.asarray(self.groups)
-        except (TypeError, ValueError):
-            raise ValueError("groups must be an array of integer labels 0..K-1") from None
-        if groups.ndim != 1 or groups.shape[0] != n:
-            raise ValueError(f"groups must have shape ({n},) to match diff, got {groups.shape}")
-        names = self.group_names
-        if groups.dtype.kind in "USO":                 # string labels: the names, in order of appearance
-            labels = [str(g) for g in groups]
-            if names is None:
-                names = list(dict.fromkeys(labels))
-            elif not isinstance(names, str):
-                names = [str(g) for g in names]
-            index = {g: k for k, g in enumerate(names)} if not isinstance(names, str) else {}
-            unknown = sorted({g for g in labels if g not in index})[:5]
-            if unknown:
-                raise ValueError(f"groups has label(s) {unknown} that group_names does not list")
-            groups = np.fromiter((index[g] for g in labels), dtype=np.intp, count=n)
-        if groups.dtype.kind == "f":
-            if not np.all(np.isfinite(groups)) or not np.all(groups == np.round(groups)):
-                raise ValueError("groups must hold integer labels 0..K-1")
-        elif groups.dtype.kind not in "iub":
-            raise ValueError(f"groups must hold integer labels, got dtype {groups.dtype}")
-        if groups.min() < 0:
-            raise ValueError("groups must be non-negative (labels 0..K-1)")
-        top = groups.max()
-        if top >= n:       # before any allocation of size max label: K groups need K non-empty groups
-            raise ValueError(f"groups has label {float(top):.6g} but only {n} pairs: labels must be 0..K-1 "
-                             "with every group holding a pair")
-        groups = groups.astype(np.intp)
+        groups, names = _parse_groups(self.groups, n, self.group_names)
 
         k = self.n_groups
         if names is not None:
@@ -376,7 +467,7 @@ class PreferenceData:
             index = np.flatnonzero(index)
         diff = self.diff.subset(index) if self.is_operator else self.diff[index]
         return PreferenceData(diff, self.groups[index], self.ref_margin[index],
-                              group_names=self.group_names, check_finite=False)
+                              group_names=self.group_names, check_finite=False, check_adjoint=False)
 
     def sorted_by_group(self):
         """``(data, order)``: the same pairs stored group by group (``data.diff = self.diff[order]``, a copy
@@ -388,7 +479,7 @@ class PreferenceData:
         else:
             diff = self.diff[order] if not isinstance(self.diff, np.memmap) else np.asarray(self.diff)[order]
         return PreferenceData(diff, self.groups[order], self.ref_margin[order], group_names=self.group_names,
-                              check_finite=False), order
+                              check_finite=False, check_adjoint=False), order
 
     def row_norms(self):
         """Euclidean norm of every row of ``diff`` (streamed)."""

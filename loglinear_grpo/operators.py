@@ -12,6 +12,10 @@ A :class:`scipy.sparse.linalg.LinearOperator` is accepted too (wrapped in
 :class:`LinearOperatorRows`): it supplies the products, and the rest is derived from them (rows
 from :math:`S^\\top e_i`, the kernel from :math:`S S^\\top E`), which is correct but costs one
 product per row; write a :class:`PairOperator` when rows or the kernel have a cheaper form.
+
+:class:`~loglinear_grpo.data.PreferenceData` checks either kind at construction with
+:func:`check_adjoint` (two products: is ``rmatvec`` the adjoint of ``matvec``?); ``check_adjoint=False``
+skips it.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import scipy.sparse as sp
 ROW_BLOCK = 256
 #: the largest explicit copy of an implicit S that :meth:`PairOperator.explicit` builds
 EXPLICIT_LIMIT_BYTES = 4 << 30
+#: the adjoint check's relative tolerance for products computed in float64 (:func:`check_adjoint`)
+ADJOINT_RTOL = 1e-6
 
 
 class PairOperator(abc.ABC):
@@ -38,10 +44,15 @@ class PairOperator(abc.ABC):
     Attributes
     ----------
     shape : tuple (N, d)
+    precision : numpy.dtype, default float64
+        The floating-point type the products are computed in (results are float64 whatever it is):
+        it sets the tolerance of :func:`check_adjoint`. A subclass that computes in float32 (e.g. on
+        a GPU) sets ``precision = np.dtype(np.float32)``.
     """
 
     shape: tuple
     dtype = np.dtype(np.float64)
+    precision = np.dtype(np.float64)
     ndim = 2
 
     # ---------------------------------------------------------------- required
@@ -199,6 +210,8 @@ class LinearOperatorRows(PairOperator):
     def __init__(self, op):
         self.op = op
         self.shape = tuple(int(s) for s in op.shape)
+        kind = getattr(op, "dtype", None)
+        self.precision = np.dtype(kind) if kind is not None and np.dtype(kind).kind == "f" else np.dtype(np.float64)
 
     def matvec(self, x):
         return np.asarray(self.op.matvec(np.asarray(x, dtype=np.float64)), dtype=np.float64).ravel()
@@ -211,6 +224,76 @@ class LinearOperatorRows(PairOperator):
 
     def rmatmat(self, u):
         return np.asarray(self.op.rmatmat(np.asarray(u, dtype=np.float64)), dtype=np.float64)
+
+
+def adjoint_rtol(precision):
+    """The relative tolerance of :func:`check_adjoint` for products computed in ``precision``:
+    ``ADJOINT_RTOL`` (10⁻⁶) for float64, 10⁴ machine epsilons for a coarser type (1.2·10⁻³ for float32),
+    at most 0.1."""
+    eps = float(np.finfo(np.dtype(precision)).eps)
+    return max(ADJOINT_RTOL, min(0.1, 1e4 * eps))
+
+
+def check_adjoint(op, *, rtol=None, seed=20240607):
+    """Check that ``op.rmatvec`` is the adjoint of ``op.matvec`` (two products), else ``ValueError``.
+
+    With a pseudo-random x (fixed ``seed``) and :math:`u = Sx/\\|Sx\\| + g/\\|g\\|` (g pseudo-random too,
+    so that both a wrong :math:`S^\\top` of the same rows and one of unrelated rows show), a consistent
+    operator has :math:`u^\\top(Sx) = (S^\\top u)^\\top x` up to rounding; the check refuses
+
+    .. math::
+
+        |u^\\top(Sx) - (S^\\top u)^\\top x| > \\mathrm{rtol}\\,(\\|u\\|\\,\\|Sx\\| + \\|S^\\top u\\|\\,\\|x\\|),
+
+    which bounds the rounding of both products. An inconsistent operator would make Newton spend its
+    budget and the certificates (which use both products) wrong.
+
+    Parameters
+    ----------
+    op : PairOperator
+    rtol : float, optional
+        Default :func:`adjoint_rtol` of ``op.precision`` (10⁻⁶ for float64, 1.2·10⁻³ for float32).
+    seed : int
+        Seed of the probes (the check is reproducible).
+
+    Returns
+    -------
+    float
+        The relative difference found (≤ rtol).
+    """
+    n, d = op.shape
+    precision = np.dtype(getattr(op, "precision", np.float64))
+    rtol = adjoint_rtol(precision) if rtol is None else float(rtol)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(d)
+    sx = np.asarray(op.matvec(x), dtype=np.float64)
+    if sx.shape != (n,):
+        raise ValueError(f"diff: the operator's matvec returned shape {sx.shape} for x of shape ({d},); "
+                         f"it must return S x of shape ({n},)")
+    g = rng.standard_normal(n)
+    norm_sx = float(np.linalg.norm(sx))
+    if not np.isfinite(norm_sx):
+        raise ValueError("diff: the operator's matvec returned NaN or inf for a random x (is S finite?)")
+    u = g / max(float(np.linalg.norm(g)), np.finfo(float).tiny)
+    if norm_sx > 0:
+        u = u + sx / norm_sx
+    stu = np.asarray(op.rmatvec(u), dtype=np.float64)
+    if stu.shape != (d,):
+        raise ValueError(f"diff: the operator's rmatvec returned shape {stu.shape} for u of shape ({n},); "
+                         f"it must return S^T u of shape ({d},)")
+    if not np.all(np.isfinite(stu)):
+        raise ValueError("diff: the operator's rmatvec returned NaN or inf for a random u (is S finite?)")
+    forward, backward = float(u @ sx), float(stu @ x)
+    scale = float(np.linalg.norm(u)) * norm_sx + float(np.linalg.norm(stu)) * float(np.linalg.norm(x))
+    rel = abs(forward - backward) / scale if scale > 0 else 0.0
+    if not rel <= rtol:
+        raise ValueError(
+            f"diff: the operator's rmatvec is not the adjoint of its matvec (shape ({n}, {d})): for random x and u, "
+            f"u^T(S x) = {forward:.6g} but (S^T u)^T x = {backward:.6g}, a relative difference of {rel:.1e} > "
+            f"{rtol:.1e} (products in {precision}); the solvers and their certificates need rmatvec(u) = S^T u. "
+            "Fix rmatvec; if it is right but computed in lower precision, declare that precision (a "
+            "LinearOperator's dtype, a PairOperator's `precision`); check_adjoint=False skips this check")
+    return rel
 
 
 def as_pair_operator(diff):

@@ -1,0 +1,154 @@
+"""Issue 18, "Honest certificates and nothing lost": group labels identified by value (item 2), the
+adjoint check of an implicit S (item 8), an exclusive checkpoint lock (item 9), the hinge programs'
+memory guard (item 13) and a convergence warning that says what stopped the solver (item 17)."""
+import json
+import multiprocessing
+import os
+import socket
+import time
+import tracemalloc
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy.sparse.linalg import LinearOperator, aslinearoperator
+
+import loglinear_grpo as lg
+from loglinear_grpo import operators
+from loglinear_grpo.checkpoints import CheckpointFile
+
+
+def features(n=12, d=3, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, d))
+
+
+# ============================================================================ item 2: group labels
+def test_item02_equal_numeric_labels_are_one_group():
+    x = features(6)
+    for labels in (np.array([0, 1, 1.0, np.int64(1), 0, np.float32(0)], dtype=object),
+                   pd.Series([0, 1, 1.0, np.int64(1), 0, 0.0], dtype=object),
+                   [0, 1, 1.0, np.int64(1), 0, np.int32(0)],
+                   np.array([False, True, 1, 1.0, 0, 0], dtype=object)):
+        data = lg.PreferenceData(x, labels)
+        assert data.n_groups == 2
+        np.testing.assert_array_equal(data.groups, [0, 1, 1, 1, 0, 0])
+        assert data.group_names == ("0", "1")
+
+
+def test_item02_numbers_mixed_with_strings_are_refused():
+    x = features(4)
+    for labels in ([1, "1", 0, 0], np.array([1, "1", 0, 0], dtype=object), pd.Series(["a", 1, "a", 1]),
+                   [0, 1.0, "a", "a"]):
+        with pytest.raises(ValueError, match="groups mixes numeric labels .* with other labels"):
+            lg.PreferenceData(x, labels)
+
+
+@pytest.mark.parametrize("labels, count", [
+    (["a", None, "b", None], 2),
+    (np.array(["a", np.nan, "b", "a"], dtype=object), 1),
+    (pd.Series(["a", pd.NA, "b", "b"], dtype="string"), 1),
+    (pd.Series([0, 1, None, 1], dtype="Int64"), 1),
+    (np.array([0.0, np.nan, 1.0, np.nan]), 2),
+    (pd.Series([pd.NaT, pd.Timestamp(0), pd.NaT, pd.NaT]), 3),
+    ([0, 1, None, 1], 1),
+    (pd.Categorical(["x", np.nan, "y", "x"]), 1),
+])
+def test_item02_missing_labels_are_refused_with_their_count(labels, count):
+    with pytest.raises(ValueError, match=rf"groups has {count} missing label\(s\)"):
+        lg.PreferenceData(features(4), labels)
+
+
+def test_item02_distinct_labels_that_print_alike_are_refused():
+    with pytest.raises(ValueError, match="distinct labels .* both named"):
+        lg.PreferenceData(features(4), np.array(["b'a'", b"a", "x", "x"], dtype=object))
+
+
+def test_item02_ordinary_labels_keep_their_order_and_names():
+    x = features(4)
+    data = lg.PreferenceData(x, ["us", "fr", "us", "fr"])
+    assert data.group_names == ("us", "fr")
+    np.testing.assert_array_equal(data.groups, [0, 1, 0, 1])
+    named = lg.PreferenceData(x, np.array(["us", "fr", "us", "fr"]), group_names=["fr", "us"])
+    np.testing.assert_array_equal(named.groups, [1, 0, 1, 0])
+    ints = lg.PreferenceData(x, [1, 0, 2, 0], group_names=["a", "b", "c"])
+    np.testing.assert_array_equal(ints.groups, [1, 0, 2, 0])
+    assert ints.group_names == ("a", "b", "c")
+    categorical = lg.PreferenceData(x, pd.Categorical(["y", "x", "y", "x"]))
+    assert categorical.group_names == ("y", "x")
+    with pytest.raises(ValueError, match="does not list"):
+        lg.PreferenceData(x, ["us", "fr", "us", "de"], group_names=["fr", "us"])
+
+
+# ============================================================================ item 8: adjoint check
+def inconsistent(a):
+    """A LinearOperator whose rmatvec applies another matrix's transpose."""
+    wrong = a[::-1]
+    return LinearOperator(a.shape, dtype=np.float64, matvec=lambda x: a @ x, rmatvec=lambda u: wrong.T @ u)
+
+
+def test_item08_inconsistent_linear_operator_is_refused():
+    a = features(40, 5, seed=1)
+    with pytest.raises(ValueError, match="rmatvec is not the adjoint of its matvec.*check_adjoint=False"):
+        lg.PreferenceData(inconsistent(a), np.arange(40) % 2)
+    # the opt-out
+    data = lg.PreferenceData(inconsistent(a), np.arange(40) % 2, check_adjoint=False)
+    assert data.is_operator
+
+
+def test_item08_inconsistent_pair_operator_is_refused():
+    a = features(30, 4, seed=2)
+
+    class Scaled(lg.PairOperator):                  # rmatvec off by a factor 1.001: still caught
+        shape = a.shape
+
+        def matvec(self, x):
+            return a @ x
+
+        def rmatvec(self, u):
+            return 1.001 * (a.T @ u)
+
+    with pytest.raises(ValueError, match="not the adjoint"):
+        lg.PreferenceData(Scaled(), np.arange(30) % 3)
+    with pytest.raises(ValueError, match="not the adjoint"):
+        operators.check_adjoint(Scaled())
+
+
+def test_item08_consistent_operators_pass_float64_and_float32():
+    rng = np.random.default_rng(3)
+    n, d = 2000, 40
+    a = rng.standard_normal((n, d))
+    lg.PreferenceData(aslinearoperator(a), np.arange(n) % 2)
+    # float32 products of rows that are differences of large, nearly equal features (heavy cancellation)
+    big = (1e3 + rng.standard_normal((n, d))).astype(np.float32)
+    small = (1e3 + rng.standard_normal((n, d))).astype(np.float32)
+    op32 = LinearOperator((n, d), dtype=np.float32,
+                          matvec=lambda x: big @ x.astype(np.float32) - small @ x.astype(np.float32),
+                          rmatvec=lambda u: big.T @ u.astype(np.float32) - small.T @ u.astype(np.float32))
+    data = lg.PreferenceData(op32, np.arange(n) % 2)
+    assert data.diff.precision == np.float32
+    assert operators.check_adjoint(data.diff) <= operators.adjoint_rtol(np.float32)
+    # a subset or sorted copy of checked data is not checked again (no products)
+    calls = []
+    counted = LinearOperator((n, d), dtype=np.float64, matvec=lambda x: calls.append(1) or a @ x,
+                             rmatvec=lambda u: calls.append(1) or a.T @ u)
+    checked = lg.PreferenceData(counted, np.arange(n) % 2, check_finite=False)     # no row norms
+    assert len(calls) == 2
+    checked.subset(np.arange(10))
+    checked.sorted_by_group()
+    assert len(calls) == 2
+
+
+def test_item08_llm_head_pair_difference_operator_still_constructs():
+    from llm_head.features import LastLayerFeatures, PairDifferenceOperator
+    rng = np.random.default_rng(4)
+    hidden = rng.standard_normal((12, 5)).astype(np.float32)
+    # 6 one- or two-token candidates; entries (candidate, token, hidden row)
+    cand = np.array([0, 1, 1, 2, 3, 3, 4, 5])
+    tok = np.array([3, 5, 3, 7, 5, 9, 3, 7])
+    hid = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    feats = LastLayerFeatures(hidden, cand, tok, hid, np.array([0, 3, 6]))
+    op = PairDifferenceOperator(feats, [0, 0, 3, 3], [1, 2, 4, 5])
+    data = lg.PreferenceData(op, [0, 1, 0, 1])
+    assert operators.check_adjoint(data.diff) < 1e-12
