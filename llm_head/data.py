@@ -13,9 +13,22 @@ other columns (kept as they are). It is read from
 * GlobalOpinionQA's own table (``question, selections, options``): recognised by its columns and
   turned into pairs by :mod:`llm_head.opinions` (one adapter onto the same table).
 
-Bad rows — an empty or non-string text, chosen == rejected, a missing group — are counted,
-reported (``skipped``, with the reason) and left out. A file that is neither format gives one
-``ValueError`` naming the file and the columns it has.
+Cells are read as the file has them, never re-typed: a CSV is read as text (``dtype=str``, no
+default NA strings, so the group ``NA`` and the answers ``None``, ``N/A``, ``" 3"`` or ``1`` are
+text), JSON and JSON Lines with the :mod:`json` module (a JSON string stays that string, ``"01"``
+and ``"1"`` stay two labels), parquet and ``datasets`` objects with their own types. A cell means
+"missing" only when the file says so (JSON ``null``, an absent key, an empty CSV cell reads as
+empty text) or the caller asks for it (``na_values=``). A UTF-8 byte-order mark at the start of a
+file is ignored (``utf-8-sig``).
+
+Bad rows — a missing, empty or non-string text, chosen == rejected, a missing or empty group — are
+counted, reported (``skipped``, with the reason) and left out. A file that is neither format gives
+one ``ValueError`` naming the file and the columns it has.
+
+Group labels: a string label is the group's name as it is; a number is named by its decimal form
+(``3`` and ``3.0`` → ``"3"``, one JSON type). Labels of different types that would read as one
+name (the number ``1`` and the string ``"1"``, the boolean ``true`` and the string ``"True"``) are
+refused with a ``ValueError`` naming the column and showing them, never merged silently.
 
 Splits: a ``split`` column (``train`` / ``val`` / ``test``; ``validation``, ``dev`` and ``eval`` are
 read as ``val``) is used as given; otherwise :func:`assign_splits` draws a seeded split *by prompt*
@@ -113,7 +126,7 @@ def _is_messages(value):
 
 def _text_problem(value, conversational):
     """Why this prompt/answer cell is unusable, or None."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and np.isnan(value)):
         return "missing text"
     if conversational:
         if not _is_messages(value):
@@ -129,12 +142,38 @@ def _text_problem(value, conversational):
 
 
 # ============================================================================ reading
-def read_table(source, split=None):
+def read_table(source, split=None, na_values=None):
     """A DataFrame from a file path, a ``datasets.Dataset``/``DatasetDict`` or a hub id.
 
-    Returns ``(frame, name)``. A ``DatasetDict`` is concatenated with its split names in a ``split``
-    column; ``split`` selects one hub split (``datasets.load_dataset(id, split=...)``).
+    Parameters
+    ----------
+    source : path, str, datasets.Dataset, datasets.DatasetDict or DataFrame
+        A ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, a hub id, or a table.
+    split : str, optional
+        One hub split (``datasets.load_dataset(id, split=...)``).
+    na_values : str or sequence of str, optional
+        Cells (anywhere in the table) exactly equal to one of these strings are read as missing;
+        default none: every string is text as it is (``"NA"``, ``"None"``, ``"N/A"`` included).
+
+    Returns
+    -------
+    (frame, name)
+        A ``DatasetDict`` is concatenated with its split names in a ``split`` column.
+
+    Notes
+    -----
+    Nothing is re-typed on reading: a CSV is read with ``dtype=str`` and ``keep_default_na=False``
+    (every cell is the text of the file; an empty cell is the empty string), JSON and JSON Lines
+    with :mod:`json` into ``object`` columns (each cell the value the file holds: a string, a
+    number, a list of messages, ``None`` for ``null``, missing where a key is absent), parquet and
+    ``datasets`` objects with their own column types. Text files are decoded as ``utf-8-sig``: a
+    leading byte-order mark is dropped.
     """
+    frame, name = _read_source(source, split)
+    return _apply_na_values(frame, na_values), name
+
+
+def _read_source(source, split):
     try:
         import datasets
     except ImportError:          # pragma: no cover - datasets is in the llm extra
@@ -158,17 +197,14 @@ def read_table(source, split=None):
             raise ValueError(f"{path}: unknown file type {ext!r}; use .jsonl, .json, .csv or .parquet")
         try:
             if ext == ".jsonl":
-                frame = pd.read_json(path, lines=True)
+                frame = _read_json_lines(path)
             elif ext == ".json":
-                try:
-                    frame = pd.read_json(path)
-                except ValueError:
-                    frame = pd.read_json(path, lines=True)
+                frame = _read_json(path)
             elif ext == ".csv":
-                frame = pd.read_csv(path)
+                frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
             else:
                 frame = pd.read_parquet(path)
-        except Exception as exc:             # pandas/pyarrow raise many types: one clear message
+        except Exception as exc:             # pandas/pyarrow/json raise many types: one clear message
             raise ValueError(f"{path} could not be read as {FILE_READERS[ext]}: {type(exc).__name__}: "
                              f"{str(exc)[:200]}") from None
         return frame, path
@@ -181,7 +217,72 @@ def read_table(source, split=None):
     except Exception as exc:                 # the hub's many failure types: one message
         raise ValueError(f"{path!r} is not a local file and could not be loaded from the Hugging Face hub "
                          f"({type(exc).__name__}: {str(exc)[:160]}); check the path or the dataset id") from None
-    return read_table(loaded)[0], path
+    return _read_source(loaded, None)[0], path
+
+
+def _records_frame(records):
+    """Records (dicts) as a frame of ``object`` columns: each cell exactly the parsed JSON value."""
+    return pd.DataFrame.from_records(records) if not records else pd.DataFrame(records, dtype=object)
+
+
+def _json_lines(lines):
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {number}: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"line {number} is a JSON {type(value).__name__}, not an object")
+        records.append(value)
+    return _records_frame(records)
+
+
+def _read_json_lines(path):
+    """A JSON Lines file, one object per line, parsed by :mod:`json` (nothing re-typed)."""
+    with open(path, encoding="utf-8-sig") as fh:
+        return _json_lines(fh)
+
+
+def _read_json(path):
+    """A JSON file: an array of records, an object of columns (lists, or ``{row: value}`` as pandas'
+    ``to_json`` writes them), or JSON Lines under a ``.json`` name; parsed by :mod:`json`."""
+    with open(path, encoding="utf-8-sig") as fh:
+        text = fh.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg != "Extra data":        # more than one JSON value: JSON Lines
+            raise
+        return _json_lines(text.splitlines())
+    if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        return _records_frame(value)
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        return pd.DataFrame({k: pd.Series(v, dtype=object) for k, v in value.items()})
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        return pd.DataFrame.from_dict(value, dtype=object)
+    raise ValueError("expected an array of objects (records), an object of columns, or JSON Lines")
+
+
+def _apply_na_values(frame, na_values):
+    """Cells equal to one of ``na_values`` (strings) become missing (``None``); nothing else changes."""
+    if na_values is None:
+        return frame
+    na = {na_values} if isinstance(na_values, str) else set(na_values)
+    if not all(isinstance(v, str) for v in na):
+        raise ValueError(f"na_values must be strings, got {sorted(map(repr, na))}")
+    if not na:
+        return frame
+    frame = frame.copy()
+    for col in frame.columns:
+        hit = frame[col].map(lambda v: isinstance(v, str) and v in na).to_numpy(dtype=bool)
+        if hit.any():
+            column = frame[col].astype(object).to_numpy(copy=True)
+            column[hit] = None
+            frame[col] = pd.Series(column, index=frame.index, dtype=object)
+    return frame
 
 
 def _looks_like_file(text):
@@ -217,9 +318,17 @@ def pairs_from_frame(frame, *, group_column="group", name="data", groups=None):
     frame : DataFrame
         TRL's standard or conversational preference format plus a group column.
     group_column : str
-        The column holding each pair's group (strings, or integers read as their string form).
+        The column holding each pair's group: strings (the group's name, as it is), or numbers
+        (named by their decimal form, ``3`` → ``"3"``). A label that is missing (``None``, NaN,
+        absent) or an empty string is a bad row (reason ``missing group`` / ``empty group``); labels
+        of different types that read as one name (``1`` and ``"1"``) raise ``ValueError``.
     groups : sequence of str, optional
         Keep only these groups, in this order (default: all, in order of first appearance).
+
+    Raises
+    ------
+    ValueError
+        A missing column; labels of different types that read as one group; no usable pair.
     """
     missing = [c for c in (*TEXT_COLUMNS, group_column) if c not in frame.columns]
     if missing:
@@ -232,9 +341,9 @@ def pairs_from_frame(frame, *, group_column="group", name="data", groups=None):
     frame = frame.reset_index(drop=True)
     conversational = any(_is_messages(v) for v in frame["prompt"].head(50))
     reasons = pd.Series([None] * len(frame), dtype=object)
-    group = frame[group_column]
-    bad_group = group.isna() | group.map(lambda g: isinstance(g, str) and not g.strip())
-    reasons[bad_group.to_numpy()] = "missing group"
+    group_problems = _group_problems(frame[group_column])
+    reasons[group_problems.notna().to_numpy()] = group_problems[group_problems.notna()].to_numpy()
+    _refuse_merged_labels(frame[group_column][group_problems.isna()], group_column, name)
     for col in TEXT_COLUMNS:
         problem = frame[col].map(lambda v: _text_problem(v, conversational))
         fill = reasons.isna() & problem.notna()
@@ -269,7 +378,53 @@ def pairs_from_frame(frame, *, group_column="group", name="data", groups=None):
                            conversational=conversational, source=str(name))
 
 
+def _label_kind(value):
+    """The JSON type of a group label: ``string``, ``number``, ``boolean``, or None (not a label)."""
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (bool, np.bool_)):
+        return "boolean"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return "number"
+    return None
+
+
+def _group_problems(group):
+    """Why each row's group label is unusable (``None`` where it is fine)."""
+    def problem(value):
+        kind = _label_kind(value)
+        if kind is None:
+            if value is None or value is pd.NA or value is pd.NaT:
+                return "missing group"
+            return f"group label is {type(value).__name__}, not a string or number"
+        if kind == "string":
+            return None if value.strip() else "empty group"
+        if kind == "number" and not np.isfinite(float(value)):
+            return "missing group"           # NaN: pandas' missing value (inf is no label either)
+        return None
+    return pd.Series([problem(v) for v in group], index=group.index, dtype=object)
+
+
+def _refuse_merged_labels(labels, group_column, name):
+    """A ``ValueError`` if labels of different types read as one group name (``1`` and ``"1"``)."""
+    kinds = {}
+    for value in labels:
+        kinds.setdefault(_group_name(value), {}).setdefault((_label_kind(value), repr(value)), [value, 0])[1] += 1
+    clashes = {g: found for g, found in kinds.items() if len({kind for kind, _ in found}) > 1}
+    if clashes:
+        def describe(found):
+            return " and ".join(f"{value!r} ({kind}, {count} row{'' if count == 1 else 's'})"
+                                for (kind, _), (value, count) in found.items())
+        shown = "; ".join(describe(found) for found in list(clashes.values())[:3])
+        raise ValueError(f"{name}: group column {group_column!r} has labels of different types that would read as "
+                         f"the same group ({len(clashes)} such group name(s)): {shown}. Labels are kept as the file "
+                         "has them; make the column one type (e.g. every label a string)")
+
+
 def _group_name(value):
+    """A group's name: a string label as it is, a number in its decimal form (``3.0`` → ``"3"``)."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         value = int(value)
     return str(value)
@@ -310,17 +465,18 @@ def assign_splits(pairs, seed=0, split=(0.8, 0.1, 0.1), split_by=None):
 
 
 def load_preference_pairs(data, *, group_column="group", groups=None, limit=None, countries=None,
-                          hub_split=None, answer=None, template=None, name=None):
+                          hub_split=None, answer=None, template=None, name=None, na_values=None):
     """Grouped preference pairs from a path, a hub id, a ``datasets`` object or a DataFrame.
 
     GlobalOpinionQA's table is detected and converted (all options of a question become its
     candidates, with the country's survey distribution as the target); see
     :func:`llm_head.opinions.opinion_pairs`. ``limit`` keeps the first ``limit`` pairs of each group;
-    ``name`` is how messages call the data (default: its path or hub id).
+    ``name`` is how messages call the data (default: its path or hub id); ``na_values`` are the
+    strings that mean "missing" (default none; see :func:`read_table`: files are read as they are).
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
-    frame, read_name = read_table(data, split=hub_split)
+    frame, read_name = read_table(data, split=hub_split, na_values=na_values)
     name = name or read_name
     kind = detect_format(frame, name)
     if kind == "global_opinions":

@@ -77,9 +77,15 @@ def format_prompt(question, options, country, template=DEFAULT_TEMPLATE):
 
 
 def read_global_opinions(path=None):
-    """The raw GlobalOpinionQA table: from a local CSV, or from the Hugging Face hub (``path=None``)."""
+    """The raw GlobalOpinionQA table: from a local file, or from the Hugging Face hub (``path=None``).
+
+    A local file is read by :func:`llm_head.data.read_table`: a CSV as text (``dtype=str``, no
+    default NA strings, ``utf-8-sig`` so a byte-order mark is dropped), so that a question or an
+    option such as ``None`` or ``NA`` stays text.
+    """
     if path is not None:
-        frame = pd.read_csv(path)
+        from .data import read_table
+        frame, _ = read_table(path)
     else:
         try:
             import datasets
@@ -97,7 +103,8 @@ def load_global_opinions(path=None, countries=None, template=DEFAULT_TEMPLATE,
                          answer=DEFAULT_ANSWER, frame=None):
     """Items (question × country) for the chosen countries; bad rows are reported and skipped.
 
-    A row is skipped (and listed in ``skipped`` with the reason) when its options are empty or
+    A row is skipped (and listed in ``skipped`` with the reason) when its question is missing or
+    empty, when its options are empty or
     unparsable, when there are more options than letters, when a country's probability vector
     is not a list, has the wrong length, is negative or does not sum to 1 ± 0.02, or when
     ``selections`` cannot be parsed. ``countries`` is a list of names, one name, or ``None`` (the
@@ -116,6 +123,11 @@ def load_global_opinions(path=None, countries=None, template=DEFAULT_TEMPLATE,
     rows, skipped = [], []
     wanted = {c: g for g, c in enumerate(countries)}
     for qid, rec in enumerate(frame.itertuples(index=False)):
+        if not isinstance(rec.question, str) or not rec.question.strip():
+            skipped.append({"question_id": qid, "country": None,
+                            "reason": "empty question" if isinstance(rec.question, str) else
+                            f"question is {type(rec.question).__name__}, not a string"})
+            continue
         try:
             options = _parse_options(rec.options)
             selections = _parse_selections(rec.selections)
