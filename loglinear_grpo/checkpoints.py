@@ -13,7 +13,10 @@ the fingerprint.
 
 Writes are atomic (temp file beside the checkpoint, fsync, rename). A run holds ``<path>.lock``
 while it writes: a second run on the same path fails at once with the holder's pid and host (a lock
-left by a dead process on this host is taken over). A Ctrl-C saves the state before re-raising. A
+left by a dead process on this host is taken over). The lock appears whole or not at all (written to a
+temporary file, then hard-linked into place, which fails if it exists), so exactly one of many runs
+started together gets it; a lock file that cannot be parsed is treated as held and never removed (the
+error names it: delete it by hand if no run uses the checkpoint). A Ctrl-C saves the state before re-raising. A
 damaged file — truncated, overwritten, not a checkpoint at all — raises one ``ValueError`` naming
 it. Temp files of this checkpoint left by a killed run are removed on the next start.
 """
@@ -23,6 +26,7 @@ import glob
 import hashlib
 import json
 import os
+import secrets
 import socket
 import time
 import warnings
@@ -35,6 +39,18 @@ from ._io import atomic_write
 FORMAT = 2
 #: settings that stop a run but do not change its iterates (left out of the fingerprint)
 STOPPING = ("steps", "tol", "check_every")
+
+
+def _host_tag():
+    """A short tag of this host for file names (host names may hold any character)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _since(holder):
+    try:
+        return time.ctime(float(holder.get("since", 0)))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "an unknown time"
 
 
 def data_fingerprint(data):
@@ -89,50 +105,129 @@ class CheckpointFile:
             raise ValueError(f"checkpoint folder {folder} is not writable")
         self.temp_prefix = f".{name}.tmp-"
         self.lock_path = self.path + ".lock"
+        self.lock_temp_prefix = f".{name}.lock-tmp-"
         self._locked = False
+        self._me = None
 
     # -- locking ------------------------------------------------------------------
     def acquire(self):
-        """Take ``<path>.lock`` (O_EXCL); a lock of a live process raises, a dead one's is taken over."""
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):
+        """Take ``<path>.lock``; a lock of a live process raises, a dead one's (same host) is taken over.
+
+        The lock's contents (pid, host, time, a random token) are written to a temporary file first and
+        made visible with ``os.link``, which fails if the lock exists: a reader never sees a partial
+        lock. A lock file that cannot be parsed is never removed (it is treated as held). A stale lock is
+        removed only under ``<path>.lock.takeover`` (taken the same way), after checking that it is
+        still the stale one, so two runs cannot both take it over."""
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+              "token": secrets.token_hex(8)}
+        for _ in range(20):
+            if self._create(self.lock_path, me):
+                self._locked, self._me = True, me
+                self._remove_stale_temps()
+                return self
+            holder = self._holder(self.lock_path)
+            if holder is None:                 # released in between: try again
+                continue
+            if self._alive(holder):
+                raise ValueError(
+                    f"checkpoint {self.path} is in use by process {holder.get('pid')} on "
+                    f"{holder.get('host')} (since {_since(holder)}); wait for it, or give "
+                    f"this run another checkpoint path")
+            if not self._take_over(holder):    # another run is taking the stale lock over: look again soon
+                time.sleep(0.05)
+        raise ValueError(f"could not lock checkpoint {self.path}: its lock {self.lock_path} changed hands "
+                         "while this run tried to take it; try again")
+
+    def _create(self, path, contents):
+        """Make ``path`` hold ``contents`` (JSON) if it does not exist, atomically: True, or False if it
+        exists. ``os.link`` of a complete temporary file; where the file system has no hard links,
+        ``O_EXCL`` (the file is then empty for an instant, which readers wait out)."""
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f"{self.lock_temp_prefix}{_host_tag()}-{os.getpid()}-{contents['token']}")
+        with open(tmp, "w") as fh:
+            json.dump(contents, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:                        # pragma: no cover - no hard links here (e.g. FAT, some shares)
             try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self._holder()
-                if holder is not None and self._alive(holder):
-                    raise ValueError(
-                        f"checkpoint {self.path} is in use by process {holder.get('pid')} on "
-                        f"{holder.get('host')} (since {time.ctime(holder.get('since', 0))}); wait for it, or give "
-                        f"this run another checkpoint path") from None
-                warnings.warn(f"removing the stale lock {self.lock_path} of a process that no longer runs",
-                              stacklevel=3)
+                return False
+            with os.fdopen(fd, "w") as fh:
+                json.dump(contents, fh)
+            return True
+        finally:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:          # pragma: no cover
+                pass
+
+    def _take_over(self, stale):
+        """Remove the lock of a dead process, if it is still ``stale``, holding ``<lock>.takeover``: True,
+        or False when another run holds that guard."""
+        guard = self.lock_path + ".takeover"
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                "token": secrets.token_hex(8)}
+        if not self._create(guard, mine):
+            holder = self._holder(guard)
+            if holder is None or self._alive(holder):
+                return False                   # another run is taking it over (or just did)
+            raise ValueError(f"checkpoint {self.path}: {guard} was left by process {holder.get('pid')}, which no "
+                             f"longer runs, while it took over a stale lock; if no run uses this checkpoint, "
+                             f"delete {guard} and {self.lock_path} and try again")
+        try:
+            if self._holder(self.lock_path, wait=False) == stale:
+                warnings.warn(f"removing the stale lock {self.lock_path} of process {stale.get('pid')}, which no "
+                              "longer runs", stacklevel=4)
                 try:
                     os.remove(self.lock_path)
                 except FileNotFoundError:
                     pass
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self._locked = True
-            self._remove_stale_temps()
-            return self
-        raise ValueError(f"could not lock checkpoint {self.path}")     # pragma: no cover - a race lost twice
+        finally:
+            try:
+                os.remove(guard)
+            except FileNotFoundError:          # pragma: no cover
+                pass
+        return True
 
     def release(self):
+        """Remove the lock, if it is still this run's."""
         if self._locked:
             try:
-                os.remove(self.lock_path)
-            except FileNotFoundError:
+                if self._holder(self.lock_path, wait=False) == self._me:
+                    os.remove(self.lock_path)
+            except (FileNotFoundError, ValueError):
                 pass
             self._locked = False
 
-    def _holder(self):
-        try:
-            with open(self.lock_path) as fh:
-                return json.load(fh)
-        except (OSError, ValueError):
-            return None
+    def _holder(self, path, wait=True):
+        """The lock's contents (a dict), or ``None`` if it does not exist; ``ValueError`` naming the file
+        when it cannot be parsed (after waiting up to about 0.5 s for a writer without hard links)."""
+        for attempt in range(6 if wait else 1):
+            try:
+                with open(path) as fh:
+                    text = fh.read()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                problem = f"cannot be read ({exc.strerror})"
+            else:
+                try:
+                    holder = json.loads(text)
+                    if isinstance(holder, dict):
+                        return holder
+                    problem = "does not hold a lock record"
+                except ValueError:
+                    problem = "is empty" if not text.strip() else "is not a lock record (not JSON)"
+            if attempt < (5 if wait else 0):
+                time.sleep(0.1)
+        raise ValueError(f"checkpoint {self.path} is locked by {path}, which {problem}; it is treated as held "
+                         f"and left alone. If no run is using this checkpoint, delete {path} and try again")
 
     @staticmethod
     def _alive(holder):
@@ -147,11 +242,23 @@ class CheckpointFile:
         return True
 
     def _remove_stale_temps(self):
-        for tmp in glob.glob(os.path.join(os.path.dirname(self.path), glob.escape(self.temp_prefix) + "*")):
+        folder = os.path.dirname(self.path)
+        for tmp in glob.glob(os.path.join(folder, glob.escape(self.temp_prefix) + "*")):
             try:
                 os.remove(tmp)
             except OSError:                   # pragma: no cover - another process's permissions
                 pass
+        # a lock's temporary file lives for an instant; one left by a process killed then (this host only)
+        for tmp in glob.glob(os.path.join(folder, glob.escape(f"{self.lock_temp_prefix}{_host_tag()}-") + "*")):
+            try:
+                pid = int(os.path.basename(tmp)[len(self.lock_temp_prefix) + 9:].split("-")[0])
+            except ValueError:
+                continue
+            if not self._alive({"host": socket.gethostname(), "pid": pid}):
+                try:
+                    os.remove(tmp)
+                except OSError:               # pragma: no cover - removed by another run, or permissions
+                    pass
 
     # -- reading and writing --------------------------------------------------------------
     def exists(self):

@@ -152,3 +152,84 @@ def test_item08_llm_head_pair_difference_operator_still_constructs():
     op = PairDifferenceOperator(feats, [0, 0, 3, 3], [1, 2, 4, 5])
     data = lg.PreferenceData(op, [0, 1, 0, 1])
     assert operators.check_adjoint(data.diff) < 1e-12
+
+
+# ============================================================================ item 9: checkpoint lock
+def _lock_worker(path, start, holders, peak, entries, seconds):
+    """Race for the lock for ``seconds``: each time it is held, count the simultaneous holders."""
+    warnings.simplefilter("ignore")
+    ckpt = CheckpointFile(path)
+    start.wait()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            ckpt.acquire()
+        except ValueError:                     # held by another process: try again
+            continue
+        with holders.get_lock():
+            holders.value += 1
+            peak.value = max(peak.value, holders.value)
+            entries.value += 1
+        time.sleep(0.002)
+        with holders.get_lock():
+            holders.value -= 1
+        ckpt.release()
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+@pytest.mark.parametrize("start_with", ["no lock", "a stale lock"])
+def test_item09_lock_has_one_holder_among_racing_processes(tmp_path, start_with):
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    path = str(tmp_path / "race.npz")
+    if start_with == "a stale lock":           # all of them race to take it over first
+        with open(path + ".lock", "w") as fh:
+            json.dump({"pid": _dead_pid(), "host": socket.gethostname(), "since": 0}, fh)
+    start = ctx.Event()
+    holders, peak, entries = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0)
+    workers = [ctx.Process(target=_lock_worker, args=(path, start, holders, peak, entries, 2.0))
+               for _ in range(12)]
+    for w in workers:
+        w.start()
+    start.set()
+    for w in workers:
+        w.join(60)
+    assert all(w.exitcode == 0 for w in workers)
+    assert entries.value > 10                  # the lock changed hands many times
+    assert peak.value == 1, f"{peak.value} processes held the lock at once"
+    assert not os.path.exists(path + ".lock") and not os.path.exists(path + ".lock.takeover")
+    assert not [f for f in os.listdir(tmp_path) if "lock-tmp" in f]     # no temporary file left
+
+
+def test_item09_unparsable_lock_is_kept_and_named(tmp_path):
+    path = tmp_path / "u.npz"
+    lock = tmp_path / "u.npz.lock"
+    for text in ("", "{not json", "[1, 2]"):
+        lock.write_text(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")     # no "removing the stale lock"
+            with pytest.raises(ValueError, match=rf"locked by {lock}.*delete {lock}"):
+                CheckpointFile(path).acquire()
+        assert lock.read_text() == text        # left alone
+    with pytest.raises(ValueError, match="delete"):             # a solve refuses it too, before any step
+        lg.solve(lg.PreferenceData(features(), np.arange(12) % 2), loss="dpo", estimator="stochastic", steps=10,
+                 step_size=0.05, alpha_step_size=0.1, radius=1.0, checkpoint=path)
+    assert lock.exists()
+
+
+def test_item09_stale_lock_is_taken_over_and_released(tmp_path):
+    path = tmp_path / "s.npz"
+    lock = tmp_path / "s.npz.lock"
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "since": 0}))
+    with pytest.warns(UserWarning, match="stale lock"):
+        ckpt = CheckpointFile(path).acquire()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    with pytest.raises(ValueError, match=f"in use by process {os.getpid()}"):
+        CheckpointFile(path).acquire()
+    ckpt.release()
+    assert not lock.exists() and not (tmp_path / "s.npz.lock.takeover").exists()
