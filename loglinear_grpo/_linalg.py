@@ -39,6 +39,21 @@ def solve_psd(hess, rhs):
     return scipy.linalg.lstsq(hess, rhs, cond=hess.shape[0] * EPS)[0]
 
 
+def jacobi_scaling(hess):
+    """D = diag(H)^{-1/2} (0 where the diagonal is 0): D H D has a unit diagonal, so a solve with it
+    does not depend on how each coordinate is scaled (a feature in other units)."""
+    diag = np.diag(hess).astype(np.float64, copy=False)
+    with np.errstate(divide="ignore"):
+        return np.where(diag > 0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 0.0)
+
+
+def solve_psd_scaled(hess, rhs):
+    """:func:`solve_psd` on the Jacobi-scaled system (D H D)(D⁻¹u) = D q: the same solution, with the
+    singularity tests and the min-norm fallback made invariant to the scale of each coordinate."""
+    scale = jacobi_scaling(hess)
+    return scale * solve_psd(hess * scale[:, None] * scale[None, :], scale * rhs)
+
+
 def trust_region_coefficients(lam, qt, radius):
     r"""Coefficients :math:`c_j` of the solution of :math:`\min_u u^\top H u - 2q^\top u` s.t.
     :math:`\|u\|\le R`, in the eigenbasis of :math:`H = V\Lambda V^\top \succeq 0`

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 
-from ._linalg import EPS, ball_quadratic_min, safe_norm
+from ._linalg import EPS, ball_quadratic_min, jacobi_scaling, safe_norm
 
 
 def _hash_arrays(*arrays):
@@ -89,9 +89,11 @@ class Unconstrained:
         return 0.0 if not np.any(grad) else -np.inf
 
     def minimize_quadratic(self, theta, grad, hess):
-        """θ − (H + εI)⁻¹ g by Cholesky, with the rounding-level ridge of :func:`_ridge`."""
-        factor = _cholesky_ridged(hess)
-        return theta - scipy.linalg.cho_solve((factor, True), grad)
+        """θ − D(DHD + εI)⁻¹D g by Cholesky: Jacobi-scaled (D = diag(H)^{-1/2}, so the step does not
+        depend on the units of each feature), with the rounding-level ridge of :func:`_ridge`."""
+        scale = jacobi_scaling(hess)
+        factor = _cholesky_ridged(hess * scale[:, None] * scale[None, :])
+        return theta - scale * scipy.linalg.cho_solve((factor, True), scale * grad)
 
     def cvxpy_constraints(self, var):
         return []
@@ -245,12 +247,18 @@ class Box:
         method)."""
         d = theta.size
         lo, hi = self._bounds(d)
-        factor = _cholesky_ridged(hess)
-        rhs = -scipy.linalg.solve_triangular(factor, grad, lower=True)
+        scale = jacobi_scaling(hess)               # u = D v: the ridge and tolerances in scaled units
+        factor = _cholesky_ridged(hess * scale[:, None] * scale[None, :])
+        rhs = -scipy.linalg.solve_triangular(factor, scale * grad, lower=True)
+        free = scale > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v_lo = np.where(free, (lo - theta) / np.where(free, scale, 1.0), 0.0)
+            v_hi = np.where(free, (hi - theta) / np.where(free, scale, 1.0), 0.0)
+        v_lo, v_hi = np.minimum(v_lo, 0.0), np.maximum(v_hi, 0.0)     # θ ∈ Θ: 0 is feasible
         method = "bvls" if d <= 400 else "trf"
-        res = scipy.optimize.lsq_linear(factor.T, rhs, bounds=(lo - theta, hi - theta), method=method,
+        res = scipy.optimize.lsq_linear(factor.T, rhs, bounds=(v_lo, v_hi), method=method,
                                         tol=1e-14 if method == "bvls" else 1e-12, lsmr_tol="auto")
-        return np.clip(theta + res.x, lo, hi)
+        return np.clip(theta + scale * res.x, lo, hi)
 
     def cvxpy_constraints(self, var):
         cons = []

@@ -26,6 +26,7 @@ from ._linalg import ball_quadratic_min as _ball_least_squares  # noqa: F401 (re
 from ._linalg import solve_psd as _solve_psd
 from ._linalg import trust_region_coefficients as _trust_region_coefficients
 from ._validation import check_loss, check_positive_finite, check_vector
+from .certificate import check_consistent, feasible_dual
 from .constraints import L2Ball, Box, Unconstrained, make_constraint
 from .data import PreferenceData, weighted_gram
 from .losses import get_loss
@@ -339,7 +340,8 @@ def duality_gap(theta, alpha, data, *, loss="dpo", beta=0.1, radius=None, center
 def _duality_gap(theta, alpha, data, loss, beta, theta_set):
     upper = float(np.max(_group_losses(theta, data, loss, beta)))
     lower = certified_best_response(alpha, data, loss, beta, theta_set, theta0=theta).lower_bound
-    return max(upper - lower, 0.0)          # a negative difference is rounding: the suboptimality is ≥ 0
+    check_consistent(upper, lower, "duality_gap")   # warns if the bound lies above max_g L_g(θ)
+    return upper - lower                    # never clipped: within rounding of 0 at a saddle point
 
 
 def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
@@ -361,8 +363,10 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
         (-\beta S^\top y)^\top(\theta' - \theta),
 
     rigorous whatever the solver's accuracy (Fenchel: the hinge's conjugate is u/β on [−β, 0]).
-    Where Θ is unbounded along :math:`S^\top y` the solver's optimal value is used instead
-    (``bound_kind="linear program"``).
+    Where Θ is unbounded along :math:`S^\top y` the duals are first moved onto :math:`S^\top y = 0`
+    to rounding (:func:`_hinge_feasible_bound`, ``bound_kind="feasible dual"``); the solver's own
+    optimal value is never taken on trust, and ``converged`` is ``False`` when no bound certifies
+    the answer to :data:`HINGE_TOL`.
     """
     from .newton import NewtonResult
     k = data.n_groups
@@ -393,10 +397,35 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
     if np.isfinite(linear):
         lower, kind = float(y @ (1.0 - beta * h)) + linear, "rigorous"
     else:
-        lower, kind = min(reported, value), "linear program"
+        lower, kind = _hinge_feasible_bound(data, beta, theta, theta_set, h, lam[data.groups] * inv, y), \
+            "feasible dual"
     lower = max(lower, 0.0)                                   # the hinge is ≥ 0
+    converged = check_consistent(value, lower, "hinge_program") and \
+        value - lower <= HINGE_TOL * max(1.0, abs(value))
     return NewtonResult(theta=theta, alpha=np.asarray(alpha if robust else w, dtype=np.float64), value=value,
-                        lower_bound=lower, converged=True, n_iter=1, passes=2, bound_kind=kind)
+                        lower_bound=lower, converged=converged, n_iter=1, passes=2, bound_kind=kind)
+
+
+#: the relative certified gap at which the hinge program counts as solved (its solvers' tolerances are 1e-10)
+HINGE_TOL = 1e-6
+
+
+def _hinge_feasible_bound(data, beta, theta, theta_set, h, pair_w, y):
+    """The hinge's Fenchel bound (loglinear_grpo.certificate, (⋆)) on a Θ unbounded along Sᵀy: the
+    solver's duals y are moved onto Sᵀy = 0 to rounding (u = −βy/w in [−β, 0], the correction's metric
+    u(u + β) vanishing at the bounds, so pairs at a bound stay there); −∞ if that fails. The solver's
+    own optimal value is never taken on trust."""
+    from .newton import PairOracle
+    spec = get_loss("hinge")
+    u = -beta * np.divide(y, pair_w, out=np.zeros_like(y), where=pair_w > 0)   # w = 0: y = 0, any u
+    metric = np.maximum(-u * (u + beta), 0.0) / beta
+    oracle = PairOracle(data, "hinge", beta)
+    hess = np.zeros((data.dim, data.dim))
+    for start, stop, block in data.row_blocks():
+        hess += weighted_gram(block, (pair_w * metric)[start:stop])
+    rho = data.rmatvec(pair_w * u)
+    lower, _ = feasible_dual(oracle, spec, beta, theta, theta_set, h, pair_w, u, metric, hess, rho)
+    return lower
 
 
 def _hinge_highs(data, beta, theta_set, robust, w, chi, inv):

@@ -53,7 +53,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import logsumexp, softmax
 
-from ._linalg import EPS
+from ._linalg import EPS, solve_psd_scaled
+from .certificate import DualPoint, abs_rmatvec, feasible_dual, original_space_bound
 from .constraints import L2Ball, Unconstrained
 from .data import PreferenceData, weighted_gram
 from .losses import get_loss
@@ -76,6 +77,7 @@ class NewtonResult:
     passes: int
     bound_kind: str
     history: list = field(default_factory=list)
+    dual: DualPoint | None = None
 
     @property
     def gap(self):
@@ -102,6 +104,16 @@ class PairOracle:
         """S x, shape (N,)."""
         self.passes += 1
         return self.data.matvec(x)
+
+    def rproduct(self, u):
+        """Sᵀ u, shape (d,)."""
+        self.passes += 1
+        return self.data.rmatvec(u)
+
+    def abs_rproduct(self, v):
+        """|S|ᵀ v for v ≥ 0 (the scale of each coordinate of Sᵀv, for the certificate's rounding test)."""
+        self.passes += 1
+        return abs_rmatvec(self.data, v)
 
     def margins(self, theta):
         return self.product(theta) - self.data.ref_margin
@@ -167,14 +179,15 @@ class RowSpaceReduction:
 _REDUCTIONS = weakref.WeakKeyDictionary()
 
 
-def row_space_reduction(data, theta_set):
+def row_space_reduction(data, theta_set, origin=None):
     """For d > N and Θ a ball (centre c) or R^d: the same problem in r = rank(S) ≤ N dimensions.
 
     The objective depends on θ only through Sθ, and on a ball a component of θ − c outside the
     row space of S only uses up radius, so an optimum has θ − c = Sᵀa. From the eigen-decomposition
     of the kernel :math:`SS^\\top = V\\Lambda V^\\top` (one N × N matrix), θ = c + Q b with
     orthonormal Q = Sᵀ V Λ^{-1/2}; the margins are Z b + (Sc − r) with Z = V Λ^{1/2}, and ‖θ − c‖ =
-    ‖b‖. Returns ``None`` when no reduction applies.
+    ‖b‖. ``origin`` (R^d only) replaces c: the reduced problem is then the correction θ − origin
+    (iterative refinement of a lifted solution). Returns ``None`` when no reduction applies.
     """
     if data.dim <= data.n_samples or not isinstance(theta_set, (L2Ball, Unconstrained)) or data.streamed:
         return None
@@ -186,6 +199,8 @@ def row_space_reduction(data, theta_set):
         cached = _REDUCTIONS[data] = (vec[:, keep], np.sqrt(lam[keep]))
     vec, root = cached
     center = np.zeros(data.dim) if getattr(theta_set, "center", None) is None else theta_set.center
+    if origin is not None and isinstance(theta_set, Unconstrained):
+        center = origin
     offsets = data.ref_margin - data.matvec(center)
     reduced = PreferenceData(vec * root, data.groups, offsets, group_names=data.group_names,
                              check_finite=False)
@@ -226,21 +241,55 @@ def newton_minimax(data, loss, beta, theta_set, *, weights=None, chi=1.0, theta0
     theta_set = Unconstrained() if theta_set is None else theta_set
     reduction = row_space_reduction(data, theta_set) if reduce else None
     if reduction is not None:
-        start = None if theta0 is None else reduction.reduce(np.asarray(theta0, dtype=np.float64), data)
+        return _newton_row_space(data, loss, beta, theta_set, reduction, weights, chi, theta0, tol, max_iter,
+                                 callback)
+    return _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, callback)
+
+
+#: on R^d, a lifted row-space solution that does not certify on the original S is refined this many times
+REFINE_ROUNDS = 2
+
+
+def _newton_row_space(data, loss, beta, theta_set, reduction, weights, chi, theta0, tol, max_iter, callback):
+    """Newton in the row space (:func:`row_space_reduction`), the answer lifted and certified on the
+    original S. The kernel squares S's condition number, so a lifted point can lose accuracy in
+    directions of tiny singular value (near-duplicate rows); on R^d the solve is then repeated for
+    the correction, θ = θ_lifted + Q b (iterative refinement), at most :data:`REFINE_ROUNDS` times."""
+    fixed = None if weights is None else np.asarray(weights, dtype=np.float64)
+    start = None if theta0 is None else reduction.reduce(np.asarray(theta0, dtype=np.float64), data)
+    best, passes, n_iter, history = None, 0, 0, []
+    for round_ in range(1 + REFINE_ROUNDS):
         res = newton_minimax(reduction.data, loss, beta, reduction.theta_set, weights=weights, chi=chi,
                              theta0=start, tol=tol, max_iter=max_iter, callback=callback, reduce=False)
         theta = theta_set.project(reduction.lift(res.theta, data))
         oracle = PairOracle(data, loss, beta)
         h = oracle.margins(theta)
-        value = _true_value(oracle.group_means(oracle.spec.value(h, beta)),
-                            None if weights is None else np.asarray(weights, dtype=np.float64), chi)
-        res.theta, res.value, res.passes = theta, value, res.passes + oracle.passes + 2
-        res.converged = res.value - res.lower_bound <= tol * max(1.0, abs(res.value))
-        return res
-    return _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, callback)
+        res.value = _true_value(oracle.group_means(oracle.spec.value(h, beta)), fixed, chi)
+        # the reduced problem's bound holds for the original only if no dropped direction of S
+        # matters: re-certify its dual point on the original S (loglinear_grpo.certificate)
+        if res.dual is not None:
+            res.lower_bound = max(original_space_bound(data, oracle.spec, beta, theta, theta_set, h, res.dual), 0.0)
+        res.theta = theta
+        passes += res.passes + oracle.passes + 2
+        n_iter += res.n_iter
+        history += res.history
+        if best is None:
+            best = res
+        else:                                   # the best point and, apart, the best bound
+            bound = max(best, res, key=lambda r: r.lower_bound)
+            point = min(best, res, key=lambda r: r.value)
+            point.lower_bound, point.alpha, point.dual, point.bound_kind = \
+                bound.lower_bound, bound.alpha, bound.dual, bound.bound_kind
+            best = point
+        best.converged = best.value - best.lower_bound <= tol * max(1.0, abs(best.value))
+        if best.converged or not isinstance(theta_set, Unconstrained) or n_iter >= max_iter:
+            break
+        reduction, start = row_space_reduction(data, theta_set, origin=best.theta), None
+    best.passes, best.n_iter, best.history = passes, n_iter, history
+    return best
 
 
-def refined_dual_bound(losses, grads, hess, theta, theta_set, data, loss, beta, chi, tol):
+def refined_dual_bound(losses, grads, hess, theta, theta_set, data, loss, beta, chi, tol, pair_d1):
     """A better certificate from the same first-order information, for the group-robust problem.
 
     Near the optimum the softmax weights :math:`\\mathrm{softmax}(L/\\mu)` are a noisy estimate
@@ -258,7 +307,8 @@ def refined_dual_bound(losses, grads, hess, theta, theta_set, data, loss, beta, 
     On a Θ unbounded along the gradients, α̂ instead maximises the quadratic model
     :math:`\\alpha^\\top L - \\frac12\\alpha^\\top G H^{+} G^\\top\\alpha` and the bound is the certified
     best response to α̂ (:func:`newton_minimax` with fixed weights, warm-started at θ).
-    Returns ``(lower_bound, alpha, kind)``; ``(-inf, None, ...)`` if no bound was found.
+    ``pair_d1`` is ℓ'(h) at θ. Returns ``(lower_bound, alpha, kind, dual)``; ``(-inf, None, ..., None)``
+    if no bound was found.
     """
     import cvxpy as cp
     k, d = grads.shape
@@ -284,18 +334,20 @@ def refined_dual_bound(losses, grads, hess, theta, theta_set, data, loss, beta, 
             problem.solve(solver="CLARABEL")
             alpha = alpha_var.value
     except (cp.error.SolverError, ValueError, np.linalg.LinAlgError):
-        return -np.inf, None, "none"
+        return -np.inf, None, "none", None
     if alpha is None or not np.all(np.isfinite(alpha)):
-        return -np.inf, None, "none"
+        return -np.inf, None, "none", None
     alpha = np.maximum(alpha, 0.0)
     if alpha.sum() <= 0:
-        return -np.inf, None, "none"
+        return -np.inf, None, "none", None
     alpha = alpha / alpha.sum()
     lam = mix + chi * alpha
     if bounded:
-        return float(lam @ losses) + theta_set.min_linear(theta, lam @ grads), alpha, "rigorous"
+        lower = float(lam @ losses) + theta_set.min_linear(theta, lam @ grads)
+        return lower, alpha, "rigorous", DualPoint(lam[data.groups] / data.group_sizes[data.groups], pair_d1,
+                                                   lower, "rigorous")
     res = newton_minimax(data, loss, beta, theta_set, weights=lam, theta0=theta, tol=1e-3 * tol, max_iter=50)
-    return res.lower_bound, alpha, res.bound_kind
+    return res.lower_bound, alpha, res.bound_kind, res.dual
 
 
 def _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, callback):
@@ -321,7 +373,7 @@ def _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, ca
     temp = max(float(np.ptp(losses0)), 0.1 * max(float(np.max(np.abs(losses0))), 1e-300)) if robust else 0.0
 
     # every loss is ≥ 0, so L* ≥ 0: the trivial bound, until the certificate gives a better one
-    best = {"value": np.inf, "lower": 0.0, "theta": theta, "alpha": None}
+    best = {"value": np.inf, "lower": 0.0, "theta": theta, "alpha": None, "dual": None}
     bound_kind = "trivial (losses ≥ 0)"
     history = []
     converged = False
@@ -339,33 +391,32 @@ def _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, ca
         grads, hess1 = oracle.gradients_and_hessian(d1, lam[data.groups] * d2 * oracle.pair_inv_size)
         grad = lam @ grads
 
-        # -- certificate (module docstring): Σ_g λ_g L_g(θ) + min over Θ of ∇ᵀ(θ' − θ) -----------
-        weighted = float(lam @ losses)
-        linear = theta_set.min_linear(theta, grad)
-        if np.isfinite(linear):
-            lower, kind = weighted + linear, "rigorous"
-        else:
-            step = theta_set.minimize_quadratic(theta, grad, hess1) - theta
-            decrease = -float(grad @ step + 0.5 * step @ hess1 @ step)
-            if oracle.spec.name == "ipo":
-                lower, kind = weighted - decrease, "second-order"        # the model is the function
-            elif decrease <= 1e-2 * tol * max(1.0, abs(upper)):
-                lower, kind = weighted - 2.0 * decrease, "second-order"  # twice the model's decrease
-            else:
-                lower, kind = -np.inf, "second-order"                     # too far for the model
+        # -- certificate (module docstring; loglinear_grpo.certificate) -------------------------
         if upper < best["value"]:
             best.update(value=upper, theta=theta.copy())
+        target = tol * max(1.0, abs(best["value"]))
+        pair_w = lam[data.groups] * oracle.pair_inv_size
+        lower, kind, dual_u = float(lam @ losses) + theta_set.min_linear(theta, grad), "rigorous", d1
+        if not np.isfinite(lower):
+            # Θ unbounded along ∇: only a dual point with Sᵀ(w⊙u) = 0 bounds L*. Its correction costs
+            # a few passes, so it is made once the quadratic model says the bound would be useful.
+            kind = "feasible dual"
+            z = solve_psd_scaled(hess1, grad)
+            estimate = float(lam @ losses) - 0.5 * float(grad @ z)
+            if best["value"] - estimate <= max(target, 0.25 * (best["value"] - best["lower"])):
+                lower, dual_u = feasible_dual(oracle, oracle.spec, beta, theta, theta_set, h, pair_w, d1,
+                                              np.maximum(d2, 0.0), hess1, grad, z=z)
         if lower > best["lower"]:
-            best.update(lower=lower, alpha=np.array(soft, dtype=np.float64))
+            best.update(lower=lower, alpha=np.array(soft, dtype=np.float64),
+                        dual=DualPoint(pair_w, dual_u, lower, kind))
             bound_kind = kind
         gap = best["value"] - best["lower"]
-        target = tol * max(1.0, abs(best["value"]))
         temp_floor = 0.1 * target / log_k
         if robust and gap > target and temp <= temp_floor:
-            lower, alpha_hat, kind = refined_dual_bound(losses, grads, hess1, theta, theta_set, data, loss, beta,
-                                                        chi, tol)
+            lower, alpha_hat, kind, dual = refined_dual_bound(losses, grads, hess1, theta, theta_set, data, loss,
+                                                              beta, chi, tol, d1)
             if lower > best["lower"]:
-                best.update(lower=lower, alpha=alpha_hat)
+                best.update(lower=lower, alpha=alpha_hat, dual=dual)
                 bound_kind = kind
                 gap = best["value"] - best["lower"]
         row = {"iteration": it, "value": upper, "lower_bound": lower, "gap": gap, "temperature": temp,
@@ -420,4 +471,4 @@ def _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, ca
     alpha = best["alpha"] if best["alpha"] is not None else (weights if weights is not None else np.full(k, 1.0 / k))
     return NewtonResult(theta=best["theta"], alpha=np.asarray(alpha, dtype=np.float64), value=best["value"],
                         lower_bound=best["lower"], converged=converged, n_iter=it, passes=oracle.passes,
-                        bound_kind=bound_kind, history=history)
+                        bound_kind=bound_kind, history=history, dual=best["dual"])

@@ -57,6 +57,7 @@ import pandas as pd
 
 from ._validation import (METHODS, check_choice, check_loss, check_positive_finite, check_positive_int,
                           check_unit_interval, check_vector)
+from .certificate import check_consistent
 from .checkpoints import CheckpointFile, run_fingerprint
 from .constraints import L2Ball, make_constraint
 from .data import CHUNK_ROWS
@@ -1027,8 +1028,9 @@ def _solve_newton(data, config, progress, callback):
     state = SolverState(theta=res.theta, log_alpha=np.log(np.maximum(alpha, 1e-300)), theta_sum=res.theta.copy(),
                         alpha_sum=alpha.copy(), step=res.n_iter)
     value = objective_value(res.theta, data, config)
-    lower = min(res.lower_bound, value)            # L* ≤ value: a bound above it is rounding
-    result = SolveResult(theta=res.theta, converged=value - lower <= tol * max(1.0, abs(value)),
+    lower = res.lower_bound                        # never clipped: a bound above the value is reported
+    consistent = check_consistent(value, lower, f"solve ({config.estimator})")
+    result = SolveResult(theta=res.theta, converged=consistent and value - lower <= tol * max(1.0, abs(value)),
                          gap=value - lower, value=value, lower_bound=lower, n_iter=res.n_iter,
                          alpha=alpha, alpha_avg=alpha, theta_avg=res.theta, theta_last=res.theta,
                          bound_kind=res.bound_kind, history=pd.DataFrame(rows), config=config, state=state,
@@ -1135,8 +1137,10 @@ def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, f
     tol = config.tol if config.tol is not None else DEFAULT_TOL
     theta = averaged_theta(state) if config.estimator == "stochastic" else cert.theta
     value = cert.value
-    lower = min(cert.lower_bound, value)           # L* ≤ value: a bound above it is rounding
-    result = SolveResult(theta=theta, converged=value - lower <= tol * max(1.0, abs(value)), gap=value - lower,
+    lower = cert.lower_bound                       # never clipped: a bound above the value is reported
+    consistent = check_consistent(value, lower, f"solve ({config.estimator})")
+    result = SolveResult(theta=theta, converged=consistent and value - lower <= tol * max(1.0, abs(value)),
+                         gap=value - lower,
                          value=value, lower_bound=lower, n_iter=state.step, alpha=cert.alpha,
                          alpha_avg=averaged_alpha(state), theta_avg=averaged_theta(state),
                          theta_last=state.theta.copy(), bound_kind=cert.bound_kind, history=pd.DataFrame(rows),
