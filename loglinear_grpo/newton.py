@@ -35,10 +35,10 @@ for any θ' ∈ Θ (Fenchel–Young, :math:`\\ell(h) \\ge uh - \\ell^*(u)`),
 :math:`\\sum_g\\lambda_g L_g` at θ), and :math:`\\max_g L_g(\\theta)` is an upper bound. Their
 difference, the duality gap, bounds the suboptimality of θ; the solver stops when it is at most
 ``tol · max(1, |value|)``. On a bounded Θ the bound is rigorous (to rounding). Where Θ is
-unbounded in the direction of ∇ the linear term is −∞, and the lower bound is instead the
-minimum of the quadratic model of :math:`\\sum_g\\lambda_g L_g` over Θ: exact for IPO (the model
-is the function), second-order accurate for DPO (its error is O(‖∇‖³), negligible once Newton has
-converged); the result's ``bound_kind`` says which was used.
+unbounded in the direction of ∇ the linear term is −∞, and the bound instead comes from a dual point
+made feasible, :math:`S^\\top(w\\odot u) = 0` to rounding in every coordinate
+(:func:`loglinear_grpo.certificate.feasible_dual`; ``bound_kind="feasible dual"``): the correction
+is made once the quadratic model says the bound would be useful, and costs a few passes.
 
 When d > N and Θ is a ball or R^d, the problem is first rewritten in the row space of S
 (:func:`row_space_reduction`): an LLM head with d in the thousands and N in the hundreds costs

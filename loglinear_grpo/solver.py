@@ -804,8 +804,8 @@ class SolveResult:
     theta_avg, theta_last : ndarray (d,)
         :math:`\\bar\\theta_T` and :math:`\\theta^{(T)}` (both = ``theta`` for Newton).
     bound_kind : str
-        ``"rigorous"`` (bounded Θ), ``"second-order"`` (Θ unbounded along the gradient; exact for
-        IPO), ``"linear program"`` (hinge on an unbounded Θ: HiGHS's optimal value), or
+        ``"rigorous"`` (bounded Θ), ``"feasible dual"`` (Θ unbounded along the gradient: a dual
+        point with Sᵀ(w ⊙ u) = 0 to rounding in every coordinate, :mod:`loglinear_grpo.certificate`), or
         ``"trivial (losses ≥ 0)"`` when nothing better was certified yet.
     passes : int or None
         Full passes over S the Newton solver made (``None`` for the other estimators).
