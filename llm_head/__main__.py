@@ -99,6 +99,13 @@ def build_parser():
                    help="prompts per cache shard: the unit of resumption and of work per rank")
     p.add_argument("--padding-side", choices=("right", "left"), default="right",
                    help="pad batches on this side (the features do not depend on it)")
+    p.add_argument("--max-length", type=_positive_int, default=None,
+                   help="tokens allowed per prompt + its longest answer, checked before any forward pass "
+                        "(default: the model's context, config.max_position_embeddings)")
+    p.add_argument("--truncation", choices=ex.TRUNCATION_MODES, default="error",
+                   help="an item over the limit: 'error' refuses the data (with the count and the longest); "
+                        "'keep_end' cuts its prompt from the left, as TRL's truncation_mode='keep_end' (reported "
+                        "with the count)")
     p.add_argument("--cache-dir", help="default: <workdir>/cache")
     p.add_argument("--force", action="store_true",
                    help="replace features that runs were trained on (the old runs move to runs-<old sha>/)")
@@ -195,13 +202,15 @@ def cmd_extract(args):
                                    cache_dir=args.cache_dir or wd.paths(args.workdir)["cache"],
                                    template=args.template if kind == "global_opinions" else "",
                                    batch_size=args.batch_size, shard_items=args.shard_items,
-                                   padding_side=args.padding_side, rendering=rendering)
+                                   padding_side=args.padding_side, rendering=rendering,
+                                   max_length=args.max_length, truncation=args.truncation)
     seconds = time.perf_counter() - tic
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
         record = wd.dataset_record(pairs, items, rendering, kind, pairs.opinion_items)
         record["split_by"] = args.split_by
         record["extraction_seconds"] = seconds
+        record["truncation"] = {"max_length": args.max_length, "mode": args.truncation}
         sha = wd.save_workdir(args.workdir, features, reference_theta(loaded.model, features), record,
                               loaded.spec, force=args.force)
         print(f"features: {features.hidden.shape[0]} hidden states of size {features.hidden_size}, "

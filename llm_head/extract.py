@@ -5,10 +5,14 @@
 * :func:`extract_features` — batched forward passes of the backbone (``model.base_model``, whose
   ``last_hidden_state`` is what the output layer multiplies), padding on either side with explicit
   position ids, into :class:`~llm_head.features.LastLayerFeatures`.
+* Context: every item is tokenised and its length checked against the model's context (or
+  ``max_length``) before the first forward pass; an over-long item is refused, or its prompt cut
+  from the left on request (``truncation="keep_end"``, as TRL's ``truncation_mode="keep_end"``).
 * Cache: shards of ``shard_items`` items, written atomically as safetensors with a SHA-256
-  sidecar, in a folder named by the hash of (model, revision, weights fingerprint, tokenizer,
-  template, data, dtype). An interrupted run resumes at the first missing shard; a corrupt shard is
-  detected and recomputed (with a warning); a cache folder whose key differs is refused.
+  sidecar, in a folder named by the hash of (model, revision, weights fingerprint — a SHA-256 of
+  every byte of every weight —, tokenizer, template, data, dtype, truncation). An interrupted run
+  resumes at the first missing shard; a corrupt shard is detected and recomputed (with a warning);
+  a cache folder whose key differs is refused.
 * Scale-out: under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) rank r computes shards
   r, r+W, r+2W, …; the merge concatenates shards in order, so it is exactly the single-process
   result whatever the number of processes.
@@ -92,12 +96,38 @@ def resolve_dtype(device, dtype=None):
     return dtype
 
 
+#: bytes of a weight hashed per piece: bounds the host copy of a GPU tensor while it is fingerprinted
+FINGERPRINT_CHUNK_BYTES = 1 << 26
+
+
 def _weights_fingerprint(model):
-    """Cheap checksum of every parameter (name, shape, sum of its first 4096 values)."""
+    """SHA-256 of all the weights: the name, shape, dtype and every byte of each parameter and
+    persistent buffer, in the model's order (tied weights once).
+
+    Streamed tensor by tensor in pieces of at most :data:`FINGERPRINT_CHUNK_BYTES` (a GPU tensor is
+    copied to the host piece by piece), so it costs one read of the weights: for a big model a few
+    seconds (Gemma-2B in bfloat16, 5 GB, at SHA-256's 1–2 GB/s), paid once per :func:`prepare_model`.
+    Any change of any entry changes the fingerprint, hence the cache key. (Hashing the checkpoint
+    files instead would cost the same read and miss weights changed after loading or built in
+    memory, so the tensors themselves are hashed.)
+    """
+    import torch
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        head = p.detach().reshape(-1)[:4096].float().sum().item()
-        h.update(f"{name}:{tuple(p.shape)}:{head:.9e};".encode())
+    parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = [(k, v) for k, v in model.state_dict(keep_vars=True).items() if k not in parameter_names]
+    for name, tensor in list(model.named_parameters()) + buffers:
+        t = tensor.detach()
+        if t.device.type == "meta":
+            raise ValueError(f"weight {name!r} is on the meta device (not loaded): its values cannot be "
+                             "fingerprinted for the cache key; load the whole model onto one device")
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        flat = t.reshape(-1)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        step = max(1, FINGERPRINT_CHUNK_BYTES // max(1, flat.element_size()))
+        for start in range(0, flat.numel(), step):
+            piece = flat[start:start + step].view(torch.uint8)
+            h.update(piece.cpu().numpy().data)
     return h.hexdigest()
 
 
@@ -218,12 +248,153 @@ def encode_item(tokenizer, prompt, answers, rendering=Rendering()):
         fulls = [_ids(tokenizer.apply_chat_template(messages + _as_messages(a, "assistant"), tokenize=True))
                  for a in answers]
     else:
-        eos = tokenizer.eos_token if rendering.add_eos else None
-        texts = [a + eos if eos and not a.endswith(eos) else a for a in answers]
         prompt_ids = _ids(tokenizer(prompt))
-        fulls = [_ids(tokenizer(prompt + t)) for t in texts]
+        fulls = [_ids(tokenizer(prompt + t)) for t in _answer_texts(tokenizer, answers, rendering)]
+    return _split_answers(prompt_ids, fulls)
+
+
+def _answer_texts(tokenizer, answers, rendering):
+    eos = tokenizer.eos_token if rendering.add_eos else None
+    return [a + eos if eos and not a.endswith(eos) else a for a in answers]
+
+
+def _split_answers(prompt_ids, fulls):
     mismatches = sum(full[:len(prompt_ids)] != prompt_ids for full in fulls)
     return prompt_ids, [full[len(prompt_ids):] for full in fulls], mismatches
+
+
+def encode_items(tokenizer, prompts, candidates, rendering=Rendering(), chunk=1024):
+    """:func:`encode_item` of every item, as a list of ``(prompt_ids, [answer_ids, ...], mismatches)``.
+
+    Plain-text items are tokenised ``chunk`` items per tokenizer call (a fast tokenizer encodes a
+    batch in parallel; the ids are those of one call per text); chat-rendered items one by one.
+    """
+    out = []
+    for a in range(0, len(prompts), chunk):
+        ps, cs = list(prompts[a:a + chunk]), list(candidates[a:a + chunk])
+        if rendering.chat_template or not all(isinstance(p, str) for p in ps):
+            out.extend(encode_item(tokenizer, p, c, rendering) for p, c in zip(ps, cs))
+            continue
+        texts = [p + t for p, c in zip(ps, cs) for t in _answer_texts(tokenizer, c, rendering)]
+        prompt_ids = tokenizer(ps)["input_ids"]
+        full_ids = tokenizer(texts)["input_ids"] if texts else []
+        k = 0
+        for p_ids, c in zip(prompt_ids, cs):
+            out.append(_split_answers(list(p_ids), [list(f) for f in full_ids[k:k + len(c)]]))
+            k += len(c)
+    return out
+
+
+def _as_list(ids):
+    return ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+
+
+def _compact(item):
+    """An encoded item with its ids as int32 arrays (a tenth of the memory of lists of ints)."""
+    p_ids, answers, bad = item
+    return np.asarray(p_ids, dtype=np.int32), [np.asarray(a, dtype=np.int32) for a in answers], bad
+
+
+# ============================================================================ context length
+#: what :func:`extract_features` does with an item longer than the context: refuse (``"error"``) or
+#: cut its prompt from the left (``"keep_end"``, TRL's ``truncation_mode="keep_end"``)
+TRUNCATION_MODES = ("error", "keep_end")
+#: a ``tokenizer.model_max_length`` above this is transformers' "unset" value (``int(1e30)``; the GGUF
+#: SmolLM2 tokenizer reports it), not a context length
+SANE_MODEL_MAX_LENGTH = 10 ** 8
+_CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(model, tokenizer=None):
+    """``(positions, where it comes from)``: the model's context, or ``(None, None)`` if unknown.
+
+    The model config's ``max_position_embeddings`` (or GPT-2's ``n_positions`` and the like), else
+    the tokenizer's ``model_max_length`` when it is a real length (at most
+    :data:`SANE_MODEL_MAX_LENGTH`).
+    """
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for attr in _CONTEXT_ATTRIBUTES:
+        value = getattr(config, attr, None)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+            return int(value), f"the model's config.{attr}"
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 < value <= SANE_MODEL_MAX_LENGTH:
+        return int(value), "tokenizer.model_max_length"
+    return None, None
+
+
+def _length_limit(loaded, max_length):
+    """``(limit, where it comes from)`` for :func:`fit_context`: ``max_length`` (at most the model's
+    context) or the model's context."""
+    context, source = context_length(loaded.model, loaded.tokenizer)
+    if max_length is None:
+        return context, source
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2 (a prompt token and an answer token), got "
+                         f"{max_length!r}")
+    if context is not None and max_length > context:
+        raise ValueError(f"max_length={max_length} is beyond the model's context of {context} positions "
+                         f"({source}); give at most {context}")
+    return int(max_length), f"max_length={int(max_length)}"
+
+
+def fit_context(encoded, limit, source="max_length", truncation="error"):
+    """Check every item's length against ``limit`` tokens; refuse, or cut prompts from the left.
+
+    An item's length is its prompt's tokens plus its longest answer's (what TRL's ``max_length``
+    bounds; the backbone reads one token less). With ``truncation="error"`` an item over the limit
+    raises ``ValueError`` with the number of such items and the longest; with ``"keep_end"`` the
+    prompt of each is cut from the left to its last ``limit − longest answer`` tokens (TRL's
+    ``truncation_mode="keep_end"``: the answers are never cut, a BOS at the start goes with the
+    prompt's first tokens), and an answer that leaves no room for one prompt token raises.
+
+    Parameters
+    ----------
+    encoded : list of (prompt_ids, [answer_ids, ...], mismatches)
+        As :func:`encode_items` gives them.
+    limit : int or None
+        Tokens allowed per item; ``None``: no check.
+    source : str
+        Where ``limit`` comes from (for the messages).
+    truncation : {"error", "keep_end"}
+
+    Returns
+    -------
+    (encoded, n_truncated, longest)
+        The items (truncated ones replaced), how many were truncated, and the longest item's length
+        before truncation.
+    """
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    prompt_len = np.array([len(e[0]) for e in encoded], dtype=np.int64)
+    answer_len = np.array([max(len(a) for a in e[1]) if e[1] else 0 for e in encoded], dtype=np.int64)
+    lengths = prompt_len + answer_len
+    longest = int(lengths.max()) if len(lengths) else 0
+    if limit is None:
+        return encoded, 0, longest
+    over = np.flatnonzero(lengths > limit)
+    if not len(over):
+        return encoded, 0, longest
+    worst = int(over[np.argmax(lengths[over])])
+    where = (f"the longest, item {worst}, has {int(lengths[worst])} tokens (prompt {int(prompt_len[worst])} + "
+             f"answer {int(answer_len[worst])})")
+    if truncation == "error":
+        raise ValueError(f"{len(over)} of {len(encoded)} items are longer than {limit} tokens ({source}); {where}. "
+                         "Pass truncation='keep_end' (CLI: --truncation keep_end) to cut their prompts from the "
+                         "left as TRL's truncation_mode='keep_end' does, or shorten the data")
+    no_room = over[answer_len[over] >= limit]
+    if len(no_room):
+        first = int(no_room[np.argmax(answer_len[no_room])])
+        raise ValueError(f"{len(no_room)} of {len(encoded)} items have an answer of {limit} tokens or more "
+                         f"({source}; item {first}: {int(answer_len[first])} answer tokens): truncation='keep_end' "
+                         "cuts only prompts, so give a larger max_length or shorten the answers")
+    encoded = list(encoded)
+    for i in over:
+        p_ids, answers, bad = encoded[i]
+        encoded[i] = (p_ids[len(p_ids) - (limit - int(answer_len[i])):], answers, bad)
+    return encoded, len(over), longest
 
 
 # ============================================================================ sequences & batches
@@ -238,15 +409,18 @@ class _Plan:
     entry_hidden: np.ndarray  # index into the concatenation of all reads, in sequence order
 
 
-def plan_sequences(tokenizer, prompts, candidates, first_candidate=0, rendering=Rendering()):
+def plan_sequences(tokenizer, prompts, candidates, first_candidate=0, rendering=Rendering(), encoded=None):
     """One pass per prompt (first answer token) and one per later token block of long answers
-    (tokens by :func:`encode_item`)."""
+    (tokens by :func:`encode_item`, or ``encoded``: the items already tokenised, as
+    :func:`encode_items` gives them)."""
     sequences, reads, e_cand, e_tok, e_hid = [], [], [], [], []
     n_read = 0
     c = first_candidate
     mismatches = 0
-    for prompt, cands in zip(prompts, candidates):
-        p_ids, answer_ids, bad = encode_item(tokenizer, prompt, cands, rendering)
+    if encoded is None:
+        encoded = [encode_item(tokenizer, p, cands, rendering) for p, cands in zip(prompts, candidates)]
+    for cands, (p_ids, answer_ids, bad) in zip(candidates, encoded):
+        p_ids, answer_ids = _as_list(p_ids), [_as_list(a) for a in answer_ids]
         mismatches += bad
         if not p_ids:
             raise ValueError("a prompt tokenised to nothing")
@@ -379,11 +553,16 @@ def data_fingerprint(prompts, candidates):
     return h.hexdigest()
 
 
-def cache_key(loaded, prompts, candidates, template="", shard_items=DEFAULT_SHARD_ITEMS, rendering=Rendering()):
-    """What the features depend on; the cache folder is named by its hash."""
-    return {"format": CACHE_FORMAT, "model": loaded.spec, "template": template,
-            "data": data_fingerprint(prompts, candidates), "n_items": len(prompts),
-            "shard_items": int(shard_items), "rendering": rendering.describe()}
+def cache_key(loaded, prompts, candidates, template="", shard_items=DEFAULT_SHARD_ITEMS, rendering=Rendering(),
+              truncation=None):
+    """What the features depend on; the cache folder is named by its hash. ``truncation`` (a dict,
+    e.g. ``{"mode": "keep_end", "max_length": 512}``) is part of it when prompts were cut."""
+    key = {"format": CACHE_FORMAT, "model": loaded.spec, "template": template,
+           "data": data_fingerprint(prompts, candidates), "n_items": len(prompts),
+           "shard_items": int(shard_items), "rendering": rendering.describe()}
+    if truncation is not None:
+        key["truncation"] = dict(truncation)
+    return key
 
 
 class FeatureCache:
@@ -457,8 +636,15 @@ def _barrier(world_size):
 
 def extract_features(loaded, prompts, candidates, cache_dir=None, template="", batch_size=16,
                      shard_items=DEFAULT_SHARD_ITEMS, padding_side="right", progress=True, rank=None, world_size=None,
-                     rendering=Rendering()):
+                     rendering=Rendering(), max_length=None, truncation="error"):
     """Final hidden states for every (prompt, candidate answer) as :class:`LastLayerFeatures`.
+
+    Every item is tokenised first and its length (prompt + longest answer) checked against the
+    context — ``max_length``, else the model config's ``max_position_embeddings``, else a real
+    ``tokenizer.model_max_length`` (:func:`context_length`) — before any forward pass: an over-long
+    item is refused (``truncation="error"``, the count and the longest in the message) or its prompt
+    cut from the left (``"keep_end"``, as TRL's ``max_length`` with ``truncation_mode="keep_end"``;
+    a warning gives the count, and the cut is part of the cache key). See :func:`fit_context`.
 
     Parameters
     ----------
@@ -481,6 +667,11 @@ def extract_features(loaded, prompts, candidates, cache_dir=None, template="", b
         Default: from ``torch.distributed`` when initialised, else ``RANK``/``WORLD_SIZE``.
     rendering : Rendering
         How prompts and answers become tokens (TRL's boundary rule; chat template; EOS).
+    max_length : int, optional
+        Tokens allowed per item (prompt + longest answer); at most the model's context, which is
+        the default.
+    truncation : {"error", "keep_end"}
+        What to do with an item over the limit: refuse (default) or cut its prompt from the left.
     """
     if len(prompts) != len(candidates):
         raise ValueError(f"prompts ({len(prompts)}) and candidates ({len(candidates)}) differ in length")
@@ -494,6 +685,19 @@ def extract_features(loaded, prompts, candidates, cache_dir=None, template="", b
     counts = np.array([len(c) for c in candidates], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     has_bias = getattr(loaded.model.get_output_embeddings(), "bias", None) is not None
+    # every item tokenised and its length checked before any forward pass (on every rank, so that all
+    # ranks stop alike); the ids are kept for the shards to compute
+    limit, limit_source = _length_limit(loaded, max_length)
+    encoded = []
+    for a in range(0, len(prompts), 1024):
+        encoded.extend(_compact(e) for e in encode_items(loaded.tokenizer, prompts[a:a + 1024],
+                                                         candidates[a:a + 1024], rendering))
+    encoded, n_truncated, longest = fit_context(encoded, limit, limit_source, truncation)
+    cut = {"mode": truncation, "max_length": limit} if n_truncated else None
+    if n_truncated:
+        warnings.warn(f"truncated the prompts of {n_truncated} of {len(prompts)} items from the left to fit "
+                      f"{limit} tokens ({limit_source}; TRL's truncation_mode='keep_end'); the longest item had "
+                      f"{longest} tokens", stacklevel=2)
 
     bar = None
     if progress:
@@ -506,10 +710,13 @@ def extract_features(loaded, prompts, candidates, cache_dir=None, template="", b
 
     def plan_shard(j):
         a, b = shard_range(j)
-        return plan_sequences(loaded.tokenizer, prompts[a:b], candidates[a:b], int(offsets[a]), rendering)
+        plan = plan_sequences(loaded.tokenizer, prompts[a:b], candidates[a:b], int(offsets[a]), rendering,
+                              encoded=encoded[a:b])
+        encoded[a:b] = [None] * (b - a)                    # planned: its ids are not needed any more
+        return plan
 
     def computed(todo):
-        """(j, arrays) for each shard j in ``todo``; the next shard is tokenised in a thread meanwhile."""
+        """(j, arrays) for each shard j in ``todo``; the next shard is planned in a thread meanwhile."""
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(plan_shard, todo[0]) if todo else None
             for k, j in enumerate(todo):
@@ -527,16 +734,22 @@ def extract_features(loaded, prompts, candidates, cache_dir=None, template="", b
             shards = [arrays for _, arrays in computed(list(range(-(-len(prompts) // shard_items))))]
         else:
             cache = FeatureCache(cache_dir, cache_key(loaded, prompts, candidates, template, shard_items,
-                                                      rendering)).open()
+                                                      rendering, truncation=cut)).open()
             todo = []
             for j in range(rank, cache.n_shards, world):
                 state = cache.shard_valid(j)
                 if state:
+                    a, b = shard_range(j)
+                    encoded[a:b] = [None] * (b - a)           # on disk: its ids are not needed
                     continue
                 if state is False:
                     warnings.warn(f"cache shard {cache.shard_path(j)} is corrupt or stale: recomputing it",
                                   stacklevel=2)
                 todo.append(j)
+            for j in range(cache.n_shards):
+                if (j - rank) % world:                      # another rank's shard
+                    a, b = shard_range(j)
+                    encoded[a:b] = [None] * (b - a)
             for j, arrays in computed(todo):
                 cache.write_shard(j, arrays)
             _barrier(world)

@@ -192,3 +192,154 @@ def test_item15_bom_csv_and_json_read(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert len(lh.load_global_opinions(str(go))) == 956
+
+
+# ============================================================================ models for items 4 and 7
+@pytest.fixture(scope="module")
+def tokenizer():
+    folder, name = lh.smollm2_gguf()
+    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def tiny_gemma(tokenizer, max_positions=1024, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GemmaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                   head_dim=8, max_position_embeddings=max_positions)
+    return transformers.GemmaForCausalLM(cfg)
+
+
+def tiny_loaded(tokenizer, max_positions=1024):
+    return lh.prepare_model(tiny_gemma(tokenizer, max_positions), tokenizer, device=DEVICE, dtype=torch.float32)
+
+
+PROMPTS = ["Opinion of people in Japan on: is tea better than coffee?\nAnswer:",
+           "Opinion of people in Egypt on: should cities plant more trees along their streets?\nAnswer:"]
+CANDIDATES = [[" Yes", " No, not really"], [" Agree", " Disagree strongly"]]
+
+
+# ============================================================================ item 4: the weights fingerprint
+def test_item4_fingerprint_covers_entries_past_4096(tokenizer):
+    loaded = tiny_loaded(tokenizer)
+    weight = loaded.model.model.layers[1].mlp.down_proj.weight        # 32 x 64 = 2048 entries: hashed whole
+    embed = loaded.model.model.embed_tokens.weight                    # |V| x 32: far past 4096
+    before = lh.prepare_model(loaded.model, tokenizer, device=DEVICE, dtype=torch.float32).spec["weights"]
+    for tensor, index in ((embed, embed.numel() - 1), (embed, 4096 + 7), (weight, weight.numel() - 1)):
+        old = tensor.view(-1)[index].item()
+        with torch.no_grad():
+            tensor.view(-1)[index] = old + 0.5
+        after = lh.prepare_model(loaded.model, tokenizer, device=DEVICE, dtype=torch.float32).spec["weights"]
+        assert after != before, index
+        with torch.no_grad():
+            tensor.view(-1)[index] = old                  # restored exactly: the same fingerprint
+        assert lh.prepare_model(loaded.model, tokenizer, device=DEVICE, dtype=torch.float32).spec["weights"] == before
+
+
+def test_item4_changed_weights_are_extracted_again(tokenizer, tmp_path):
+    loaded = tiny_loaded(tokenizer)
+    kw = dict(cache_dir=tmp_path / "cache", batch_size=2, progress=False)
+    first = lh.extract_features(loaded, PROMPTS, CANDIDATES, **kw)
+    ids = sorted({t for p in PROMPTS for t in tokenizer(p).input_ids if t * 32 >= 4096 + 32})
+    with torch.no_grad():                         # embedding rows of the prompts' tokens, all past entry 4096
+        loaded.model.model.embed_tokens.weight[ids] *= 1.5
+    changed = lh.prepare_model(loaded.model, tokenizer, device=DEVICE, dtype=torch.float32)
+    again = lh.extract_features(changed, PROMPTS, CANDIDATES, **kw)
+    fresh = lh.extract_features(changed, PROMPTS, CANDIDATES, batch_size=2, progress=False)
+    np.testing.assert_array_equal(again.hidden, fresh.hidden)
+    assert not np.allclose(again.hidden, first.hidden)
+    assert len(os.listdir(tmp_path / "cache")) == 2                    # a new cache key, a new folder
+
+
+# ============================================================================ item 7: the context length
+def test_item7_over_long_items_are_refused_before_any_forward(tokenizer, tmp_path):
+    loaded = tiny_loaded(tokenizer, max_positions=20)
+    calls = []
+    hook = loaded.model.base_model.register_forward_pre_hook(lambda *a, **k: calls.append(1))
+    try:
+        from llm_head.extract import encode_item
+        lengths = [len(p_ids) + max(map(len, a_ids)) for p_ids, a_ids, _ in
+                   (encode_item(tokenizer, p, c) for p, c in zip(PROMPTS, CANDIDATES))]
+        assert min(lengths) > 20 and lengths[1] > lengths[0]
+        with pytest.raises(ValueError, match=r"2 of 2 items are longer than 20 tokens \(the model's "
+                                             r"config\.max_position_embeddings\); the longest, item 1, has "
+                                             rf"{max(lengths)} tokens .*truncation='keep_end'"):
+            lh.extract_features(loaded, PROMPTS, CANDIDATES, cache_dir=tmp_path / "cache", progress=False)
+        assert not calls and not os.path.exists(tmp_path / "cache")      # refused before the cache or a pass
+        big = tiny_loaded(tokenizer)
+        n = lengths[0]                               # item 0 fits exactly, item 1 does not
+        with pytest.raises(ValueError, match=rf"1 of 2 items are longer than {n} tokens \(max_length={n}\)"):
+            lh.extract_features(big, PROMPTS, CANDIDATES, max_length=n, progress=False)
+        with pytest.raises(ValueError, match="max_length=2000 is beyond the model's context of 1024"):
+            lh.extract_features(big, PROMPTS, CANDIDATES, max_length=2000, progress=False)
+        with pytest.raises(ValueError, match=r"2 of 2 items have an answer of 3 tokens or more"):
+            lh.extract_features(big, PROMPTS, CANDIDATES, max_length=3, truncation="keep_end", progress=False)
+        with pytest.raises(ValueError, match="truncation must be one of"):
+            lh.extract_features(big, PROMPTS, CANDIDATES, truncation="left", progress=False)
+    finally:
+        hook.remove()
+
+
+def test_item7_keep_end_cuts_prompts_from_the_left(tokenizer, tmp_path):
+    from llm_head.extract import Rendering, encode_item
+    loaded = tiny_loaded(tokenizer)
+    enc = [encode_item(tokenizer, p, c, Rendering()) for p, c in zip(PROMPTS, CANDIDATES)]
+    longest = [len(e[0]) + max(map(len, e[1])) for e in enc]
+    limit = longest[1] - 2                        # item 0 fits, item 1 does not
+    assert longest[0] <= limit < longest[1]
+    with pytest.warns(UserWarning, match=rf"truncated the prompts of 1 of 2 items from the left to fit {limit} "
+                                         rf"tokens \(max_length={limit}.*the longest item had {longest[1]} tokens"):
+        cut = lh.extract_features(loaded, PROMPTS, CANDIDATES, max_length=limit, truncation="keep_end",
+                                  cache_dir=tmp_path / "cache", progress=False)
+    whole = lh.extract_features(loaded, PROMPTS, CANDIDATES, progress=False)
+    kept = enc[1][0][len(enc[1][0]) - (limit - max(map(len, enc[1][1]))):]
+    assert len(kept) + max(map(len, enc[1][1])) == limit and kept == enc[1][0][-len(kept):]
+    with torch.inference_mode():
+        expected = loaded.model.base_model(torch.tensor([kept], device=loaded.device)).last_hidden_state[0, -1]
+    item1 = cut.entry_hidden[cut.entry_candidate == 2][0]             # first token of item 1's first answer
+    np.testing.assert_allclose(cut.hidden[item1, :32], expected.float().cpu().numpy(), rtol=1e-5, atol=1e-5)
+    first = whole.entry_hidden[whole.entry_candidate == 0]
+    np.testing.assert_array_equal(cut.hidden[cut.entry_hidden[cut.entry_candidate == 0]], whole.hidden[first])
+    np.testing.assert_array_equal(cut.entry_token, whole.entry_token)              # answers are never cut
+    assert not np.allclose(cut.hidden[item1], whole.hidden[whole.entry_hidden[whole.entry_candidate == 2][0]])
+    # the cut is part of the cache key: the untruncated features are not served from it
+    again = lh.extract_features(loaded, PROMPTS, CANDIDATES, cache_dir=tmp_path / "cache", progress=False)
+    np.testing.assert_array_equal(again.hidden, whole.hidden)
+
+
+def test_item7_context_length_sources(tokenizer):
+    from types import SimpleNamespace
+
+    from llm_head.extract import context_length
+    assert tokenizer.model_max_length > 10 ** 20                   # SmolLM2's GGUF tokenizer: "unset"
+    assert context_length(tiny_gemma(tokenizer, 77), tokenizer) == (77, "the model's config.max_position_embeddings")
+    bare = SimpleNamespace(config=SimpleNamespace())
+    assert context_length(bare, tokenizer) == (None, None)
+    assert context_length(bare, SimpleNamespace(model_max_length=512)) == (512, "tokenizer.model_max_length")
+    assert context_length(SimpleNamespace(config=SimpleNamespace(n_positions=64)), None)[0] == 64
+
+
+def test_item7_batched_tokenisation_matches_one_by_one(tokenizer):
+    from llm_head.extract import Rendering, encode_item, encode_items
+    prompts = PROMPTS * 3 + ["Q: 2+2=", "x ⊕ y"]
+    cands = CANDIDATES * 3 + [[" 4", "4", " four"], [" z"]]
+    for rendering in (Rendering(), Rendering(add_eos=True), Rendering(chat_template=True)):
+        assert encode_items(tokenizer, prompts, cands, rendering, chunk=3) == \
+            [encode_item(tokenizer, p, c, rendering) for p, c in zip(prompts, cands)]
+
+
+def test_item7_cli_max_length_and_truncation(tokenizer, tmp_path):
+    from llm_head.__main__ import main as cli
+    folder = tmp_path / "tiny"
+    tiny_gemma(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = write_jsonl(tmp_path / "pairs.jsonl", [pair(p, c[0], c[1], group=g)
+                                                  for p, c, g in zip(PROMPTS * 2, CANDIDATES * 2, "abab")])
+    args = ["extract", "--data", data, "--model", str(folder), "--device", DEVICE, "--dtype", "float32",
+            "--workdir", str(tmp_path / "work"), "--max-length", "20"]
+    with pytest.raises(SystemExit, match=r"llm_head extract: 2 of 2 items are longer than 20 tokens \(max_length=20\)"):
+        cli(args)
+    assert not os.path.exists(tmp_path / "work" / "features.safetensors")
+    with pytest.warns(UserWarning, match="truncated the prompts of 2 of 2 items"):
+        assert cli(args + ["--truncation", "keep_end"]) == 0
+    with open(tmp_path / "work" / "dataset.json") as fh:
+        assert json.load(fh)["truncation"] == {"max_length": 20, "mode": "keep_end"}
