@@ -431,7 +431,9 @@ def _group_name(value):
 
 
 def _split_name(value):
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    """``train``/``val``/``test`` for a split label; ``None`` for a missing one (an empty CSV cell too)."""
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and np.isnan(value)) or \
+            (isinstance(value, str) and not value.strip()):
         return None
     name = SPLIT_ALIASES.get(str(value).strip().lower())
     if name is None:

@@ -343,3 +343,12 @@ def test_item7_cli_max_length_and_truncation(tokenizer, tmp_path):
         assert cli(args + ["--truncation", "keep_end"]) == 0
     with open(tmp_path / "work" / "dataset.json") as fh:
         assert json.load(fh)["truncation"] == {"max_length": 20, "mode": "keep_end"}
+
+
+def test_item3_csv_empty_split_cell_is_no_split(tmp_path):
+    path = tmp_path / "split.csv"
+    path.write_text("prompt,chosen,rejected,group,split\nq1,a,b,g,train\nq2,a,b,g,\nq3,a,b,g,validation\n")
+    pairs = lh.load_preference_pairs(str(path))
+    assert pairs.table["split"].isna().tolist() == [False, True, False]
+    assert pairs.table["split"][[0, 2]].tolist() == ["train", "val"]
+    assert set(lh.assign_splits(pairs)) <= {"train", "val", "test"}
