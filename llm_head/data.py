@@ -226,6 +226,7 @@ def _records_frame(records):
 
 
 def _json_lines(lines):
+    """Records from JSON Lines (blank lines skipped); a ``ValueError`` naming the first bad line."""
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -256,7 +257,7 @@ def _read_json(path):
     except json.JSONDecodeError as exc:
         if exc.msg != "Extra data":        # more than one JSON value: JSON Lines
             raise
-        return _json_lines(text.splitlines())
+        return _json_lines(text.split("\n"))      # not splitlines(): U+2028 may sit inside a string
     if isinstance(value, list) and all(isinstance(v, dict) for v in value):
         return _records_frame(value)
     if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
