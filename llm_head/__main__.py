@@ -282,7 +282,7 @@ def record_split(args):
 
 def _print_table(table, split, problem):
     absent = [g for g in problem.group_names if g not in set(problem.data(split).group_names)]
-    print(f"metrics on the {split} split ({int(table.loc['mean', 'n_pairs'])} pairs):")
+    print(f"metrics on the {split} split ({int(table.loc[('aggregate', 'mean'), 'n_pairs'])} pairs):")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
     if absent:
         print(f"note: no {split} pairs for {len(absent)} group(s): {', '.join(absent)} (NaN rows)")
@@ -308,7 +308,7 @@ def plot_run(metrics, alpha, path, title, split):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import textwrap
-    groups = metrics.drop(index=["worst", "mean"])
+    groups = metrics.loc["group"]                     # the groups' rows, whatever the groups are called
     labels = ["\n".join(textwrap.wrap(str(g), 14)) for g in groups.index]
     fig, axes = plt.subplots(1, 3, figsize=(max(13, 0.9 * len(groups) + 6), 4.2))
     axes[0].bar(labels, groups["loss"], color="C0")

@@ -18,10 +18,11 @@ import pandas as pd
 from scipy.special import rel_entr
 
 import loglinear_grpo as lg
+from loglinear_grpo.objective import with_aggregates
 
 from .features import LastLayerFeatures, PairDifferenceOperator, pair_rows
 
-#: per-group metrics, and how the ``worst`` row aggregates each over groups
+#: per-group metrics, and how the ``("aggregate", "worst")`` row aggregates each over groups
 METRICS = {"loss": "max", "rewards/accuracies": "min", "rewards/margins": "min", "logps/accuracies": "min",
            "js_distance": "max"}
 
@@ -98,29 +99,50 @@ class HeadProblem:
         return self._cache[split]
 
 
+def solver_config(problem, loss="ipo", beta=0.1, method="group_robust", estimator="auto", radius=1.0,
+                  split="train", **config_kwargs):
+    """:func:`loglinear_grpo.make_config` of :func:`train`: every setting validated (and the step sizes
+    resolved) before anything is solved or written. Extra keywords (``steps``, ``tol``, ``chi``,
+    ``seed``, ``step_size``, ...) as :func:`loglinear_grpo.make_config`."""
+    return lg.make_config(problem.data(split), loss=loss, beta=beta, method=method, estimator=estimator,
+                          radius=radius, center=problem.theta_ref, **config_kwargs)
+
+
 def train(problem, loss="ipo", beta=0.1, method="group_robust", estimator="auto", radius=1.0, split="train",
-          **solve_kwargs):
+          config=None, **solve_kwargs):
     """:func:`loglinear_grpo.solve` on the split's pairs, Θ = ball(θ_ref, ``radius``), θ⁽⁰⁾ = θ_ref; the
-    result carries its certificate (``converged``, ``gap``)."""
+    result carries its certificate (``converged``, ``gap``). ``config`` (from :func:`solver_config`):
+    the settings validated beforehand — then ``loss`` … ``radius`` are its, and ``solve_kwargs`` only
+    the run-time options of :func:`loglinear_grpo.solve` (``progress``, ``callback``, ...)."""
+    if config is not None:
+        return lg.solve(problem.data(split), config, **solve_kwargs)
     return lg.solve(problem.data(split), loss=loss, beta=beta, method=method, estimator=estimator,
                     radius=radius, center=problem.theta_ref, **solve_kwargs)
 
 
 def evaluate(problem, theta, loss="ipo", beta=0.1, split="test"):
-    """Per-group metrics of θ on a split, plus ``worst`` and ``mean`` rows.
+    """Per-group metrics of θ on a split, and their ``worst`` and ``mean`` over the groups.
 
     Columns (TRL's names): ``loss`` (the IPO/DPO/hinge group loss), ``rewards/accuracies`` (share of
     pairs with :math:`h_i = s_i^\\top\\theta - r_i > 0`), ``rewards/margins`` (mean β·h),
     ``logps/accuracies`` (share with :math:`\\pi_\\theta(y_w|x) > \\pi_\\theta(y_l|x)`, i.e.
     :math:`s_i^\\top\\theta > 0`) and, when the items carry target distributions, ``js_distance``:
     the Jensen–Shannon distance (base 2) between the policy's distribution over the candidates and
-    the target. ``worst`` holds the max of the losses and distances and the min of the others;
-    ``mean`` the unweighted mean over groups (its ``n_pairs``: all the split's pairs). A group without
-    pairs in the split gets a row of NaN.
+    the target, and ``n_pairs``.
+
+    Returns
+    -------
+    DataFrame
+        Indexed by ``(kind, group)`` as :func:`loglinear_grpo.group_metrics`: one row ``("group",
+        name)`` per group of ``problem.group_names`` (a group without pairs in the split gets a row of
+        NaN), then ``("aggregate", "worst")`` — the max of the losses and distances, the min of the
+        others, no pair count — and ``("aggregate", "mean")`` — the unweighted mean over groups, with
+        all the split's pairs. A group named ``"worst"`` or ``"mean"`` keeps its own row;
+        ``table.loc["group"]`` is the per-group table.
     """
     data = problem.data(split)
     theta = np.asarray(theta, dtype=np.float64)
-    table = lg.group_metrics(theta, data, loss, beta).drop(index="worst")
+    table = lg.group_metrics(theta, data, loss, beta).loc["group"]
     policy_margin = data.matvec(theta)
     counts = data.group_sizes
     table["logps/accuracies"] = np.bincount(data.groups, weights=(policy_margin > 0).astype(float),
@@ -129,15 +151,17 @@ def evaluate(problem, theta, loss="ipo", beta=0.1, split="test"):
         pairs = problem.split_pairs(split)
         js = js_distances(problem.features, theta, problem.candidate_targets)[pairs["item"].to_numpy()]
         table["js_distance"] = np.bincount(data.groups, weights=js, minlength=data.n_groups) / counts
-    table = table.reindex(list(problem.group_names))
+    table = table.reindex(pd.Index(list(problem.group_names), name="group"))
     columns = [c for c in METRICS if c in table.columns]
     worst = {c: getattr(table[c], METRICS[c])() for c in columns}
     worst["n_pairs"] = pd.NA                          # a per-group worst has no pair count of its own
     mean = table[columns].mean().to_dict()
     mean["n_pairs"] = int(counts.sum())
-    table.loc["worst"] = pd.Series(worst)
-    table.loc["mean"] = pd.Series(mean)
-    return table[columns + ["n_pairs"]].astype({"n_pairs": "Int64"})
+    groups = table[columns + ["n_pairs"]].astype({"n_pairs": "Int64"})
+    aggregates = pd.DataFrame([worst, mean], index=pd.Index(["worst", "mean"], name="group"),
+                              columns=columns + ["n_pairs"])
+    aggregates = aggregates.astype({c: "float64" for c in columns} | {"n_pairs": "Int64"})
+    return with_aggregates(groups, aggregates)
 
 
 def js_distances(features, theta, targets):

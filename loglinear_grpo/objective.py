@@ -71,30 +71,68 @@ def _check_data(data):
 
 
 def group_metrics(theta, data, loss="dpo", beta=0.1, alpha=None):
-    """Per-group metrics with TRL's names, plus a ``worst`` row.
+    """Per-group metrics with TRL's names, and the ``worst`` aggregate kept apart from the groups.
 
-    Columns: ``loss`` (:math:`L_g`), ``rewards/accuracies`` (share of pairs with
-    :math:`h_i > 0`), ``rewards/margins`` (mean of :math:`\\beta h_i`, TRL's implicit reward
-    margin), ``n_pairs`` and, when ``alpha`` is given, ``weight``. The ``worst`` row holds the
-    max loss, min accuracy, min margin and max weight over groups.
+    Parameters
+    ----------
+    theta : array_like, shape (d,)
+    data : PreferenceData
+    loss : {"dpo", "sigmoid", "ipo", "hinge"}
+    beta : float > 0
+    alpha : array_like, shape (K,), optional
+        Group weights, reported in a ``weight`` column.
+
+    Returns
+    -------
+    DataFrame
+        Indexed by the two levels ``(kind, group)``: one row ``("group", name)`` per group, in the
+        order of ``data.group_names``, then ``("aggregate", "worst")``. A group may therefore be
+        called ``"worst"`` or ``"mean"`` without losing its row: ``table.loc["group"]`` is the
+        per-group table, ``table.loc["aggregate"]`` the aggregates, ``table.loc[("aggregate",
+        "worst"), "loss"]`` the worst group's loss. Columns: ``loss`` (:math:`L_g`),
+        ``rewards/accuracies`` (share of pairs with :math:`h_i > 0`), ``rewards/margins`` (mean of
+        :math:`\\beta h_i`, TRL's implicit reward margin), ``n_pairs`` and, when ``alpha`` is given,
+        ``weight``. The ``worst`` row holds the max loss, min accuracy, min margin and max weight over
+        groups, and all the pairs in ``n_pairs``.
     """
     loss = check_loss(loss)
     beta = check_positive_finite("beta", beta)
     _check_data(data)
     theta = check_vector("theta", theta, data.dim)
     h = margins(theta, data)
-    table = pd.DataFrame({
+    groups = pd.DataFrame({
         "loss": group_means(get_loss(loss).value(h, beta), data),
         "rewards/accuracies": group_means((h > 0).astype(np.float64), data),
         "rewards/margins": group_means(beta * h, data),
-        "n_pairs": data.group_sizes,
+        "n_pairs": data.group_sizes.astype(int),
     }, index=pd.Index(data.group_names, name="group"))
     if alpha is not None:
-        table["weight"] = check_vector("alpha", alpha, data.n_groups)
-    worst = {"loss": table["loss"].max(), "rewards/accuracies": table["rewards/accuracies"].min(),
-             "rewards/margins": table["rewards/margins"].min(), "n_pairs": int(data.n_samples)}
+        groups["weight"] = check_vector("alpha", alpha, data.n_groups)
+    worst = {"loss": groups["loss"].max(), "rewards/accuracies": groups["rewards/accuracies"].min(),
+             "rewards/margins": groups["rewards/margins"].min(), "n_pairs": int(data.n_samples)}
     if alpha is not None:
-        worst["weight"] = table["weight"].max()
-    table.loc["worst"] = pd.Series(worst)
+        worst["weight"] = groups["weight"].max()
+    aggregates = pd.DataFrame([worst], index=pd.Index(["worst"], name="group"), columns=groups.columns)
+    table = with_aggregates(groups, aggregates)
     table["n_pairs"] = table["n_pairs"].astype(int)
     return table
+
+
+def with_aggregates(groups, aggregates):
+    """One table of per-group rows and aggregate rows, indexed by ``(kind, group)``.
+
+    Parameters
+    ----------
+    groups : DataFrame
+        One row per group (index: the group names).
+    aggregates : DataFrame
+        Rows over all groups (index: ``"worst"``, ``"mean"``, ...), with the columns of ``groups``.
+
+    Returns
+    -------
+    DataFrame
+        ``groups`` under ``kind = "group"`` followed by ``aggregates`` under ``kind = "aggregate"``,
+        so that no group name can collide with an aggregate's.
+    """
+    return pd.concat({"group": groups, "aggregate": aggregates.reindex(columns=groups.columns)},
+                     names=["kind", "group"])

@@ -100,9 +100,9 @@ def run(args):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 ref = lh.evaluate(problem, problem.theta_ref, loss, BETA, "test")
-            for g, rec in ref.iterrows():
-                rows.append({"objective": loss, "method": "reference", "seed": seed, "group": g, "split": "test",
-                             **rec.to_dict()})
+            for (kind, g), rec in ref.iterrows():
+                rows.append({"objective": loss, "method": "reference", "seed": seed, "kind": kind, "group": g,
+                             "split": "test", **rec.to_dict()})
             for method in METHODS:
                 tic = time.perf_counter()
                 result, alpha = fit(problem, loss, method, chosen[method])
@@ -112,14 +112,14 @@ def run(args):
                     table = lh.evaluate(problem, result.theta, loss, BETA, "test")
                 cert = {"radius": chosen[method], "converged": result.converged, "relative_gap": result.relative_gap,
                         "train_objective": result.value, "iterations": result.n_iter, "train_seconds": seconds}
-                for g, rec in table.iterrows():
-                    rows.append({"objective": loss, "method": method, "seed": seed, "group": g, "split": "test",
-                                 **cert, **rec.to_dict()})
+                for (kind, g), rec in table.iterrows():
+                    rows.append({"objective": loss, "method": method, "seed": seed, "kind": kind, "group": g,
+                                 "split": "test", **cert, **rec.to_dict()})
                 if method == "group_robust":
                     alphas.append(alpha.assign(objective=loss, seed=seed).rename_axis("iteration").reset_index())
                 print(f"  seed {seed} {LABEL[(loss, method)]:7s} converged={result.converged} "
                       f"gap={result.relative_gap:.1e} {result.n_iter} it {seconds:.1f}s  worst test loss "
-                      f"{table.loc['worst', 'loss']:.4f}", flush=True)
+                      f"{table.loc[('aggregate', 'worst'), 'loss']:.4f}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     pd.DataFrame(rows).to_csv(os.path.join(args.out, "metrics.csv"), index=False)
     pd.concat(alphas, ignore_index=True).to_csv(os.path.join(args.out, "alpha.csv"), index=False)
@@ -134,6 +134,17 @@ def mean_se(values):
     return values.mean(), values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
+def rows_of(frame, kind, name=None):
+    """The rows of ``metrics.csv`` of one kind (``"group"`` or ``"aggregate"``), and of one name. Files
+    written before the ``kind`` column held the aggregates as groups named ``worst`` and ``mean``."""
+    kinds = frame["kind"] if "kind" in frame else \
+        pd.Series(np.where(frame["group"].isin(["worst", "mean"]), "aggregate", "group"), index=frame.index)
+    keep = kinds == kind
+    if name is not None:
+        keep &= frame["group"] == name
+    return frame[keep]
+
+
 def summarise(metrics):
     test = metrics[(metrics.split == "test") & (metrics.method != "reference")]
     has_js = "js_distance" in test and test["js_distance"].notna().any()
@@ -145,14 +156,14 @@ def summarise(metrics):
     for loss in test["objective"].unique():
         for method in METHODS:
             sub = test[(test.objective == loss) & (test.method == method)]
-            w, m = sub[sub.group == "worst"], sub[sub.group == "mean"]
+            w, m = rows_of(sub, "aggregate", "worst"), rows_of(sub, "aggregate", "mean")
             cells = [mean_se(w["loss"]), mean_se(w["rewards/accuracies"]), mean_se(m["loss"]),
                      mean_se(w["logps/accuracies"])] + ([mean_se(w["js_distance"])] if has_js else [])
             lines.append(f"| {loss} | {LABEL[(loss, method)]} | {w['radius'].iloc[0]:g} | " +
                          " | ".join(f"{a:.4f} ± {b:.4f}" for a, b in cells) +
                          f" | {bool(w['converged'].all())} | {w['relative_gap'].max():.1e} | "
                          f"{w['train_seconds'].mean():.1f} |")
-        w = test[(test.objective == loss) & (test.group == "worst")].set_index(["method", "seed"])
+        w = rows_of(test[test.objective == loss], "aggregate", "worst").set_index(["method", "seed"])
         for col, better in (("loss", np.less), ("rewards/accuracies", np.greater), ("logps/accuracies", np.greater)):
             diff = (w.loc["group_robust", col] - w.loc["vanilla", col]).to_numpy()
             a, b = mean_se(diff)
@@ -171,7 +182,7 @@ def draw(metrics, out, loss, title):
     import matplotlib.pyplot as plt
 
     test = metrics[(metrics.split == "test") & (metrics.objective == loss)]
-    groups = [g for g in test.group.unique() if g not in ("worst", "mean")]
+    groups = list(rows_of(test, "group").group.unique())
     short = [_short(g) for g in groups]
     names = [LABEL[(loss, m)] for m in METHODS]
     colors = ["C0", "C3"]
@@ -180,7 +191,7 @@ def draw(metrics, out, loss, title):
     fig, axes = plt.subplots(2, 3, figsize=(width, 8.5))
     for ax, col, what in ((axes[0, 0], "loss", "worst-group test loss"),
                           (axes[0, 1], "rewards/accuracies", "min-group test rewards/accuracies")):
-        stats = [mean_se(test[(test.method == m) & (test.group == "worst")][col]) for m in METHODS]
+        stats = [mean_se(rows_of(test[test.method == m], "aggregate", "worst")[col]) for m in METHODS]
         ax.bar(names, [s[0] for s in stats], yerr=[s[1] for s in stats], color=colors, capsize=6)
         lo = min(s[0] - 3 * s[1] for s in stats)
         ax.set_ylim(max(0.0, lo - 0.05 * abs(lo)), None)
@@ -188,11 +199,11 @@ def draw(metrics, out, loss, title):
     x = np.arange(len(groups))
     for ax, col in ((axes[0, 2], "loss"), (axes[1, 0], "logps/accuracies")):
         for k, m in enumerate(METHODS):
-            stats = [mean_se(test[(test.method == m) & (test.group == g)][col]) for g in groups]
+            stats = [mean_se(rows_of(test[test.method == m], "group", g)[col]) for g in groups]
             ax.bar(x + (k - 0.5) * 0.38, [s[0] for s in stats], 0.38, yerr=[s[1] for s in stats],
                    color=colors[k], capsize=2, label=names[k])
         if col == "logps/accuracies":
-            ref = [mean_se(test[(test.method == "reference") & (test.group == g)][col])[0] for g in groups]
+            ref = [mean_se(rows_of(test[test.method == "reference"], "group", g)[col])[0] for g in groups]
             ax.scatter(x, ref, color="k", marker="_", s=120, zorder=3, label="reference (θ_ref)")
         ax.set_xticks(x, short, fontsize=7, rotation=45 if len(groups) > 6 else 0,
                       ha="right" if len(groups) > 6 else "center")

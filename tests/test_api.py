@@ -76,8 +76,9 @@ def test_history_and_metrics(problem):
     np.testing.assert_allclose(h.filter(like="alpha/").sum(axis=1), 1.0)
     np.testing.assert_allclose(h["worst_loss"], h.filter(like="loss/").max(axis=1))
     m = res.metrics(problem)
-    assert list(m.index) == list(problem.group_names) + ["worst"]
-    assert m.loc["worst", "loss"] == pytest.approx(res.worst_group_loss(problem))
+    assert list(m.loc["group"].index) == list(problem.group_names)
+    assert list(m.loc["aggregate"].index) == ["worst"]
+    assert m.loc[("aggregate", "worst"), "loss"] == pytest.approx(res.worst_group_loss(problem))
     assert {"loss", "rewards/accuracies", "rewards/margins", "weight", "n_pairs"} <= set(m.columns)
     assert ((m["rewards/accuracies"] >= 0) & (m["rewards/accuracies"] <= 1)).all()
 

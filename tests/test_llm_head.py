@@ -304,9 +304,9 @@ def test_problem_is_the_core_log_linear_problem(tiny_problem):
     assert data.diff.getnnz(axis=1).max() <= 2 * tiny_problem.features.hidden_size
     np.testing.assert_allclose(lg.margins(tiny_problem.theta_ref, data), 0.0, atol=1e-9)   # h(θ_ref) = 0
     table = lh.evaluate(tiny_problem, tiny_problem.theta_ref, "ipo", 0.1, "train")
-    assert np.allclose(table.loc[list(tiny_problem.group_names), "loss"], (0.5 / 0.1) ** 2)
-    assert table.loc["worst", "rewards/accuracies"] == 0.0
-    assert 0.0 <= table.loc["worst", "js_distance"] <= 1.0
+    assert np.allclose(table.loc["group"].loc[list(tiny_problem.group_names), "loss"], (0.5 / 0.1) ** 2)
+    assert table.loc[("aggregate", "worst"), "rewards/accuracies"] == 0.0
+    assert 0.0 <= table.loc[("aggregate", "worst"), "js_distance"] <= 1.0
 
 
 def test_training_estimators_agree_with_exact_optimum(tiny_problem):
@@ -374,8 +374,9 @@ def test_cli_end_to_end(gemma_folder, tmp_path):
         assert cli(["evaluate", "--workdir", work, "--run", "r"]) == 0
         assert cli(["export", "--workdir", work, "--run", "r", "--model", gemma_folder, "--delta-only"]) == 0
     run = os.path.join(work, "runs", "r")
-    metrics = pd.read_csv(os.path.join(run, "metrics_test.csv"), index_col=0)
-    assert list(metrics.index) == ["Egypt", "Japan", "worst", "mean"]
+    metrics = pd.read_csv(os.path.join(run, "metrics_test.csv"), index_col=["kind", "group"])
+    assert list(metrics.index) == [("group", "Egypt"), ("group", "Japan"), ("aggregate", "worst"),
+                                   ("aggregate", "mean")]
     with open(os.path.join(run, "settings.json")) as fh:
         certificate = json.load(fh)["certificate"]
     assert certificate["converged"] and certificate["relative_gap"] <= 1e-6
@@ -409,4 +410,4 @@ def test_real_smollm2_on_real_data(subset):
     ipo = lh.train(problem, "ipo", method="vanilla", steps=300, radius=0.2)
     assert gr.worst_group_loss(data) <= ipo.worst_group_loss(data) + 1e-6
     assert gr.worst_group_loss(data) < (0.5 / 0.1) ** 2                       # it learned something
-    assert lh.evaluate(problem, gr.theta, "ipo", 0.1, "train").loc["mean", "rewards/accuracies"] > 0.5
+    assert lh.evaluate(problem, gr.theta, "ipo", 0.1, "train").loc[("aggregate", "mean"), "rewards/accuracies"] > 0.5
