@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import re
 import sys
 import time
 import tomllib
@@ -38,7 +38,7 @@ from .data import detect_format, items_from_pairs, load_preference_pairs, read_t
 from .features import CSR_LIMIT_BYTES
 from .head import export_model, reference_theta
 from .opinions import DEFAULT_TEMPLATE, PAPER_COUNTRIES
-from .train import alpha_history, evaluate, train
+from .train import alpha_history, evaluate, solver_config, train
 
 LOSSES = ("ipo", "dpo", "sigmoid", "hinge")
 
@@ -52,11 +52,81 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+def _integer(text, low):
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
     return value
+
+
+def _positive_int(text):
+    """An integer >= 1 (argparse prefixes the flag to the error)."""
+    return _integer(text, 1)
+
+
+def _non_negative_int(text):
+    """An integer >= 0."""
+    return _integer(text, 0)
+
+
+def _finite(text, what):
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def _positive_float(text):
+    """A finite number > 0."""
+    value = _finite(text, "a finite number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _tolerance(text):
+    """A finite number >= 0 (0: no tolerance, run all steps)."""
+    value = _finite(text, "a finite number >= 0 (0: run all steps)")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: run all steps), got {text!r}")
+    return value
+
+
+def _unit_interval(text):
+    """A number in [0, 1]."""
+    value = _finite(text, "a number in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def _step_size_type(*words):
+    """A first-order step size: a finite number > 0, ``c/sqrt(t)`` (c > 0, default 1) or one of ``words``."""
+    forms = ", ".join(repr(w) for w in words + ("c/sqrt(t)",))
+
+    def parse(text):
+        text = str(text).strip()
+        if text in words:
+            return text
+        head, sep, tail = text.partition("/")
+        if sep and tail.replace(" ", "") == "sqrt(t)":
+            if head.strip():
+                _finite(head, f"a number > 0, {forms}")
+                if float(head) <= 0:
+                    raise argparse.ArgumentTypeError(f"must be a number > 0, {forms}, got {text!r}")
+            return text
+        try:
+            return _positive_float(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"must be a number > 0, {forms}, got {text!r}") from None
+    parse.__name__ = "step size"
+    return parse
 
 
 def _common(p):
@@ -114,21 +184,24 @@ def build_parser():
                        formatter_class=_Formatter)
     _common(p)
     p.add_argument("--loss", choices=LOSSES, default="sigmoid", help="TRL's names: 'sigmoid' is DPO")
-    p.add_argument("--beta", type=float, default=0.1, help="β of the loss (TRL's default)")
+    p.add_argument("--beta", type=_positive_float, default=0.1, help="β of the loss (TRL's default)")
     p.add_argument("--method", choices=("group_robust", "importance_sampling", "vanilla"), default="group_robust",
                    help="group_robust: min over θ of the worst group's loss; vanilla: the mean over pairs")
     p.add_argument("--estimator", choices=("auto", "newton", "full", "stochastic", "closed_form"), default="auto",
                    help="'auto' = 'newton': the certified second-order solver")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="iteration budget (default: the estimator's: 200 Newton iterations, ...)")
-    p.add_argument("--tol", type=float, default=1e-6,
+    p.add_argument("--tol", type=_tolerance, default=1e-6,
                    help="stop at this relative certified duality gap (0: run all steps)")
-    p.add_argument("--radius", type=float, default=1.0, help="Θ = L2 ball of this radius around θ_ref")
-    p.add_argument("--step-size", default=None,
+    p.add_argument("--radius", type=_positive_float, default=1.0, help="Θ = L2 ball of this radius around θ_ref")
+    p.add_argument("--step-size", type=_step_size_type("theory"), default=None,
                    help="first-order estimators only: number, 'theory' or 'c/sqrt(t)' (default: 1/L)")
-    p.add_argument("--alpha-step-size", default=None, help="first-order estimators only")
-    p.add_argument("--chi", type=float, default=1.0, help="worst-case/average trade-off (Appendix B.4)")
-    p.add_argument("--seed", type=int, default=0, help="split (and GlobalOpinionQA's rejected answers) and sampler seed")
+    p.add_argument("--alpha-step-size", type=_step_size_type("theory", "auto"), default=None,
+                   help="first-order estimators only: number, 'theory', 'auto' or 'c/sqrt(t)'")
+    p.add_argument("--chi", type=_unit_interval, default=1.0,
+                   help="worst-case/average trade-off in [0, 1] (Appendix B.4)")
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="split (and GlobalOpinionQA's rejected answers) and sampler seed")
     p.add_argument("--split-by", default=None, help="override the split chosen at extraction")
     p.add_argument("--storage", choices=("auto", "csr", "implicit"), default="auto",
                    help="S as a CSR matrix or implicit (from the memory-mapped hidden states; for long answers); "
@@ -167,13 +240,39 @@ def parse_args(argv=None):
         unknown = set(flat) - known
         if unknown:
             parser.error(f"{args.config}: unknown settings {sorted(unknown)} for '{args.command}'")
+        for action in sub._actions:
+            if action.dest in flat:
+                flat[action.dest] = _config_value(parser, args.config, action, flat[action.dest])
         sub.set_defaults(**flat)
         args = parser.parse_args(argv)
     return args
 
 
+def _config_value(parser, config, action, value):
+    """A value from the TOML file checked as the flag's own would be: argparse applies neither the type
+    nor the choices to defaults that are not strings (a TOML ``tol = nan`` would pass unchecked)."""
+    flag = action.option_strings[0] if action.option_strings else action.dest
+    many = action.nargs in ("+", "*") and isinstance(value, list)
+    checked = []
+    for item in (value if many else [value]):
+        if action.type is not None:
+            if isinstance(item, bool):
+                parser.error(f"{config}: {flag}: got the boolean {item}")
+            try:
+                item = action.type(item if isinstance(item, str) else str(item))
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+                parser.error(f"{config}: {flag}: {exc}")
+        if action.choices is not None and item not in action.choices:
+            parser.error(f"{config}: {flag}: {item!r} is not one of {sorted(action.choices)}")
+        checked.append(item)
+    return checked if many else checked[0]
+
+
 # ============================================================================ commands
 def cmd_extract(args):
+    wd.check_output_folder(args.workdir, "--workdir")           # before the model loads: one line, not a traceback
+    if args.cache_dir:
+        wd.check_output_folder(args.cache_dir, "--cache-dir")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         import torch
@@ -232,42 +331,77 @@ def _step(value):
         return value
 
 
+#: solver argument names, as their flags (for errors of loglinear_grpo.make_config)
+_SOLVER_FLAGS = {name: "--" + name.replace("_", "-") for name in
+                 ("beta", "method", "estimator", "steps", "tol", "radius", "chi", "seed", "step_size",
+                  "alpha_step_size", "loss")}
+_SOLVER_NAME = re.compile(r"\b(" + "|".join(sorted(_SOLVER_FLAGS, key=len, reverse=True)) + r")\b(?=\s*[=:]| must)")
+
+
+def _as_flags(message):
+    """A solver error in the words of the command line: ``step_size: ...`` → ``--step-size: ...``."""
+    return _SOLVER_NAME.sub(lambda m: _SOLVER_FLAGS[m.group(1)], message)
+
+
+def _finite_or_none(value):
+    """A float for settings.json: non-finite values (no certificate) become null (JSON has no NaN)."""
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _write_json(path, obj):
+    """Strict JSON (``allow_nan=False``: a NaN or infinity is an error, not an invalid file)."""
+    text = json.dumps(obj, indent=1, default=str, allow_nan=False)
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
 def cmd_train(args):
-    problem, record = wd.load_problem(args.workdir, seed=args.seed, split_by=args.split_by or record_split(args),
-                                      storage=args.storage)
+    """Validate everything (the name, the work folder, every solver setting), reserve the run name,
+    train into the reservation, and publish the complete run (swapping out an old one with
+    ``--overwrite``); see :func:`llm_head.workdir.training_run`."""
     args.run = wd.check_run_name(args.run or f"{args.loss}-{args.method}-seed{args.seed}")
-    out = wd.run_dir(args.workdir, args.run)
-    if os.path.exists(out):
-        if not args.overwrite:
-            raise ValueError(f"run {args.run!r} exists in {args.workdir}; choose another --run, or pass --overwrite "
-                             "to replace it (its old files, an exported model included, are removed)")
-        shutil.rmtree(out)
-    result = train(problem, loss=args.loss, beta=args.beta, method=args.method, estimator=args.estimator,
-                   steps=args.steps, tol=args.tol if args.tol and args.tol > 0 else None, radius=args.radius,
-                   step_size=_step(args.step_size), alpha_step_size=_step(args.alpha_step_size), chi=args.chi,
-                   seed=args.seed, progress=True)
-    os.makedirs(out, exist_ok=True)
-    np.save(os.path.join(out, "theta.npy"), result.theta)
-    result.history.to_csv(os.path.join(out, "history.csv"), index=False)
+    wd.check_can_train(args.workdir, args.run, args.overwrite)            # fail fast; re-checked atomically
+    split_by = args.split_by or record_split(args)
+    problem, record = wd.load_problem(args.workdir, seed=args.seed, split_by=split_by, storage=args.storage)
+    try:
+        config = solver_config(problem, loss=args.loss, beta=args.beta, method=args.method,
+                               estimator=args.estimator, steps=args.steps,
+                               tol=args.tol if args.tol and args.tol > 0 else None, radius=args.radius,
+                               step_size=_step(args.step_size), alpha_step_size=_step(args.alpha_step_size),
+                               chi=args.chi, seed=args.seed)
+    except ValueError as exc:
+        raise ValueError(_as_flags(str(exc))) from None
     settings = {k: v for k, v in vars(args).items() if k not in ("config",)}
-    settings["split_by"] = args.split_by or record_split(args)
+    settings["split_by"] = split_by
     settings["features_sha256"] = problem.features_sha256
-    storage_used = "implicit" if problem.data("train").is_operator else "csr"
-    settings["storage_used"] = storage_used              # what --storage auto chose
-    settings["solver"] = result.config.describe()
-    settings["certificate"] = {"converged": bool(result.converged), "gap": float(result.gap),
-                               "relative_gap": float(result.relative_gap), "value": float(result.value),
-                               "lower_bound": float(result.lower_bound), "iterations": int(result.n_iter),
-                               "bound_kind": result.bound_kind}
-    with open(os.path.join(out, "settings.json"), "w") as fh:
-        json.dump(settings, fh, indent=1, default=str)
-    tables = _evaluate_splits(problem, result.theta, args.loss, args.beta, out)
+    settings["dataset_sha256"] = wd.dataset_sha(record)
+    settings["groups"] = list(record["groups"])
+    final = wd.run_dir(args.workdir, args.run)
+    try:
+        with wd.training_run(args.workdir, args.run, overwrite=args.overwrite) as out:
+            result = train(problem, config=config, progress=True)
+            np.save(os.path.join(out, "theta.npy"), result.theta)
+            result.history.to_csv(os.path.join(out, "history.csv"), index=False)
+            storage_used = "implicit" if problem.data("train").is_operator else "csr"
+            settings["storage_used"] = storage_used              # what --storage auto chose
+            settings["solver"] = result.config.describe()
+            settings["certificate"] = {"converged": bool(result.converged), "gap": _finite_or_none(result.gap),
+                                       "relative_gap": _finite_or_none(result.relative_gap),
+                                       "value": _finite_or_none(result.value),
+                                       "lower_bound": _finite_or_none(result.lower_bound),
+                                       "iterations": int(result.n_iter), "bound_kind": result.bound_kind}
+            tables = _evaluate_splits(problem, result.theta, args.loss, args.beta, out)
+            _write_json(os.path.join(out, wd.RUN_MARKER), settings)      # last: it makes the run complete
+    except OSError as exc:
+        raise OSError(f"run {args.run!r} was not written ({exc}); nothing of it was kept, "
+                      f"and an old run of that name is untouched") from None
     shown = next((s for s in ("test", "val", "train") if s in tables), None)
     if shown is not None:
         _print_table(tables[shown], shown, problem)
     print(f"training objective ({args.method}, {args.loss}) on the train split, S stored as {storage_used} "
           f"(--storage {args.storage}): {result.summary()}")
-    print(f"run -> {out}")
+    print(f"run -> {final}")
     return 0
 
 
@@ -352,6 +486,8 @@ def cmd_evaluate(args):
 
 def cmd_export(args):
     wd.check_run(args.workdir, args.run)
+    if args.out:
+        wd.check_output_folder(args.out, "--out")
     out = args.out or os.path.join(wd.run_dir(args.workdir, args.run), "model")
     features, theta_ref, _, spec, _ = wd.load_workdir(args.workdir)
     theta = np.load(os.path.join(wd.run_dir(args.workdir, args.run), "theta.npy"))
@@ -374,7 +510,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         raise SystemExit(f"llm_head {args.command}: {exc}") from None
 
 

@@ -10,19 +10,39 @@ Layout::
                                           SHA-256), metrics_<split>.csv, groups.png, model/
     <workdir>/cache/                      the extraction cache (shards)
 
-Rules: features are written atomically with their checksum; extracting *different* features into a
-folder that already has runs is refused (``force=True`` versions the old runs as
-``runs-<old sha>/``); a run records the checksum of the features it was trained on and
-:func:`check_run` refuses to evaluate or export it against other features; run names are plain
-names that cannot leave the folder.
+Rules: features are written atomically with their checksum; extracting *different* features, or a
+different dataset record (other pairs or groups: :func:`dataset_sha`), into a folder that already has
+runs is refused (``force=True`` versions the old runs as ``runs-<old sha>/``); a run records the
+checksums of the features and of the dataset it was trained on and :func:`check_run` refuses to
+evaluate or export it against others; run names are plain names that cannot leave the folder.
+
+A run is trained into ``runs/.train-<run>/run/`` under a reservation made atomically by
+``os.mkdir(runs/.train-<run>)`` (:func:`training_run`): a second ``train`` of the same name is refused
+while the first holds it, and the finished folder is renamed (swapped, with ``--overwrite``) onto
+``runs/<run>`` only when complete, so ``runs/<run>/`` is always a whole run. What an interrupted
+``train`` leaves (a reservation of a process that is gone; a run folder without ``settings.json``,
+written by older versions) is a *partial run*: :func:`partial_runs` names it, :func:`existing_runs`
+ignores it, ``train --overwrite`` removes it.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+
+try:
+    import fcntl
+except ImportError:                              # not POSIX: reservations fall back to the owner's pid
+    fcntl = None
 
 import numpy as np
 import pandas as pd
@@ -32,7 +52,17 @@ from loglinear_grpo._io import atomic_write, make_readable, sha256_file
 from .data import PreferencePairs, assign_splits, pair_indices
 from .features import LastLayerFeatures
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}$")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
+#: prefix of the reservation folder ``runs/.train-<run>/`` of a run being trained
+RESERVATION_PREFIX = ".train-"
+#: the file, written last, that makes a run folder a complete run
+RUN_MARKER = "settings.json"
+#: seconds a reservation without its owner record counts as being set up (then: left behind)
+RESERVATION_GRACE_S = 60.0
+
+
+class RunBusyError(ValueError):
+    """Another process is training a run of this name now."""
 
 
 def paths(workdir):
@@ -43,21 +73,367 @@ def paths(workdir):
 
 
 def check_run_name(name):
-    """A run name is a plain file name (letters, digits, ``._+=-``): never a path out of the folder."""
-    if not isinstance(name, str) or not RUN_NAME.match(name) or name in (".", ".."):
+    """A run name is a plain file name (letters, digits, ``._+=-``, the whole name): never a path out of
+    the folder, nor a name with a trailing newline."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"--run must be a plain name (letters, digits and ._+=-, at most 128 characters), "
                          f"got {name!r}")
     return name
+
+
+def check_output_folder(path, flag):
+    """Check, before any work, that ``path`` is a folder or can be made one: it and every existing
+    parent must be folders, the nearest existing one writable.
+
+    Parameters
+    ----------
+    path : str
+        The folder a command will write to.
+    flag : str
+        The flag that gave it (for the message), e.g. ``"--workdir"``.
+
+    Raises
+    ------
+    ValueError
+        One line naming ``flag`` and the path.
+    """
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        what = "is a file" if probe == os.path.abspath(path) else f"cannot be made: {probe} is a file"
+        raise ValueError(f"{flag} {path} {what}, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {probe} is not writable")
+    return path
 
 
 def run_dir(workdir, run):
     return os.path.join(paths(workdir)["runs"], check_run_name(run))
 
 
+def reservation_dir(workdir, run):
+    """``runs/.train-<run>/``: held while ``run`` is trained (see :func:`training_run`)."""
+    return os.path.join(paths(workdir)["runs"], RESERVATION_PREFIX + check_run_name(run))
+
+
 def existing_runs(workdir):
+    """The complete runs of a work folder (folders ``runs/<name>/`` with their ``settings.json``);
+    partial ones (:func:`partial_runs`) are left out."""
     folder = paths(workdir)["runs"]
-    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))) \
-        if os.path.isdir(folder) else []
+    if not os.path.isdir(folder):
+        return []
+    return sorted(d for d in os.listdir(folder) if RUN_NAME.fullmatch(d)
+                  and os.path.isfile(os.path.join(folder, d, RUN_MARKER)))
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                      # someone else's process: alive
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def _owner(folder):
+    """Who made a reservation, for messages (``owner.json``: pid, host, start time)."""
+    try:
+        with open(os.path.join(folder, "owner.json")) as fh:
+            owner = json.load(fh)
+        return int(owner["pid"]), str(owner["host"]), str(owner.get("started", "?"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _lock(folder, create=False):
+    """Take the reservation's lock (``flock`` of ``<folder>/lock``, held by the training process for its
+    lifetime and released by the system however it ends) without waiting.
+
+    Returns the open descriptor (the caller holds the lock), or ``None`` when a live process holds it.
+    Raises ``FileNotFoundError`` when there is no lock file (and ``create`` is false)."""
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+    fd = os.open(os.path.join(folder, "lock"), flags, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _reservation_state(folder, keep_lock=False):
+    """``(live, description, fd)`` of a reservation folder. Live while its owner holds the lock (or, for
+    a reservation younger than :data:`RESERVATION_GRACE_S`, before it has one); otherwise left behind by
+    an interrupted ``train``, and with ``keep_lock`` its lock is returned held (``fd``; ``None`` when it
+    has no lock file)."""
+    owner = _owner(folder)
+    who = f"process {owner[0]} on {owner[1]} since {owner[2]}" if owner else "a process that left no owner record"
+    fd = None
+    try:
+        if fcntl is None:                        # no flock here: the owner's pid says whether it runs
+            if owner is None:
+                raise FileNotFoundError(folder)
+            live = owner[1] != socket.gethostname() or _process_alive(owner[0])
+        else:
+            fd = _lock(folder)
+            live = fd is None
+    except FileNotFoundError:
+        try:
+            age = time.time() - os.stat(folder).st_mtime
+        except FileNotFoundError:
+            return False, f"{folder} (gone)", None
+        live = age < RESERVATION_GRACE_S
+        if live:
+            return True, f"reserved {age:.0f} s ago by {who} ({folder})", None
+    if live:
+        deadline = time.monotonic() + 2.0
+        while owner is None and time.monotonic() < deadline:      # its owner writes the record just after the lock
+            time.sleep(0.05)
+            owner = _owner(folder)
+        who = f"process {owner[0]} on {owner[1]} since {owner[2]}" if owner else "a process starting now"
+        return True, f"being trained now by {who} ({folder})", None
+    if fd is not None and not keep_lock:
+        os.close(fd)
+        fd = None
+    return False, f"{folder}: left by an interrupted train ({who}, no longer running)", fd
+
+
+def partial_runs(workdir):
+    """Partial runs of a work folder, ``{name: what is there}``: a reservation ``runs/.train-<name>/``
+    (being trained now, or left by an interrupted ``train``), or a folder ``runs/<name>/`` without its
+    ``settings.json`` (a write that stopped half-way, by versions that wrote runs in place)."""
+    folder = paths(workdir)["runs"]
+    found = {}
+    if not os.path.isdir(folder):
+        return found
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if not os.path.isdir(path):
+            continue
+        if entry.startswith(RESERVATION_PREFIX) and RUN_NAME.fullmatch(entry[len(RESERVATION_PREFIX):]):
+            found[entry[len(RESERVATION_PREFIX):]] = _reservation_state(path)[1]
+        elif RUN_NAME.fullmatch(entry) and not os.path.isfile(os.path.join(path, RUN_MARKER)):
+            found[entry] = f"{path} has no {RUN_MARKER} (a write that stopped half-way)"
+    return dict(sorted(found.items()))
+
+
+def trains_running(workdir):
+    """``{name: what}`` of the runs being trained in ``workdir`` now (their reservations are held)."""
+    folder = paths(workdir)["runs"]
+    running = {}
+    for name in partial_runs(workdir):
+        reservation = os.path.join(folder, RESERVATION_PREFIX + name)
+        if os.path.isdir(reservation):
+            live, what, _ = _reservation_state(reservation)
+            if live:
+                running[name] = what
+    return running
+
+
+def describe_runs(workdir):
+    """``runs: [...]``, and the partial runs with what they are, for messages."""
+    text = f"runs: {existing_runs(workdir)}"
+    partial = partial_runs(workdir)
+    if partial:
+        text += "; partial runs (not usable; `train --run <name> --overwrite` replaces one): " + \
+            "; ".join(f"{name!r}: {what}" for name, what in partial.items())
+    return text
+
+
+def _existing_run_refusal(workdir, run):
+    """Why ``train`` without ``--overwrite`` must not write ``run`` (``None``: nothing is in its way)."""
+    final = run_dir(workdir, run)
+    if os.path.isfile(os.path.join(final, RUN_MARKER)):
+        return (f"run {run!r} exists in {workdir}; choose another --run, or pass --overwrite to replace it (its "
+                "old files, an exported model included, are replaced once the new run is complete)")
+    if os.path.lexists(final):
+        return (f"run {run!r} in {workdir} is a partial run ({final} has no {RUN_MARKER}: a write that stopped "
+                "half-way); pass --overwrite to replace it, or choose another --run")
+    return None
+
+
+def check_can_train(workdir, run, overwrite=False):
+    """Refuse early (before any work) to train ``run`` where it could not be written: a complete run
+    of that name without ``overwrite``, a partial one without ``overwrite``, or a ``train`` of that name
+    running now (:class:`RunBusyError`). :func:`training_run` checks again, atomically."""
+    reservation = reservation_dir(workdir, run)
+    if os.path.isdir(reservation):
+        live, what, _ = _reservation_state(reservation)
+        if live:
+            raise RunBusyError(f"run {run!r} is {what}: wait for it to finish, or choose another --run")
+        if not overwrite:
+            raise ValueError(f"run {run!r} in {workdir} is a partial run ({what}); pass --overwrite to remove it "
+                             "and train afresh, or choose another --run")
+    if not overwrite:
+        refusal = _existing_run_refusal(workdir, run)
+        if refusal:
+            raise ValueError(refusal)
+
+
+def _reserve(workdir, run, overwrite):
+    """Reserve ``run``: ``os.mkdir`` of ``runs/.train-<run>/`` (atomic: one process wins) and its lock,
+    held until :func:`_release`. A reservation left by an interrupted ``train`` is taken over (its lock
+    taken, its contents removed) with ``overwrite``, refused without. Returns ``(folder, fd)``."""
+    reservation = reservation_dir(workdir, run)
+    os.makedirs(paths(workdir)["runs"], exist_ok=True)
+    for _ in range(3):
+        fd = None
+        try:
+            os.mkdir(reservation)
+        except FileExistsError:
+            live, what, fd = _reservation_state(reservation, keep_lock=True)
+            if live:
+                raise RunBusyError(f"run {run!r} is {what}: wait for it to finish, or choose another --run") from None
+            if not overwrite:
+                if fd is not None:
+                    os.close(fd)
+                raise ValueError(f"run {run!r} in {workdir} is a partial run ({what}); pass --overwrite to remove "
+                                 "it and train afresh, or choose another --run") from None
+            try:
+                if fd is None and fcntl is not None:     # left before it had a lock: the first to make one wins
+                    fd = _lock(reservation, create=True)
+            except FileExistsError:
+                raise RunBusyError(f"run {run!r} is being taken over by another train ({reservation}): choose "
+                                   "another --run") from None
+            except FileNotFoundError:                    # removed meanwhile: reserve afresh
+                continue
+            if not os.path.isdir(reservation):
+                _release(None, fd)
+                continue
+            for entry in os.listdir(reservation):        # the lock is ours: clear what the old train left
+                if entry != "lock":
+                    path = os.path.join(reservation, entry)
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        else:
+            try:
+                fd = _lock(reservation, create=True) if fcntl is not None else -1
+            except BaseException:
+                _release(reservation, None)
+                raise
+        owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv}
+
+        def write(tmp):
+            with open(tmp, "w") as fh:
+                json.dump(owner, fh)
+        try:
+            atomic_write(os.path.join(reservation, "owner.json"), write)
+        except BaseException:
+            _release(reservation, fd)
+            raise
+        return reservation, fd
+    raise RunBusyError(f"run {run!r}: could not reserve {reservation} (other trains of that name keep "
+                       "taking it); choose another --run")
+
+
+def _release(reservation, fd):
+    """Remove a reservation (and whatever it still holds), then drop its lock."""
+    try:
+        if reservation is not None:
+            shutil.rmtree(reservation, ignore_errors=True)
+    finally:
+        if fd is not None and fd >= 0:
+            os.close(fd)
+
+
+def _exchange(a, b):
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where the
+    system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _fsync_tree(folder):
+    """fsync every file under ``folder`` and the folders themselves (before it is published)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def training_run(workdir, run, overwrite=False):
+    """Reserve ``run``, yield the folder to write it into, and publish it when the block completes.
+
+    The reservation ``runs/.train-<run>/`` is made by ``os.mkdir`` (atomic): while it is held, another
+    ``train`` of the same name is refused (:class:`RunBusyError`). The run is written into
+    ``runs/.train-<run>/run/``; when the ``with`` block ends without an error that folder is renamed
+    onto ``runs/<run>`` — with ``overwrite``, swapped atomically with the old run (Linux; elsewhere two
+    renames), which is removed only then. On an error nothing is published, an old run is untouched,
+    and the reservation is removed.
+
+    Parameters
+    ----------
+    workdir : str
+    run : str
+        A plain run name (:func:`check_run_name`).
+    overwrite : bool
+        Replace a complete or partial run of that name (and remove a reservation left behind by an
+        interrupted ``train``).
+
+    Yields
+    ------
+    str
+        The folder to write the run's files into (``settings.json`` last).
+
+    Raises
+    ------
+    RunBusyError
+        Another process is training ``run`` now.
+    ValueError
+        ``run`` exists, or is partial, and ``overwrite`` is false.
+    """
+    reservation, fd = _reserve(workdir, run, overwrite)
+    try:
+        if not overwrite:
+            refusal = _existing_run_refusal(workdir, run)
+            if refusal:
+                raise ValueError(refusal)
+        staged = os.path.join(reservation, "run")
+        os.mkdir(staged)
+        yield staged
+        if not os.path.isfile(os.path.join(staged, RUN_MARKER)):
+            raise RuntimeError(f"run {run!r} was not completed: no {RUN_MARKER} written")
+        _fsync_tree(staged)
+        final = run_dir(workdir, run)
+        if os.path.lexists(final):
+            if not overwrite:                             # only a process without a reservation could get here
+                raise ValueError(_existing_run_refusal(workdir, run))
+            if not _exchange(staged, final):
+                os.rename(final, os.path.join(reservation, "replaced"))
+                os.rename(staged, final)
+        else:
+            os.rename(staged, final)
+    finally:
+        _release(reservation, fd)                         # the old run (after a swap), or an unfinished one
 
 
 # ============================================================================ dataset
@@ -89,14 +465,63 @@ def dataset_record(pairs, items, rendering, kind, opinion_items=None):
     return record
 
 
+#: fields of a dataset record that do not change any run: where the data were read from, the time the
+#: extraction took, and the default ``--split-by`` of later ``train`` commands (each run records its own)
+INFORMATIONAL_RECORD_KEYS = ("source", "extraction_seconds", "split_by")
+
+
+def dataset_sha(record):
+    """SHA-256 of what in a dataset record a run depends on: the pairs (or GlobalOpinionQA items), the
+    groups and their order, the prompts and candidates, the rendering — everything but
+    :data:`INFORMATIONAL_RECORD_KEYS`. The same for a record and for ``dataset.json`` written from it.
+
+    Parameters
+    ----------
+    record : dict
+        A record of :func:`dataset_record` (or ``dataset.json`` as read back).
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    plain = json.loads(json.dumps(record, default=str))          # as it reads back from dataset.json
+    kept = {k: v for k, v in plain.items() if k not in INFORMATIONAL_RECORD_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_dataset(workdir):
+    """The dataset record of a work folder (``dataset.json``); ``ValueError`` naming the file if it is
+    missing or unreadable."""
+    path = paths(workdir)["dataset"]
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is missing or unreadable ({exc}); extract again") from None
+
+
+def _versioned_runs_folder(workdir, old_sha, old_data, changed):
+    """A free name for the old runs: ``runs-<old features sha>`` (the features changed) or
+    ``runs-<old features sha>-dataset-<old dataset sha>`` (the dataset only), numbered if taken."""
+    base = os.path.join(workdir, f"runs-{old_sha[:8]}" if "features" in changed else
+                        f"runs-{old_sha[:8]}-dataset-{(old_data or 'unknown')[:8]}")
+    target, n = base, 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{base}-{n}"
+    return target
+
+
 def save_workdir(workdir, features, theta_ref, record, spec, force=False):
-    """Write features (atomically, with their SHA-256) and the dataset; refuse to replace features
-    that runs were trained on, unless ``force`` (then the old runs move to ``runs-<old sha>/``)."""
+    """Write features (atomically, with their SHA-256) and the dataset; refuse to replace the features
+    or the dataset record that runs were trained on (:func:`dataset_sha`: other pairs, or the same
+    pairs under another grouping), unless ``force`` (then the old runs move to ``runs-<old sha>/``)."""
     from safetensors.numpy import save_file
     os.makedirs(workdir, exist_ok=True)
     p = paths(workdir)
     tensors = dict(features.arrays(), theta_ref=np.asarray(theta_ref))
-    data_hash = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    data_hash = dataset_sha(record)
     tmp = p["features"] + ".new"
     save_file(tensors, tmp, metadata={"model": json.dumps(spec)})
     make_readable(tmp)
@@ -104,13 +529,32 @@ def save_workdir(workdir, features, theta_ref, record, spec, force=False):
     runs = existing_runs(workdir)
     if os.path.exists(p["features"]) and runs:
         old_sha = features_sha(workdir)
-        if old_sha != new_sha:
+        try:
+            old_record = read_dataset(workdir)
+            old_data, old_groups = dataset_sha(old_record), old_record.get("groups")
+        except ValueError:
+            old_data, old_groups = None, None
+        changed = [what for what, same in (("features", old_sha == new_sha), ("dataset", old_data == data_hash))
+                   if not same]
+        if changed:
             if not force:
                 os.remove(tmp)
-                raise ValueError(f"{workdir} holds {len(runs)} run(s) trained on other features (another model "
-                                 f"or data); extract into another --workdir, or pass --force to keep them as "
-                                 f"runs-{old_sha[:8]}/ and start afresh")
-            shutil.move(p["runs"], os.path.join(workdir, f"runs-{old_sha[:8]}"))
+                if "features" in changed:
+                    what = "other features (another model or data)"
+                else:
+                    groups = "" if old_groups == list(record["groups"]) else \
+                        f": groups {old_groups} then, {list(record['groups'])} now"
+                    what = (f"another dataset record (dataset.json sha {str(old_data)[:12]}…, new "
+                            f"{data_hash[:12]}…{groups}; the features are the same)")
+                target = os.path.basename(_versioned_runs_folder(workdir, old_sha, old_data, changed))
+                raise ValueError(f"{workdir} holds {len(runs)} run(s) trained on {what}; extract into another "
+                                 f"--workdir, or pass --force to keep them as {target}/ and start afresh")
+            running = trains_running(workdir)
+            if running:
+                os.remove(tmp)
+                raise ValueError(f"{workdir}: run(s) {sorted(running)} are being trained now "
+                                 f"({'; '.join(running.values())}); wait for them before --force moves the runs")
+            shutil.move(p["runs"], _versioned_runs_folder(workdir, old_sha, old_data, changed))
     os.replace(tmp, p["features"])
 
     def write_json(path, obj):
@@ -217,11 +661,35 @@ def load_problem(workdir, seed=0, split_by=None, storage="auto"):
 
 
 def check_run(workdir, run):
-    """The settings of a run, after checking it was trained on this folder's features."""
+    """The settings of a complete run, after checking it was trained on this folder's features and
+    dataset record.
+
+    Parameters
+    ----------
+    workdir : str
+    run : str
+
+    Returns
+    -------
+    dict
+        The run's ``settings.json``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No complete run of that name (the message lists the runs, and names a partial one).
+    ValueError
+        The run was trained on other features, or on another dataset record (other pairs, or the same
+        pairs under another grouping): the message names both checksums (and both groupings).
+    """
     folder = run_dir(workdir, run)
-    settings_path = os.path.join(folder, "settings.json")
-    if not os.path.exists(settings_path):
-        raise FileNotFoundError(f"no run {run!r} in {workdir} (runs: {existing_runs(workdir)})")
+    settings_path = os.path.join(folder, RUN_MARKER)
+    if not os.path.isfile(settings_path):
+        partial = partial_runs(workdir).get(run)
+        if partial:
+            raise FileNotFoundError(f"run {run!r} in {workdir} is a partial run, not usable ({partial}); train it "
+                                    f"again with --run {run} --overwrite ({describe_runs(workdir)})")
+        raise FileNotFoundError(f"no run {run!r} in {workdir} ({describe_runs(workdir)})")
     with open(settings_path) as fh:
         settings = json.load(fh)
     current = features_sha(workdir)
@@ -230,5 +698,16 @@ def check_run(workdir, run):
         raise ValueError(f"run {run!r} was trained on other features (sha {str(trained_on)[:12]}…) than this "
                          f"folder holds now ({current[:12]}…): re-train it, or use the work folder it was "
                          "trained in")
+    record = read_dataset(workdir)
+    data_now = dataset_sha(record)
+    data_then = settings.get("dataset_sha256")
+    if data_then is None:
+        warnings.warn(f"run {run!r} records no dataset checksum (trained by an older version): whether this "
+                      f"folder's dataset.json (groups {record.get('groups')}) is the one it was trained on "
+                      "cannot be checked", stacklevel=2)
+    elif data_then != data_now:
+        raise ValueError(f"run {run!r} was trained on another dataset record (dataset sha {str(data_then)[:12]}…, "
+                         f"groups {settings.get('groups')}) than this folder's dataset.json (sha {data_now[:12]}…, "
+                         f"groups {record.get('groups')}), e.g. the same pairs re-extracted with another "
+                         "--group-column: re-train it, or use the work folder it was trained in")
     return settings
-
