@@ -352,7 +352,10 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
     subject to :math:`\xi_i \ge 1 - \beta(s_i^\top\theta - r_i)` (dual :math:`y_i`), ξ ≥ 0,
     :math:`\bar\xi_g \le t` (dual α_g) and θ ∈ Θ. On a box or R^d this is a linear program, solved by
     HiGHS (``scipy.optimize.linprog``, tolerances 10⁻¹⁰); on a ball or a general convex set a conic
-    program, solved by cvxpy (Clarabel).
+    program, solved by cvxpy (Clarabel). Either needs S in memory, whatever its storage (a
+    memory-mapped or implicit S too), and much more besides: the memory is predicted first
+    (:func:`hinge_program_nbytes`) and a program over :data:`HINGE_MEMORY_BUDGET` is refused with a
+    ``MemoryError`` before anything is allocated.
 
     The lower bound is the Lagrange dual function at the solver's duals, clipped to their domain
     :math:`0\le y_i\le\lambda_{g_i}/N_{g_i}` (λ the group weights of the objective):
@@ -369,6 +372,7 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
     the answer to :data:`HINGE_TOL`.
     """
     from .newton import NewtonResult
+    _check_hinge_memory(data, theta_set)       # before any pass over S or copy of it
     k = data.n_groups
     robust = weights is None and k > 1
     w = None if robust else (np.ones(1) if weights is None else np.asarray(weights, dtype=np.float64))
@@ -426,6 +430,63 @@ def _hinge_feasible_bound(data, beta, theta, theta_set, h, pair_w, y):
     rho = data.rmatvec(pair_w * u)
     lower, _ = feasible_dual(oracle, spec, beta, theta, theta_set, h, pair_w, u, metric, hess, rho)
     return lower
+
+
+#: bytes the hinge's linear or conic program may take; ``None``: half the physical memory (os.sysconf)
+HINGE_MEMORY_BUDGET = None
+#: peak resident bytes of the hinge programs, measured (HiGHS and cvxpy + Clarabel, dense and sparse S,
+#: N = 2500..20000, d = 5..80: about 200 per stored entry of S and 1600-2800 per pair) and rounded up
+HINGE_BYTES_PER_ENTRY = 256
+HINGE_BYTES_PER_PAIR = 4096
+
+
+def hinge_program_nbytes(data):
+    """Predicted peak memory (bytes) of :func:`hinge_program` on ``data``: ``HINGE_BYTES_PER_ENTRY`` per
+    stored entry of S (N·d for a dense or memory-mapped S, its nonzeros for a sparse one, the explicit
+    CSR's entries for an implicit one) plus ``HINGE_BYTES_PER_PAIR`` per pair (the slack variables,
+    their constraints and the K group rows) and a little per coordinate of θ (its bounds and costs).
+    Computed from the shapes alone: nothing is read."""
+    n, d = data.n_samples, data.dim
+    if data.is_sparse:
+        entries = int(data.diff.nnz)
+    elif data.is_operator:
+        entries = int(data.diff.explicit_nbytes()) // 12       # float64 value + int32 index per entry
+    else:
+        entries = n * d
+    return HINGE_BYTES_PER_ENTRY * entries + HINGE_BYTES_PER_PAIR * n + 256 * d + 8 * data.n_groups * n
+
+
+def hinge_memory_budget():
+    """:data:`HINGE_MEMORY_BUDGET`, or half the physical memory when it is ``None`` (8 GiB where the
+    system does not say)."""
+    if HINGE_MEMORY_BUDGET is not None:
+        return int(HINGE_MEMORY_BUDGET)
+    import os
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+    except (AttributeError, ValueError, OSError):
+        return 8 << 30
+
+
+def _nbytes_text(nbytes):
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _check_hinge_memory(data, theta_set):
+    """``MemoryError`` when the hinge program would need more than the budget (nothing allocated yet)."""
+    need, budget = hinge_program_nbytes(data), hinge_memory_budget()
+    if need > budget:
+        program = "linear program (HiGHS)" if isinstance(theta_set, (Box, Unconstrained)) else \
+            "conic program (cvxpy + Clarabel)"
+        storage = ("memory-mapped" if data.streamed else "implicit" if data.is_operator
+                   else "sparse" if data.is_sparse else "in-memory")
+        raise MemoryError(
+            f"the hinge loss is solved as one {program} over S in memory: for N={data.n_samples} pairs, "
+            f"d={data.dim}, K={data.n_groups} ({storage} S) it would need about {_nbytes_text(need)}, more than "
+            f"the budget of {_nbytes_text(budget)} (loglinear_grpo.exact.HINGE_MEMORY_BUDGET; default half "
+            "the physical memory). Use a smooth loss (loss='dpo' or 'ipo', whose Newton solver streams S), "
+            "solve a subset of the pairs (data.subset(index)), or raise HINGE_MEMORY_BUDGET if the memory is "
+            "really there")
 
 
 def _hinge_highs(data, beta, theta_set, robust, w, chi, inv):

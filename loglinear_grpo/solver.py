@@ -102,7 +102,8 @@ SCALAR_LOSSES = {"dpo": _dpo_scalar, "ipo": _ipo_scalar, "hinge": _hinge_scalar}
 
 
 class ConvergenceWarning(UserWarning):
-    """``solve`` used its whole iteration budget without certifying the requested tolerance."""
+    """``solve`` stopped without certifying the requested tolerance: its iteration budget ran out, or it
+    stalled before (the message says which, and what to do)."""
 
 
 # ============================================================================ state & config
@@ -981,12 +982,52 @@ def solve(data, config=None, *, loss="dpo", beta=0.1, method="group_robust", est
                               callback)
 
 
+def _stop_reason(result, config):
+    """Why an unconverged solve stopped before its budget (``None`` when it used all of it): from the
+    iteration count and, for Newton, the last history row (its decrement and line-search step)."""
+    if config.estimator == "newton" and get_loss(config.loss).name == "hinge":
+        return ("the hinge problem is one linear (or conic) program, solved once, and its certificate "
+                "falls short")
+    if result.n_iter >= config.steps:
+        return None
+    if not np.isfinite(result.lower_bound):
+        return "no certified lower bound was available at the points it reached"
+    last = result.history.iloc[-1] if len(result.history) else {}
+    step = last.get("step_length", np.nan) if len(last) else np.nan
+    decrement = last.get("decrement", np.nan) if len(last) else np.nan
+    if step == 0.0:
+        return "its line search found no representable decrease at the finest smoothing"
+    if np.isfinite(decrement):
+        return ("the Newton decrement fell to float64 resolution (no representable decrease left) while the "
+                "dual bound stayed short")
+    return "it stalled (no further progress was possible)"
+
+
 def _warn_unconverged(result, config, what):
-    if config.tol is not None and not result.converged:
-        warnings.warn(
-            f"solve ({config.estimator}) stopped after {result.n_iter} {what} (steps={config.steps}) with a "
-            f"certified relative gap of {result.relative_gap:.2e} > tol={config.tol:g}; raise steps, loosen "
-            "tol, or use the default estimator ('newton')", ConvergenceWarning, stacklevel=4)
+    """Warn (:class:`ConvergenceWarning`) when ``tol`` was set and not certified, saying what stopped the
+    solver: its budget used up (``n_iter == steps``: raise steps) or a stall before it (no representable
+    decrease, a failed line search, no bound, the hinge's single program: more steps will not help).
+    The default estimator is suggested only when another one ran."""
+    if config.tol is None or result.converged:
+        return
+    estimator = config.estimator
+    other = (", or use the default estimator ('newton'), which certifies in far fewer iterations"
+             if estimator != "newton" else "")
+    gap = f"a certified relative gap of {result.relative_gap:.2e} > tol={config.tol:g}"
+    reason = _stop_reason(result, config)
+    if reason is None:
+        message = (f"solve ({estimator}) used its whole budget, steps={config.steps} {what}, and reached {gap}; "
+                   f"raise steps or loosen tol{other}")
+    else:
+        hinge = estimator == "newton" and get_loss(config.loss).name == "hinge"
+        ran = "solved the hinge program" if hinge else \
+            f"stopped after {result.n_iter} of at most {config.steps} {what}, before its budget ran out"
+        remedy = (f"loosen tol (to about {max(result.relative_gap, config.tol):.0e}), or rescale the problem"
+                  if np.isfinite(result.relative_gap) else
+                  "bound Θ (e.g. radius=...) so that a rigorous bound applies, or rescale the problem")
+        message = (f"solve ({estimator}) {ran}: {reason}. It reached {gap}, and raising steps will not help: "
+                   f"{remedy}{other}")
+    warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
 
 def _solve_newton(data, config, progress, callback):

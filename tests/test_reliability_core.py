@@ -233,3 +233,116 @@ def test_item09_stale_lock_is_taken_over_and_released(tmp_path):
         CheckpointFile(path).acquire()
     ckpt.release()
     assert not lock.exists() and not (tmp_path / "s.npz.lock.takeover").exists()
+
+
+# ============================================================================ item 17: ConvergenceWarning
+def warning_of(data, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = lg.solve(data, **{"loss": "dpo", "radius": 4.0, **kw})
+    messages = [str(w.message) for w in caught if issubclass(w.category, lg.ConvergenceWarning)]
+    assert len(messages) == 1, messages
+    return res, messages[0]
+
+
+def stall_problem():
+    rng = np.random.default_rng(0)
+    return lg.PreferenceData(rng.normal(size=(300, 6)), np.arange(300) % 3)
+
+
+def test_item17_newton_stalled_early_says_so_and_not_raise_steps():
+    # a tolerance below what float64 can certify: Newton stops well inside its budget of 200
+    res, message = warning_of(stall_problem(), tol=1e-14)
+    assert res.n_iter < res.config.steps == 200
+    assert f"after {res.n_iter} of at most 200 Newton iterations, before its budget ran out" in message
+    assert "representable decrease" in message and "raising steps will not help" in message
+    assert "default estimator" not in message and "raise steps" not in message
+
+
+def test_item17_newton_budget_used_up_says_so_without_suggesting_newton():
+    res, message = warning_of(stall_problem(), tol=1e-10, steps=3)
+    assert res.n_iter == 3
+    assert "used its whole budget, steps=3 Newton iterations" in message and "raise steps" in message
+    assert "relative gap" in message and "default estimator" not in message
+
+
+def test_item17_other_estimator_budget_used_up_suggests_newton():
+    res, message = warning_of(stall_problem(), tol=1e-10, steps=3, estimator="full")
+    assert "used its whole budget, steps=3 iterations" in message
+    assert "use the default estimator ('newton')" in message
+
+
+def test_item17_unconverged_hinge_program_is_not_told_to_raise_steps(monkeypatch):
+    from loglinear_grpo import solver
+    real = solver.hinge_program
+
+    def short(*args, **kwargs):                 # a certificate that falls short of tol
+        res = real(*args, **kwargs)
+        res.lower_bound = res.value - 1e-3
+        res.converged = False
+        return res
+
+    monkeypatch.setattr(solver, "hinge_program", short)
+    res, message = warning_of(stall_problem(), loss="hinge", radius=None, constraint=lg.Box(-1.0, 1.0))
+    assert not res.converged and res.n_iter == 1
+    assert "solved the hinge program" in message and "raising steps will not help" in message
+    assert "raise steps" not in message and "default estimator" not in message
+
+
+# ============================================================================ item 13: hinge memory guard
+class ProgramReached(Exception):
+    """Raised in place of the LP/conic solver: the program was built (S densified) before the refusal."""
+
+
+def memmap_data(tmp_path, n, d, seed=5):
+    path = tmp_path / f"s-{n}x{d}.f32"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, d))
+    mm[:] = np.random.default_rng(seed).standard_normal((n, d))
+    mm.flush()
+    del mm
+    return lg.PreferenceData(np.memmap(path, dtype=np.float32, mode="r", shape=(n, d)), np.arange(n) % 2)
+
+
+@pytest.mark.parametrize("theta_set", [lg.Box(-1.0, 1.0), lg.L2Ball(1.0)], ids=["linear", "conic"])
+def test_item13_hinge_on_a_memmap_is_refused_before_any_big_allocation(tmp_path, monkeypatch, theta_set):
+    from loglinear_grpo import exact
+
+    def reached(*args, **kwargs):
+        raise ProgramReached
+
+    monkeypatch.setattr(exact.scipy.optimize, "linprog", reached)
+    monkeypatch.setattr(exact, "_solve_cvxpy", reached)
+    n, d = 40_000, 20
+    data = memmap_data(tmp_path, n, d)
+    dense_bytes = 8 * n * d                    # S read whole as float64: 6.4 MB (the file is 3.2 MB)
+    monkeypatch.setattr(exact, "HINGE_MEMORY_BUDGET", 4 << 20, raising=False)
+    import loglinear_grpo.newton  # noqa: F401 - imported here, not counted below
+    tracemalloc.start()
+    try:
+        with pytest.raises(MemoryError, match=r"N=40000 pairs, d=20, K=2 \(memory-mapped S\).*about 3\d\d\.\d MiB.*"
+                                              r"budget of 4.0 MiB.*HINGE_MEMORY_BUDGET.*loss='dpo' or 'ipo'.*subset"):
+            exact.hinge_program(data, 0.1, theta_set)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < dense_bytes / 8, f"{peak} bytes allocated before the refusal"
+    assert exact.hinge_program_nbytes(data) > 10 * dense_bytes      # the prediction covers the solver too
+    with pytest.raises(MemoryError, match="HINGE_MEMORY_BUDGET"):  # and solve() passes it on
+        lg.solve(data, loss="hinge", radius=None, constraint=theta_set)
+
+
+def test_item13_small_hinge_problems_still_solve_under_the_budget(tmp_path, monkeypatch):
+    from loglinear_grpo import exact
+    monkeypatch.setattr(exact, "HINGE_MEMORY_BUDGET", 8 << 20, raising=False)
+    data = memmap_data(tmp_path, 300, 4)
+    assert exact.hinge_program_nbytes(data) < 8 << 20
+    res = lg.solve(data, loss="hinge", radius=2.0)
+    reference = lg.solve(lg.PreferenceData(np.asarray(data.diff, dtype=np.float64), data.groups), loss="hinge",
+                         radius=2.0)
+    assert res.value == pytest.approx(reference.value, rel=1e-9, abs=1e-12)
+    # sparse and implicit S are predicted from their stored entries, not N·d
+    sparse = lg.PreferenceData(sp.random(300, 1000, density=0.01, random_state=0, format="csr"), np.arange(300) % 2)
+    assert exact.hinge_program_nbytes(sparse) < exact.HINGE_BYTES_PER_ENTRY * 300 * 1000 / 10
+    assert 0 < exact.hinge_memory_budget() == 8 << 20
+    monkeypatch.setattr(exact, "HINGE_MEMORY_BUDGET", None)
+    assert exact.hinge_memory_budget() >= 1 << 28                 # half the physical memory
