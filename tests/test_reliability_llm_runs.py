@@ -344,7 +344,8 @@ def test_item14_extract_into_a_file_fails_before_the_model_loads(tmp_path, share
     (["train", "--radius", "-1"], "--radius"), (["train", "--radius", "inf"], "--radius"),
     (["train", "--chi", "1.5"], "--chi"), (["train", "--chi", "nan"], "--chi"), (["train", "--steps", "0"], "--steps"),
     (["train", "--step-size", "-0.1"], "--step-size"), (["train", "--step-size", "fast"], "--step-size"),
-    (["train", "--step-size", "nan/sqrt(t)"], "--step-size"), (["train", "--alpha-step-size", "0"], "--alpha-step-size"),
+    (["train", "--step-size", "nan/sqrt(t)"], "--step-size"),
+    (["train", "--alpha-step-size", "0"], "--alpha-step-size"),
     (["extract", "--limit", "0"], "--limit"), (["extract", "--batch-size", "x"], "--batch-size"),
     (["extract", "--shard-items", "-3"], "--shard-items"),
 ])
