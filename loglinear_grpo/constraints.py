@@ -255,6 +255,7 @@ class Box:
             v_lo = np.where(free, (lo - theta) / np.where(free, scale, 1.0), 0.0)
             v_hi = np.where(free, (hi - theta) / np.where(free, scale, 1.0), 0.0)
         v_lo, v_hi = np.minimum(v_lo, 0.0), np.maximum(v_hi, 0.0)     # θ ∈ Θ: 0 is feasible
+        v_hi = np.where(v_hi > v_lo, v_hi, np.nextafter(v_lo, np.inf))  # BVLS needs lower < upper; the clip
         method = "bvls" if d <= 400 else "trf"
         res = scipy.optimize.lsq_linear(factor.T, rhs, bounds=(v_lo, v_hi), method=method,
                                         tol=1e-14 if method == "bvls" else 1e-12, lsmr_tol="auto")

@@ -340,8 +340,9 @@ def duality_gap(theta, alpha, data, *, loss="dpo", beta=0.1, radius=None, center
 def _duality_gap(theta, alpha, data, loss, beta, theta_set):
     upper = float(np.max(_group_losses(theta, data, loss, beta)))
     lower = certified_best_response(alpha, data, loss, beta, theta_set, theta0=theta).lower_bound
-    check_consistent(upper, lower, "duality_gap")   # warns if the bound lies above max_g L_g(θ)
-    return upper - lower                    # never clipped: within rounding of 0 at a saddle point
+    if check_consistent(upper, lower, "duality_gap"):   # else warned: the bound lies above max_g L_g(θ)
+        return max(upper - lower, 0.0)      # a negative difference within rounding is 0
+    return upper - lower                    # beyond rounding: reported as it is, never clipped
 
 
 def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):

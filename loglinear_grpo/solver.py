@@ -1003,6 +1003,12 @@ def _stop_reason(result, config):
     return "it stalled (no further progress was possible)"
 
 
+def _reported_gap(value, lower, consistent):
+    """value − lower; a negative difference within rounding (``consistent``) is reported as 0, one
+    beyond it as it is (with the :class:`~loglinear_grpo.CertificateWarning` already given)."""
+    return max(value - lower, 0.0) if consistent else value - lower
+
+
 def _warn_unconverged(result, config, what):
     """Warn (:class:`ConvergenceWarning`) when ``tol`` was set and not certified, saying what stopped the
     solver: its budget used up (``n_iter == steps``: raise steps) or a stall before it (no representable
@@ -1072,7 +1078,7 @@ def _solve_newton(data, config, progress, callback):
     lower = res.lower_bound                        # never clipped: a bound above the value is reported
     consistent = check_consistent(value, lower, f"solve ({config.estimator})")
     result = SolveResult(theta=res.theta, converged=consistent and value - lower <= tol * max(1.0, abs(value)),
-                         gap=value - lower, value=value, lower_bound=lower, n_iter=res.n_iter,
+                         gap=_reported_gap(value, lower, consistent), value=value, lower_bound=lower, n_iter=res.n_iter,
                          alpha=alpha, alpha_avg=alpha, theta_avg=res.theta, theta_last=res.theta,
                          bound_kind=res.bound_kind, history=pd.DataFrame(rows), config=config, state=state,
                          passes=res.passes)
@@ -1181,7 +1187,7 @@ def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, f
     lower = cert.lower_bound                       # never clipped: a bound above the value is reported
     consistent = check_consistent(value, lower, f"solve ({config.estimator})")
     result = SolveResult(theta=theta, converged=consistent and value - lower <= tol * max(1.0, abs(value)),
-                         gap=value - lower,
+                         gap=_reported_gap(value, lower, consistent),
                          value=value, lower_bound=lower, n_iter=state.step, alpha=cert.alpha,
                          alpha_avg=averaged_alpha(state), theta_avg=averaged_theta(state),
                          theta_last=state.theta.copy(), bound_kind=cert.bound_kind, history=pd.DataFrame(rows),
