@@ -45,10 +45,7 @@ def group_losses(theta, data, loss="dpo", beta=0.1):
     -------
     ndarray, shape (K,)
     """
-    loss = check_loss(loss)
-    beta = check_positive_finite("beta", beta)
-    _check_data(data)
-    theta = check_vector("theta", theta, data.dim)
+    theta, loss, beta = _checked(theta, data, loss, beta)
     return _group_losses(theta, data, loss, beta)
 
 
@@ -65,6 +62,13 @@ def weighted_gradient(theta, weights, data, loss, beta):
     return data.rmatvec(pair_w * get_loss(loss).derivative(h, beta))
 
 
+def _checked(theta, data, loss, beta):
+    """The public functions' arguments, validated: ``(theta, loss, beta)``."""
+    loss, beta = check_loss(loss), check_positive_finite("beta", beta)
+    _check_data(data)
+    return check_vector("theta", theta, data.dim), loss, beta
+
+
 def _check_data(data):
     if not isinstance(data, PreferenceData):
         raise ValueError(f"data must be a PreferenceData, got {type(data).__name__}")
@@ -75,10 +79,8 @@ def group_metrics(theta, data, loss="dpo", beta=0.1, alpha=None):
 
     Parameters
     ----------
-    theta : array_like, shape (d,)
-    data : PreferenceData
-    loss : {"dpo", "sigmoid", "ipo", "hinge"}
-    beta : float > 0
+    theta, data, loss, beta
+        As in :func:`group_losses`.
     alpha : array_like, shape (K,), optional
         Group weights, reported in a ``weight`` column.
 
@@ -95,10 +97,7 @@ def group_metrics(theta, data, loss="dpo", beta=0.1, alpha=None):
         ``weight``. The ``worst`` row holds the max loss, min accuracy, min margin and max weight over
         groups, and all the pairs in ``n_pairs``.
     """
-    loss = check_loss(loss)
-    beta = check_positive_finite("beta", beta)
-    _check_data(data)
-    theta = check_vector("theta", theta, data.dim)
+    theta, loss, beta = _checked(theta, data, loss, beta)
     h = margins(theta, data)
     groups = pd.DataFrame({
         "loss": group_means(get_loss(loss).value(h, beta), data),
