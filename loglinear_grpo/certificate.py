@@ -201,6 +201,113 @@ def original_space_bound(data, spec, beta, theta, theta_set, h, dual):
     return value + residual_term(theta, theta_set, data.rmatvec(terms), scale)
 
 
+def convergence_target(value, tol):
+    """tol · max(1, |value|): the gap at which a solve is certified (relative, absolute near 0)."""
+    return tol * max(1.0, abs(value))
+
+
+def is_converged(value, lower, tol):
+    """The one stopping test of every solver: certified gap ≤ :func:`convergence_target`."""
+    return value - lower <= convergence_target(value, tol)
+
+
+def linear_bound(weighted, theta, theta_set, grad):
+    """(⋆) at u = ℓ'(h): :math:`\\sum_g\\lambda_gL_g(\\theta) + \\min_\\Theta\\nabla^\\top(\\theta'-\\theta)`
+    (``weighted`` = Σ_g λ_g L_g(θ); −∞ where Θ is unbounded along ∇)."""
+    return weighted + theta_set.min_linear(theta, grad)
+
+
+def refined_dual_bound(losses, grads, hess, theta, theta_set, data, chi, pair_d1, best_response):
+    """A better certificate from the same first-order information, for the group-robust problem.
+
+    Near the optimum the softmax weights :math:`\\mathrm{softmax}(L/\\mu)` are a noisy estimate
+    of the optimal α* (they react to loss differences of order μ), so their bound can lag. By
+    convexity of every :math:`L_g`,
+
+    .. math::
+
+        L^* \\ge \\min_{\\theta'\\in\\Theta}\\max_g\\; L_g(\\theta) + \\nabla L_g(\\theta)^\\top(\\theta'-\\theta)
+             = \\max_{\\alpha\\in\\Delta}\\; \\alpha^\\top L + \\min_{\\theta'\\in\\Theta}(G^\\top\\alpha)^\\top(\\theta'-\\theta),
+
+    the best bound first-order information at θ gives. Its maximiser α̂ is read off the duals of
+    the small epigraph problem (d + 1 variables, K constraints; cvxpy) and the bound is then
+    evaluated exactly at α̂ (valid for any α on the simplex, whatever the solver's accuracy).
+    On a Θ unbounded along the gradients, α̂ instead maximises the quadratic model
+    :math:`\\alpha^\\top L - \\frac12\\alpha^\\top G H^{+} G^\\top\\alpha` and the bound is the certified
+    best response to α̂: ``best_response(λ)`` returns a result with ``lower_bound``, ``bound_kind`` and
+    ``dual`` (the Newton solver with fixed weights, warm-started at θ).
+    ``pair_d1`` is ℓ'(h) at θ. Returns ``(lower_bound, alpha, kind, dual)``; ``(-inf, None, ..., None)``
+    if no bound was found.
+    """
+    import cvxpy as cp
+    k, d = grads.shape
+    mix = (1.0 - chi) / k
+    alpha_var = cp.Variable(k, nonneg=True)
+    bounded = np.isfinite(theta_set.bounding_ball(d)[1])
+    try:
+        if bounded:
+            x, t = cp.Variable(d), cp.Variable()
+            scale = max(float(np.max(np.abs(grads))), 1e-300)
+            group = (losses + grads @ (x - theta)) / scale <= t
+            objective = chi * t + mix * cp.sum(losses + grads @ (x - theta)) / scale
+            problem = cp.Problem(cp.Minimize(objective), [group] + theta_set.cvxpy_constraints(x))
+            problem.solve(solver="CLARABEL")
+            alpha = np.asarray(group.dual_value, dtype=np.float64) if group.dual_value is not None else None
+        else:
+            grad_t = np.linalg.lstsq(hess, grads.T, rcond=None)[0]
+            model = grads @ grad_t
+            model = 0.5 * (model + model.T)
+            lam = mix + chi * alpha_var
+            problem = cp.Problem(cp.Maximize(lam @ losses - 0.5 * cp.quad_form(lam, cp.psd_wrap(model))),
+                                 [cp.sum(alpha_var) == 1])
+            problem.solve(solver="CLARABEL")
+            alpha = alpha_var.value
+    except (cp.error.SolverError, ValueError, np.linalg.LinAlgError):
+        return -np.inf, None, "none", None
+    if alpha is None or not np.all(np.isfinite(alpha)):
+        return -np.inf, None, "none", None
+    alpha = np.maximum(alpha, 0.0)
+    if alpha.sum() <= 0:
+        return -np.inf, None, "none", None
+    alpha = alpha / alpha.sum()
+    lam = mix + chi * alpha
+    if bounded:
+        lower = float(lam @ losses) + theta_set.min_linear(theta, lam @ grads)
+        return lower, alpha, "rigorous", DualPoint(lam[data.groups] / data.group_sizes[data.groups], pair_d1,
+                                                   lower, "rigorous")
+    res = best_response(lam)
+    return res.lower_bound, alpha, res.bound_kind, res.dual
+
+
+
+def hinge_dual_bound(oracle, beta, theta, theta_set, h, pair_w, y):
+    """The hinge's Fenchel bound (⋆) from the multipliers y of its linear (or conic) program.
+
+    With u = −βy/w (clipped to the domain, 0 ≤ y ≤ w, i.e. u ∈ [−β, 0], where the hinge's conjugate
+    is u/β), (⋆) reads :math:`\\sum_i y_i(1-\\beta h_i) + \\min_\\Theta(-\\beta S^\\top y)^\\top(\\theta'-\\theta)`:
+    rigorous on a bounded Θ whatever the solver's accuracy (``"rigorous"``). On a Θ unbounded along
+    Sᵀy the duals are moved onto Sᵀy = 0 to rounding by :func:`feasible_dual`, the correction's
+    metric u(u + β)/β vanishing at the bounds so that pairs at a bound stay there
+    (``"feasible dual"``; −∞ if that fails). The solver's own optimal value is never taken on trust.
+    Returns ``(lower_bound, kind)``.
+    """
+    from .data import weighted_gram
+    from .losses import get_loss
+    data = oracle.data
+    y = np.clip(y, 0.0, pair_w)
+    linear = theta_set.min_linear(theta, -beta * data.rmatvec(y))
+    if np.isfinite(linear):
+        return float(y @ (1.0 - beta * h)) + linear, "rigorous"
+    u = -beta * np.divide(y, pair_w, out=np.zeros_like(y), where=pair_w > 0)   # w = 0: y = 0, any u
+    metric = np.maximum(-u * (u + beta), 0.0) / beta
+    hess = np.zeros((data.dim, data.dim))
+    for start, stop, block in data.row_blocks():
+        hess += weighted_gram(block, (pair_w * metric)[start:stop])
+    lower, _ = feasible_dual(oracle, get_loss("hinge"), beta, theta, theta_set, h, pair_w, u, metric, hess,
+                             data.rmatvec(pair_w * u))
+    return lower, "feasible dual"
+
+
 def check_consistent(value, lower, what="solve"):
     """``True`` if ``lower ≤ value`` up to rounding; otherwise a :class:`CertificateWarning` and ``False``
     (a bound above the value is never clipped: it means something is wrong)."""

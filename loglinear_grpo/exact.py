@@ -26,7 +26,7 @@ from ._linalg import ball_quadratic_min as _ball_least_squares  # noqa: F401 (re
 from ._linalg import solve_psd as _solve_psd
 from ._linalg import trust_region_coefficients as _trust_region_coefficients
 from ._validation import check_loss, check_positive_finite, check_vector
-from .certificate import check_consistent, feasible_dual
+from .certificate import check_consistent, hinge_dual_bound, is_converged
 from .constraints import L2Ball, Box, Unconstrained, make_constraint
 from .data import PreferenceData, weighted_gram
 from .losses import get_loss
@@ -368,11 +368,11 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
 
     rigorous whatever the solver's accuracy (Fenchel: the hinge's conjugate is u/β on [−β, 0]).
     Where Θ is unbounded along :math:`S^\top y` the duals are first moved onto :math:`S^\top y = 0`
-    to rounding (:func:`_hinge_feasible_bound`, ``bound_kind="feasible dual"``); the solver's own
+    to rounding (:func:`~loglinear_grpo.certificate.hinge_dual_bound`, ``bound_kind="feasible dual"``); the solver's own
     optimal value is never taken on trust, and ``converged`` is ``False`` when no bound certifies
     the answer to :data:`HINGE_TOL`.
     """
-    from .newton import NewtonResult
+    from .newton import NewtonResult, PairOracle
     _check_hinge_memory(data, theta_set)       # before any pass over S or copy of it
     k = data.n_groups
     robust = weights is None and k > 1
@@ -395,42 +395,17 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
     losses = _group_losses(theta, data, "hinge", beta)
     lam = ((1.0 - chi) / k + chi * alpha) if robust else w
     value = float((1.0 - chi) * losses.mean() + chi * losses.max()) if robust else float(w @ losses)
-    y = np.clip(y, 0.0, lam[data.groups] * inv)
     h = data.matvec(theta) - data.ref_margin
-    direction = -beta * data.rmatvec(y)
-    linear = theta_set.min_linear(theta, direction)
-    if np.isfinite(linear):
-        lower, kind = float(y @ (1.0 - beta * h)) + linear, "rigorous"
-    else:
-        lower, kind = _hinge_feasible_bound(data, beta, theta, theta_set, h, lam[data.groups] * inv, y), \
-            "feasible dual"
+    lower, kind = hinge_dual_bound(PairOracle(data, "hinge", beta), beta, theta, theta_set, h, lam[data.groups] * inv,
+                                   y)
     lower = max(lower, 0.0)                                   # the hinge is ≥ 0
-    converged = check_consistent(value, lower, "hinge_program") and \
-        value - lower <= HINGE_TOL * max(1.0, abs(value))
+    converged = check_consistent(value, lower, "hinge_program") and is_converged(value, lower, HINGE_TOL)
     return NewtonResult(theta=theta, alpha=np.asarray(alpha if robust else w, dtype=np.float64), value=value,
                         lower_bound=lower, converged=converged, n_iter=1, passes=2, bound_kind=kind)
 
 
 #: the relative certified gap at which the hinge program counts as solved (its solvers' tolerances are 1e-10)
 HINGE_TOL = 1e-6
-
-
-def _hinge_feasible_bound(data, beta, theta, theta_set, h, pair_w, y):
-    """The hinge's Fenchel bound (loglinear_grpo.certificate, (⋆)) on a Θ unbounded along Sᵀy: the
-    solver's duals y are moved onto Sᵀy = 0 to rounding (u = −βy/w in [−β, 0], the correction's metric
-    u(u + β) vanishing at the bounds, so pairs at a bound stay there); −∞ if that fails. The solver's
-    own optimal value is never taken on trust."""
-    from .newton import PairOracle
-    spec = get_loss("hinge")
-    u = -beta * np.divide(y, pair_w, out=np.zeros_like(y), where=pair_w > 0)   # w = 0: y = 0, any u
-    metric = np.maximum(-u * (u + beta), 0.0) / beta
-    oracle = PairOracle(data, "hinge", beta)
-    hess = np.zeros((data.dim, data.dim))
-    for start, stop, block in data.row_blocks():
-        hess += weighted_gram(block, (pair_w * metric)[start:stop])
-    rho = data.rmatvec(pair_w * u)
-    lower, _ = feasible_dual(oracle, spec, beta, theta, theta_set, h, pair_w, u, metric, hess, rho)
-    return lower
 
 
 #: bytes the hinge's linear or conic program may take; ``None``: half the physical memory (os.sysconf)

@@ -54,7 +54,8 @@ import scipy.sparse as sp
 from scipy.special import logsumexp, softmax
 
 from ._linalg import EPS, solve_psd_scaled
-from .certificate import DualPoint, abs_rmatvec, feasible_dual, original_space_bound
+from .certificate import (DualPoint, abs_rmatvec, convergence_target, feasible_dual, is_converged, linear_bound,
+                          original_space_bound, refined_dual_bound)
 from .constraints import L2Ball, Unconstrained
 from .data import PreferenceData, weighted_gram
 from .losses import get_loss
@@ -281,7 +282,7 @@ def _newton_row_space(data, loss, beta, theta_set, reduction, weights, chi, thet
             point.lower_bound, point.alpha, point.dual, point.bound_kind = \
                 bound.lower_bound, bound.alpha, bound.dual, bound.bound_kind
             best = point
-        best.converged = best.value - best.lower_bound <= tol * max(1.0, abs(best.value))
+        best.converged = is_converged(best.value, best.lower_bound, tol)
         if best.converged or not isinstance(theta_set, Unconstrained) or n_iter >= max_iter:
             break
         reduction, start = row_space_reduction(data, theta_set, origin=best.theta), None
@@ -289,186 +290,214 @@ def _newton_row_space(data, loss, beta, theta_set, reduction, weights, chi, thet
     return best
 
 
-def refined_dual_bound(losses, grads, hess, theta, theta_set, data, loss, beta, chi, tol, pair_d1):
-    """A better certificate from the same first-order information, for the group-robust problem.
-
-    Near the optimum the softmax weights :math:`\\mathrm{softmax}(L/\\mu)` are a noisy estimate
-    of the optimal α* (they react to loss differences of order μ), so their bound can lag. By
-    convexity of every :math:`L_g`,
-
-    .. math::
-
-        L^* \\ge \\min_{\\theta'\\in\\Theta}\\max_g\\; L_g(\\theta) + \\nabla L_g(\\theta)^\\top(\\theta'-\\theta)
-             = \\max_{\\alpha\\in\\Delta}\\; \\alpha^\\top L + \\min_{\\theta'\\in\\Theta}(G^\\top\\alpha)^\\top(\\theta'-\\theta),
-
-    the best bound first-order information at θ gives. Its maximiser α̂ is read off the duals of
-    the small epigraph problem (d + 1 variables, K constraints; cvxpy) and the bound is then
-    evaluated exactly at α̂ (valid for any α on the simplex, whatever the solver's accuracy).
-    On a Θ unbounded along the gradients, α̂ instead maximises the quadratic model
-    :math:`\\alpha^\\top L - \\frac12\\alpha^\\top G H^{+} G^\\top\\alpha` and the bound is the certified
-    best response to α̂ (:func:`newton_minimax` with fixed weights, warm-started at θ).
-    ``pair_d1`` is ℓ'(h) at θ. Returns ``(lower_bound, alpha, kind, dual)``; ``(-inf, None, ..., None)``
-    if no bound was found.
-    """
-    import cvxpy as cp
-    k, d = grads.shape
-    mix = (1.0 - chi) / k
-    alpha_var = cp.Variable(k, nonneg=True)
-    bounded = np.isfinite(theta_set.bounding_ball(d)[1])
-    try:
-        if bounded:
-            x, t = cp.Variable(d), cp.Variable()
-            scale = max(float(np.max(np.abs(grads))), 1e-300)
-            group = (losses + grads @ (x - theta)) / scale <= t
-            objective = chi * t + mix * cp.sum(losses + grads @ (x - theta)) / scale
-            problem = cp.Problem(cp.Minimize(objective), [group] + theta_set.cvxpy_constraints(x))
-            problem.solve(solver="CLARABEL")
-            alpha = np.asarray(group.dual_value, dtype=np.float64) if group.dual_value is not None else None
-        else:
-            grad_t = np.linalg.lstsq(hess, grads.T, rcond=None)[0]
-            model = grads @ grad_t
-            model = 0.5 * (model + model.T)
-            lam = mix + chi * alpha_var
-            problem = cp.Problem(cp.Maximize(lam @ losses - 0.5 * cp.quad_form(lam, cp.psd_wrap(model))),
-                                 [cp.sum(alpha_var) == 1])
-            problem.solve(solver="CLARABEL")
-            alpha = alpha_var.value
-    except (cp.error.SolverError, ValueError, np.linalg.LinAlgError):
-        return -np.inf, None, "none", None
-    if alpha is None or not np.all(np.isfinite(alpha)):
-        return -np.inf, None, "none", None
-    alpha = np.maximum(alpha, 0.0)
-    if alpha.sum() <= 0:
-        return -np.inf, None, "none", None
-    alpha = alpha / alpha.sum()
-    lam = mix + chi * alpha
-    if bounded:
-        lower = float(lam @ losses) + theta_set.min_linear(theta, lam @ grads)
-        return lower, alpha, "rigorous", DualPoint(lam[data.groups] / data.group_sizes[data.groups], pair_d1,
-                                                   lower, "rigorous")
-    res = newton_minimax(data, loss, beta, theta_set, weights=lam, theta0=theta, tol=1e-3 * tol, max_iter=50)
-    return res.lower_bound, alpha, res.bound_kind, res.dual
-
-
 def _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, callback):
-    oracle = PairOracle(data, loss, beta)
-    if not oracle.spec.smooth:
-        raise ValueError(f"the Newton solver needs a smooth loss, got {loss!r} (see exact.hinge_program)")
-    k = data.n_groups
-    if weights is not None:
-        weights = np.asarray(weights, dtype=np.float64)
-    robust = weights is None and k > 1
-    if weights is None and k == 1:
-        weights = np.ones(1)
-    if theta0 is None:
-        center = theta_set.bounding_ball(data.dim)[0]
-        theta0 = np.zeros(data.dim) if center is None else np.asarray(center, dtype=np.float64)
-    theta = theta_set.project(np.array(theta0, dtype=np.float64))
-    h = oracle.margins(theta)
-    log_k = np.log(max(k, 2))
-    fixed = None if robust else weights
+    return NewtonMinimax(data, loss, beta, theta_set, weights=weights, chi=chi, tol=tol, max_iter=max_iter,
+                         callback=callback).solve(theta0)
 
-    # the first temperature: the spread of the group losses, or a tenth of their size
-    losses0 = oracle.group_means(oracle.spec.value(h, beta))
-    temp = max(float(np.ptp(losses0)), 0.1 * max(float(np.max(np.abs(losses0))), 1e-300)) if robust else 0.0
 
-    # every loss is ≥ 0, so L* ≥ 0: the trivial bound, until the certificate gives a better one
-    best = {"value": np.inf, "lower": 0.0, "theta": theta, "alpha": None, "dual": None}
-    bound_kind = "trivial (losses ≥ 0)"
-    history = []
-    converged = False
-    it = 0
-    while it < max_iter:
-        it += 1
-        values, d1, d2 = oracle.terms(h)
-        losses = oracle.group_means(values)
-        if robust:
-            soft = softmax(losses / temp)
-            lam = (1.0 - chi) / k + chi * soft
+class NewtonMinimax:
+    """Newton's method on the smoothed objective F_μ, with the certificate at every iterate.
+
+    A template of small steps, in the shape of scikit-learn's ``_glm/_newton_solver.NewtonSolver``;
+    :meth:`solve` runs ``setup``, then ``gradient_hessian → certify → check_convergence →
+    model_step → line_search`` until the certified gap reaches the tolerance, then ``finalize``.
+    Each step reads and writes the solver's state (θ, the margins h, the temperature μ, the best
+    point and the best bound); the equations are in the module docstring, the bounds in
+    :mod:`loglinear_grpo.certificate`.
+
+    Parameters
+    ----------
+    data : PreferenceData
+    loss : str
+        A smooth loss (DPO, IPO).
+    beta : float
+    theta_set : Θ object
+    weights : ndarray (K,), optional
+        Fixed group weights (a best response); ``None`` for the group-robust max.
+    chi : float in [0, 1]
+    tol : float
+        Stop when the certified gap ≤ tol · max(1, |value|) (:func:`~loglinear_grpo.certificate.is_converged`).
+    max_iter : int
+    callback : callable, optional
+        ``callback(row)`` with each iteration's record.
+    """
+
+    def __init__(self, data, loss, beta, theta_set, *, weights=None, chi=1.0, tol=1e-6, max_iter=200,
+                 callback=None):
+        self.data, self.loss, self.beta, self.theta_set = data, loss, beta, theta_set
+        self.chi, self.tol, self.max_iter, self.callback = chi, tol, max_iter, callback
+        self.oracle = PairOracle(data, loss, beta)
+        if not self.oracle.spec.smooth:
+            raise ValueError(f"the Newton solver needs a smooth loss, got {loss!r} (see exact.hinge_program)")
+        k = data.n_groups
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
+        self.robust = self.weights is None and k > 1
+        if self.weights is None and k == 1:
+            self.weights = np.ones(1)
+        self.fixed = None if self.robust else self.weights
+        self.log_k = np.log(max(k, 2))
+
+    # ------------------------------------------------------------------ steps
+    def setup(self, theta0):
+        """θ⁰ projected onto Θ (default: Θ's centre, else 0), its margins, the first temperature (the
+        spread of the group losses, or a tenth of their size) and the trivial bound L* ≥ 0."""
+        data, oracle = self.data, self.oracle
+        if theta0 is None:
+            center = self.theta_set.bounding_ball(data.dim)[0]
+            theta0 = np.zeros(data.dim) if center is None else np.asarray(center, dtype=np.float64)
+        self.theta = self.theta_set.project(np.array(theta0, dtype=np.float64))
+        self.h = oracle.margins(self.theta)
+        losses0 = oracle.group_means(oracle.spec.value(self.h, self.beta))
+        self.temp = max(float(np.ptp(losses0)), 0.1 * max(float(np.max(np.abs(losses0))), 1e-300)) \
+            if self.robust else 0.0
+        self.best = {"value": np.inf, "lower": 0.0, "theta": self.theta, "alpha": None, "dual": None}
+        self.bound_kind = "trivial (losses ≥ 0)"
+        self.history, self.converged, self.it = [], False, 0
+
+    def gradient_hessian(self):
+        """One pass: per-pair ℓ, ℓ', ℓ''; the group losses; the weights λ = (1−χ)/K + χ softmax(L/μ)
+        (or the fixed weights); the group gradients G, the weighted gradient ∇ = λᵀG and the loss
+        part of the Hessian, H₁ = Sᵀ diag(λ_g ℓ''_i / N_g) S."""
+        oracle, data = self.oracle, self.data
+        self.values, self.d1, self.d2 = oracle.terms(self.h)
+        self.losses = oracle.group_means(self.values)
+        if self.robust:
+            self.soft = softmax(self.losses / self.temp)
+            self.lam = (1.0 - self.chi) / data.n_groups + self.chi * self.soft
         else:
-            soft = lam = weights
-        upper = _true_value(losses, fixed, chi)
-        grads, hess1 = oracle.gradients_and_hessian(d1, lam[data.groups] * d2 * oracle.pair_inv_size)
-        grad = lam @ grads
+            self.soft = self.lam = self.weights
+        self.upper = _true_value(self.losses, self.fixed, self.chi)
+        self.pair_w = self.lam[data.groups] * oracle.pair_inv_size
+        self.grads, self.hess1 = oracle.gradients_and_hessian(self.d1, self.pair_w * self.d2)
+        self.grad = self.lam @ self.grads
 
-        # -- certificate (module docstring; loglinear_grpo.certificate) -------------------------
-        if upper < best["value"]:
-            best.update(value=upper, theta=theta.copy())
-        target = tol * max(1.0, abs(best["value"]))
-        pair_w = lam[data.groups] * oracle.pair_inv_size
-        lower, kind, dual_u = float(lam @ losses) + theta_set.min_linear(theta, grad), "rigorous", d1
+    def certify(self):
+        """The bound at this iterate (:mod:`loglinear_grpo.certificate`): the linearisation where Θ is
+        bounded along ∇, else a feasible dual point — made once the quadratic model says it would be
+        useful (it costs a few passes); at the coldest temperature, the refined bound. Keeps the best
+        point and the best bound."""
+        best, theta_set = self.best, self.theta_set
+        if self.upper < best["value"]:
+            best.update(value=self.upper, theta=self.theta.copy())
+        self.target = convergence_target(best["value"], self.tol)
+        weighted = float(self.lam @ self.losses)
+        lower, kind, dual_u = linear_bound(weighted, self.theta, theta_set, self.grad), "rigorous", self.d1
         if not np.isfinite(lower):
-            # Θ unbounded along ∇: only a dual point with Sᵀ(w⊙u) = 0 bounds L*. Its correction costs
-            # a few passes, so it is made once the quadratic model says the bound would be useful.
             kind = "feasible dual"
-            z = solve_psd_scaled(hess1, grad)
-            estimate = float(lam @ losses) - 0.5 * float(grad @ z)
-            if best["value"] - estimate <= max(target, 0.25 * (best["value"] - best["lower"])):
-                lower, dual_u = feasible_dual(oracle, oracle.spec, beta, theta, theta_set, h, pair_w, d1,
-                                              np.maximum(d2, 0.0), hess1, grad, z=z)
-        if lower > best["lower"]:
-            best.update(lower=lower, alpha=np.array(soft, dtype=np.float64),
-                        dual=DualPoint(pair_w, dual_u, lower, kind))
-            bound_kind = kind
-        gap = best["value"] - best["lower"]
-        temp_floor = 0.1 * target / log_k
-        if robust and gap > target and temp <= temp_floor:
-            lower, alpha_hat, kind, dual = refined_dual_bound(losses, grads, hess1, theta, theta_set, data, loss,
-                                                              beta, chi, tol, d1)
-            if lower > best["lower"]:
-                best.update(lower=lower, alpha=alpha_hat, dual=dual)
-                bound_kind = kind
-                gap = best["value"] - best["lower"]
-        row = {"iteration": it, "value": upper, "lower_bound": lower, "gap": gap, "temperature": temp,
-               "passes": oracle.passes}
-        details = {"losses": losses, "alpha": np.array(soft, dtype=np.float64), "theta": theta}
+            z = solve_psd_scaled(self.hess1, self.grad)
+            estimate = weighted - 0.5 * float(self.grad @ z)
+            if best["value"] - estimate <= max(self.target, 0.25 * (best["value"] - best["lower"])):
+                lower, dual_u = feasible_dual(self.oracle, self.oracle.spec, self.beta, self.theta, theta_set,
+                                              self.h, self.pair_w, self.d1, np.maximum(self.d2, 0.0), self.hess1,
+                                              self.grad, z=z)
+        self._keep_bound(lower, np.array(self.soft, dtype=np.float64), DualPoint(self.pair_w, dual_u, lower, kind),
+                         kind)
+        self.temp_floor = 0.1 * self.target / self.log_k
+        if self.robust and not self.check_convergence() and self.temp <= self.temp_floor:
+            lower_r, alpha_hat, kind_r, dual = refined_dual_bound(
+                self.losses, self.grads, self.hess1, self.theta, theta_set, self.data, self.chi, self.d1,
+                best_response=lambda lam: newton_minimax(self.data, self.loss, self.beta, theta_set, weights=lam,
+                                                         theta0=self.theta, tol=1e-3 * self.tol, max_iter=50))
+            self._keep_bound(lower_r, alpha_hat, dual, kind_r)
+            lower = lower_r
+        self.row = {"iteration": self.it, "value": self.upper, "lower_bound": lower, "gap": self.gap,
+                    "temperature": self.temp, "passes": self.oracle.passes}
 
-        def emit(row=row, details=details):
-            history.append(row)
-            if callback is not None:
-                callback({**row, **details})
+    def _keep_bound(self, lower, alpha, dual, kind):
+        if lower > self.best["lower"]:
+            self.best.update(lower=lower, alpha=alpha, dual=dual)
+            self.bound_kind = kind
 
-        if gap <= target:
-            converged = True
-            emit()
-            break
+    @property
+    def gap(self):
+        return self.best["value"] - self.best["lower"]
 
-        # -- Newton step on F_μ ----------------------------------------------------------------
-        hess = hess1
-        if robust:
-            centred = grads - soft @ grads
-            hess = hess1 + (chi / temp) * (centred.T * soft) @ centred
-        x = theta_set.minimize_quadratic(theta, grad, hess)
-        p = x - theta
-        decrement = max(-float(grad @ p), 0.0)
-        row["decrement"] = decrement
-        if robust and temp > temp_floor and decrement <= DECREMENT_SHARE * temp:
-            temp = max(temp * SHRINK, temp_floor)          # this stage is solved: go colder
-            row["step_length"] = 0.0
-            emit()
-            continue
-        if decrement <= EPS * max(1.0, abs(upper)):
-            emit()
-            break                                           # nothing left to gain in floating point
-        sp_dir = oracle.product(p)
-        f0 = _objective(losses, fixed, chi, temp)
+    def check_convergence(self):
+        """The one stopping test: certified gap ≤ tol · max(1, |value|)."""
+        return is_converged(self.best["value"], self.best["lower"], self.tol)
+
+    def model_step(self):
+        """The exact minimiser x of the quadratic model of F_μ over Θ (the Hessian adds the smoothed
+        max's rank-K term (χ/μ) Gᵀ(diag(σ) − σσᵀ)G), and its Newton decrement. Returns ``"colder"``
+        when this temperature's stage is solved (μ shrinks tenfold), ``"stop"`` when the decrement is
+        at float64 resolution, else ``"step"``."""
+        hess = self.hess1
+        if self.robust:
+            centred = self.grads - self.soft @ self.grads
+            hess = self.hess1 + (self.chi / self.temp) * (centred.T * self.soft) @ centred
+        self.x = self.theta_set.minimize_quadratic(self.theta, self.grad, hess)
+        self.p = self.x - self.theta
+        self.decrement = max(-float(self.grad @ self.p), 0.0)
+        self.row["decrement"] = self.decrement
+        if self.robust and self.temp > self.temp_floor and self.decrement <= DECREMENT_SHARE * self.temp:
+            self.temp = max(self.temp * SHRINK, self.temp_floor)
+            self.row["step_length"] = 0.0
+            return "colder"
+        if self.decrement <= EPS * max(1.0, abs(self.upper)):
+            return "stop"
+        return "step"
+
+    def line_search(self):
+        """Armijo backtracking on F_μ along p (Boyd & Vandenberghe 2004, §9.5), on the margins
+        h + t·Sp (one product); on success θ moves (a convex combination of two points of Θ) and the
+        margins are recomputed from S every 10 iterations. Returns whether a step was accepted."""
+        oracle, beta = self.oracle, self.beta
+        sp_dir = oracle.product(self.p)
+        f0 = _objective(self.losses, self.fixed, self.chi, self.temp)
         t, accepted = 1.0, False
         for _ in range(60):
-            f_try = _objective(oracle.group_means(oracle.spec.value(h + t * sp_dir, beta)), fixed, chi, temp)
-            if np.isfinite(f_try) and f_try <= f0 - 1e-4 * t * decrement:
+            f_try = _objective(oracle.group_means(oracle.spec.value(self.h + t * sp_dir, beta)), self.fixed,
+                               self.chi, self.temp)
+            if np.isfinite(f_try) and f_try <= f0 - 1e-4 * t * self.decrement:
                 accepted = True
                 break
             t *= 0.5
-        row["step_length"] = t if accepted else 0.0
-        emit()
-        if not accepted:
-            if robust and temp > temp_floor:               # no decrease representable: go colder
-                temp = max(temp * SHRINK, temp_floor)
+        self.row["step_length"] = t if accepted else 0.0
+        if accepted:
+            self.theta = self.theta + t * self.p if t < 1.0 else self.x
+            self.h = oracle.margins(self.theta) if self.it % 10 == 0 else self.h + t * sp_dir
+        return accepted
+
+    def emit(self):
+        self.history.append(self.row)
+        if self.callback is not None:
+            self.callback({**self.row, "losses": self.losses, "alpha": np.array(self.soft, dtype=np.float64),
+                           "theta": self.theta_at_row})
+
+    def finalize(self):
+        """The best certified point and the best bound found, as a :class:`NewtonResult`."""
+        best, k = self.best, self.data.n_groups
+        alpha = best["alpha"] if best["alpha"] is not None else \
+            (self.weights if self.weights is not None else np.full(k, 1.0 / k))
+        return NewtonResult(theta=best["theta"], alpha=np.asarray(alpha, dtype=np.float64), value=best["value"],
+                            lower_bound=best["lower"], converged=self.converged, n_iter=self.it,
+                            passes=self.oracle.passes, bound_kind=self.bound_kind, history=self.history,
+                            dual=best["dual"])
+
+    # ------------------------------------------------------------------ the loop
+    def solve(self, theta0=None):
+        self.setup(theta0)
+        while self.it < self.max_iter:
+            self.it += 1
+            self.gradient_hessian()
+            self.theta_at_row = self.theta
+            self.certify()
+            if self.check_convergence():
+                self.converged = True
+                self.emit()
+                break
+            action = self.model_step()
+            if action == "colder":
+                self.emit()
                 continue
-            break
-        theta = theta + t * p if t < 1.0 else x            # a convex combination of two points of Θ
-        h = oracle.margins(theta) if it % 10 == 0 else h + t * sp_dir
-    alpha = best["alpha"] if best["alpha"] is not None else (weights if weights is not None else np.full(k, 1.0 / k))
-    return NewtonResult(theta=best["theta"], alpha=np.asarray(alpha, dtype=np.float64), value=best["value"],
-                        lower_bound=best["lower"], converged=converged, n_iter=it, passes=oracle.passes,
-                        bound_kind=bound_kind, history=history, dual=best["dual"])
+            if action == "stop":
+                self.emit()
+                break                                   # nothing left to gain in floating point
+            accepted = self.line_search()
+            self.emit()
+            if not accepted:
+                if self.robust and self.temp > self.temp_floor:      # no decrease representable: go colder
+                    self.temp = max(self.temp * SHRINK, self.temp_floor)
+                    continue
+                break
+        return self.finalize()

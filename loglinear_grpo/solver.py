@@ -57,7 +57,7 @@ import pandas as pd
 
 from ._validation import (METHODS, check_choice, check_loss, check_positive_finite, check_positive_int,
                           check_unit_interval, check_vector)
-from .certificate import check_consistent
+from .certificate import check_consistent, is_converged
 from .checkpoints import CheckpointFile, run_fingerprint
 from .constraints import L2Ball, make_constraint
 from .data import CHUNK_ROWS
@@ -1077,7 +1077,7 @@ def _solve_newton(data, config, progress, callback):
     value = objective_value(res.theta, data, config)
     lower = res.lower_bound                        # never clipped: a bound above the value is reported
     consistent = check_consistent(value, lower, f"solve ({config.estimator})")
-    result = SolveResult(theta=res.theta, converged=consistent and value - lower <= tol * max(1.0, abs(value)),
+    result = SolveResult(theta=res.theta, converged=consistent and is_converged(value, lower, tol),
                          gap=_reported_gap(value, lower, consistent), value=value, lower_bound=lower, n_iter=res.n_iter,
                          alpha=alpha, alpha_avg=alpha, theta_avg=res.theta, theta_last=res.theta,
                          bound_kind=res.bound_kind, history=pd.DataFrame(rows), config=config, state=state,
@@ -1159,7 +1159,7 @@ def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, f
                 next_check = _next_check(t, config)
                 if logged:
                     rows[-1]["gap"] = cert.gap
-                if cert.gap <= config.tol * max(1.0, abs(cert.value)):
+                if is_converged(cert.value, cert.lower_bound, config.tol):
                     if not logged:
                         rows.append({**_history_row(state, data, config, names, False), "gap": cert.gap})
                     break
@@ -1186,7 +1186,7 @@ def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, f
     value = cert.value
     lower = cert.lower_bound                       # never clipped: a bound above the value is reported
     consistent = check_consistent(value, lower, f"solve ({config.estimator})")
-    result = SolveResult(theta=theta, converged=consistent and value - lower <= tol * max(1.0, abs(value)),
+    result = SolveResult(theta=theta, converged=consistent and is_converged(value, lower, tol),
                          gap=_reported_gap(value, lower, consistent),
                          value=value, lower_bound=lower, n_iter=state.step, alpha=cert.alpha,
                          alpha_avg=averaged_alpha(state), theta_avg=averaged_theta(state),
