@@ -44,6 +44,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._linalg import EPS, solve_psd_scaled
+from .steps import mixing_weights
 
 #: τ = ROUNDING_FACTOR · N · ε: a residual coordinate below τ Σ|terms| is zero to rounding
 ROUNDING_FACTOR = 4.0
@@ -257,7 +258,7 @@ def refined_dual_bound(losses, grads, hess, theta, theta_set, data, chi, pair_d1
             grad_t = np.linalg.lstsq(hess, grads.T, rcond=None)[0]
             model = grads @ grad_t
             model = 0.5 * (model + model.T)
-            lam = mix + chi * alpha_var
+            lam = mixing_weights(alpha_var, chi, k)
             problem = cp.Problem(cp.Maximize(lam @ losses - 0.5 * cp.quad_form(lam, cp.psd_wrap(model))),
                                  [cp.sum(alpha_var) == 1])
             problem.solve(solver="CLARABEL")
@@ -270,7 +271,7 @@ def refined_dual_bound(losses, grads, hess, theta, theta_set, data, chi, pair_d1
     if alpha.sum() <= 0:
         return -np.inf, None, "none", None
     alpha = alpha / alpha.sum()
-    lam = mix + chi * alpha
+    lam = mixing_weights(alpha, chi)
     if bounded:
         lower = float(lam @ losses) + theta_set.min_linear(theta, lam @ grads)
         return lower, alpha, "rigorous", DualPoint(lam[data.groups] / data.group_sizes[data.groups], pair_d1,

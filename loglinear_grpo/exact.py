@@ -30,7 +30,8 @@ from .certificate import check_consistent, hinge_dual_bound, is_converged
 from .constraints import L2Ball, Box, Unconstrained, make_constraint
 from .data import PreferenceData, weighted_gram
 from .losses import get_loss
-from .objective import _check_data, _group_losses
+from .objective import _check_data, _group_losses, minimax_value
+from .steps import mixing_weights
 
 
 @dataclass(frozen=True)
@@ -393,8 +394,8 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
                          "rescale diff, beta or the constraint") from None
     theta = theta_set.project(theta)
     losses = _group_losses(theta, data, "hinge", beta)
-    lam = ((1.0 - chi) / k + chi * alpha) if robust else w
-    value = float((1.0 - chi) * losses.mean() + chi * losses.max()) if robust else float(w @ losses)
+    lam = mixing_weights(alpha, chi) if robust else w
+    value = minimax_value(losses, chi, None if robust else w)
     h = data.matvec(theta) - data.ref_margin
     lower, kind = hinge_dual_bound(PairOracle(data, "hinge", beta), beta, theta, theta_set, h, lam[data.groups] * inv,
                                    y)

@@ -57,6 +57,8 @@ from ._linalg import EPS, solve_psd_scaled
 from .certificate import (DualPoint, abs_rmatvec, convergence_target, feasible_dual, is_converged, linear_bound,
                           original_space_bound, refined_dual_bound)
 from .constraints import L2Ball, Unconstrained
+from .objective import minimax_value
+from .steps import mixing_weights
 from .data import PreferenceData, weighted_gram
 from .losses import get_loss
 
@@ -152,12 +154,6 @@ def _objective(losses, weights, chi, mu):
     if weights is not None:
         return float(weights @ losses)
     return float((1.0 - chi) * losses.mean() + chi * mu * logsumexp(losses / mu))
-
-
-def _true_value(losses, weights, chi):
-    if weights is not None:
-        return float(weights @ losses)
-    return float((1.0 - chi) * losses.mean() + chi * losses.max())
 
 
 @dataclass(frozen=True)
@@ -265,7 +261,7 @@ def _newton_row_space(data, loss, beta, theta_set, reduction, weights, chi, thet
         theta = theta_set.project(reduction.lift(res.theta, data))
         oracle = PairOracle(data, loss, beta)
         h = oracle.margins(theta)
-        res.value = _true_value(oracle.group_means(oracle.spec.value(h, beta)), fixed, chi)
+        res.value = minimax_value(oracle.group_means(oracle.spec.value(h, beta)), chi, fixed)
         # the reduced problem's bound holds for the original only if no dropped direction of S
         # matters: re-certify its dual point on the original S (loglinear_grpo.certificate)
         if res.dual is not None:
@@ -363,10 +359,10 @@ class NewtonMinimax:
         self.losses = oracle.group_means(self.values)
         if self.robust:
             self.soft = softmax(self.losses / self.temp)
-            self.lam = (1.0 - self.chi) / data.n_groups + self.chi * self.soft
+            self.lam = mixing_weights(self.soft, self.chi)
         else:
             self.soft = self.lam = self.weights
-        self.upper = _true_value(self.losses, self.fixed, self.chi)
+        self.upper = minimax_value(self.losses, self.chi, self.fixed)
         self.pair_w = self.lam[data.groups] * oracle.pair_inv_size
         self.grads, self.hess1 = oracle.gradients_and_hessian(self.d1, self.pair_w * self.d2)
         self.grad = self.lam @ self.grads

@@ -62,6 +62,16 @@ def weighted_gradient(theta, weights, data, loss, beta):
     return data.rmatvec(pair_w * get_loss(loss).derivative(h, beta))
 
 
+def minimax_value(losses, chi=1.0, weights=None):
+    """The objective at θ from its group losses L_g(θ): Eq. (9)'s inner max,
+    :math:`\\max_{\\alpha\\in\\Delta}\\sum_g((1-\\chi)/K + \\chi\\alpha_g)L_g = (1-\\chi)\\,\\mathrm{mean}_g L_g + \\chi\\max_g L_g`
+    (χ = 1: the worst-group loss, Eq. (7); Appendix B.4 for χ), or :math:`\\sum_g w_g L_g` for fixed
+    weights (importance sampling, vanilla)."""
+    if weights is not None:
+        return float(weights @ losses)
+    return float((1.0 - chi) * losses.mean() + chi * losses.max())
+
+
 def _checked(theta, data, loss, beta):
     """The public functions' arguments, validated: ``(theta, loss, beta)``."""
     loss, beta = check_loss(loss), check_positive_finite("beta", beta)

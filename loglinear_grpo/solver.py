@@ -59,12 +59,13 @@ from ._validation import (METHODS, check_choice, check_loss, check_positive_fini
                           check_unit_interval, check_vector)
 from .certificate import check_consistent, is_converged
 from .checkpoints import CheckpointFile, run_fingerprint
-from .constraints import L2Ball, make_constraint
+from .constraints import make_constraint
 from .data import CHUNK_ROWS
 from .exact import certified_best_response, group_normal_equations, hinge_program, weighted_least_squares
 from .losses import get_loss
 from .kernels import Workspace, full_pass, make_pass
-from .objective import _check_data, _group_losses, group_metrics, margins
+from .objective import _check_data, _group_losses, group_metrics, margins, minimax_value
+from .steps import log_normalize, mirror_ascent, mixing_weights, projected_step  # noqa: F401 (log_normalize public here)
 
 #: steps drawn per call of the counter-based sampler (one Generator per block)
 SAMPLE_BLOCK = 1024
@@ -484,46 +485,23 @@ def sample_batch(config, step, cache=None):
     return idx[offset]
 
 
-def log_normalize(log_w):
-    r"""``(log α, α)`` with :math:`\alpha = w/\sum w`, computed from ``log w`` without overflow.
-
-    Shifting by the max keeps every weight representable: a group whose log-weight trails by
-    more than ~745 gets α = 0.0 in floating point but keeps a finite log α, so it can recover.
-    """
-    shifted = log_w - log_w.max()            # first: top + log(total) would lose log(total) to rounding
-    e = np.exp(shifted)
-    total = e.sum()
-    return shifted - np.log(total), e / total
-
-
 def _alpha_step(log_alpha, loss_estimate, config, t):
     """Mirror ascent on the simplex (Algorithm 1, lines 7–8): α_g ← α_g·exp(η_α χ L̂_g), renormalised."""
     if not config.adaptive_alpha:
         return log_alpha, config.alpha0
-    shifted = log_alpha + (config.alpha_step.at(t) * config.chi) * loss_estimate
-    if not np.all(np.isfinite(shifted)):
-        raise ValueError(f"alpha_step_size ({config.alpha_step.describe()}) times the group losses overflows at "
-                         f"step {t}: use a smaller alpha_step_size")
-    return log_normalize(shifted)
+    log_alpha = log_alpha.copy()
+    return log_alpha, mirror_ascent(log_alpha, config.alpha_step.at(t) * config.chi, loss_estimate,
+                                    config.alpha_step, t)
 
 
 def _projected_step(theta, grad, config, t):
-    """θ ← P_Θ(θ − η_θ ∇̂), refusing a step that overflows."""
-    new = theta - config.theta_step.at(t) * grad
-    square = float(new @ new)            # one dot product: finite iff every entry is (but for overflow)
-    if math.isfinite(square) or np.all(np.isfinite(new)):
-        new = config.theta_set.project(new)
-        if math.isfinite(square) or np.all(np.isfinite(new)):
-            return new
-    raise ValueError(f"step_size ({config.theta_step.describe()}) times the gradient overflows at step {t}: "
-                     "use a smaller step_size (or rescale the features)")
+    """θ ← P_Θ(θ − η_θ ∇̂) on a copy of θ (:func:`~loglinear_grpo.steps.projected_step`)."""
+    return projected_step(theta.copy(), config.theta_step.at(t) * grad, config.theta_set, config.theta_step, t)
 
 
 def _theta_weights(alpha, config):
     """λ = (1−χ)/K + χα, the group weights of the θ step (χ = 1: λ = α)."""
-    if config.chi == 1.0:
-        return alpha
-    return (1.0 - config.chi) / alpha.size + config.chi * alpha
+    return mixing_weights(alpha, config.chi)
 
 
 def update(state, data, config, batch=None, workspace=None):
@@ -590,44 +568,16 @@ def _single_pair_step(state, data, config, i, t):
     scale = config.n_samples * config.pair_inv_size[i]                  # N/N_g
     value, deriv = config.scalar_loss(h, config.beta)
     if config.adaptive_alpha:
-        shifted = state.log_alpha.copy()
-        shifted[g] += config.alpha_step.at(t) * config.chi * scale * value
-        if not np.isfinite(shifted[g]):
-            raise ValueError(f"alpha_step_size ({config.alpha_step.describe()}) times the loss overflows at "
-                             f"step {t}: use a smaller alpha_step_size")
-        log_alpha, alpha = log_normalize(shifted)
+        log_alpha = state.log_alpha.copy()
+        alpha = mirror_ascent(log_alpha, config.alpha_step.at(t) * config.chi * scale, value, config.alpha_step, t,
+                              group=g)
     else:
         log_alpha, alpha = state.log_alpha, config.alpha0
-    weight = alpha[g] if config.chi == 1.0 else (1.0 - config.chi) / alpha.size + config.chi * alpha[g]
+    weight = mixing_weights(alpha[g], config.chi, alpha.size)
     theta = _projected_step(state.theta, (scale * weight * deriv) * row, config, t)
     losses = np.zeros(alpha.size)
     losses[g] = scale * value
     return theta, log_alpha, alpha, losses
-
-
-def _normalize_in_place(log_alpha):
-    """:func:`log_normalize`'s arithmetic on ``log_alpha`` in place; returns α."""
-    log_alpha -= np.maximum.reduce(log_alpha)        # = .max() and .sum(), without their Python wrappers
-    e = np.exp(log_alpha)
-    total = np.add.reduce(e)
-    log_alpha -= np.log(total)
-    return e / total
-
-
-def _project_in_place(theta, config, t):
-    """:func:`_projected_step`'s projection of an updated θ, in place for a ball centred at 0."""
-    square = float(theta @ theta)
-    ball = config.theta_set
-    if type(ball) is L2Ball and ball.center is None and 1e-280 < square < 1e280:
-        norm = math.sqrt(square)                    # L2Ball.project's arithmetic
-        if norm > ball.radius:
-            theta /= norm
-            theta *= ball.radius
-        return theta
-    if math.isfinite(square) or np.all(np.isfinite(theta)):
-        return config.theta_set.project(theta)
-    raise ValueError(f"step_size ({config.theta_step.describe()}) times the gradient overflows at step {t}: "
-                     "use a smaller step_size (or rescale the features)")
 
 
 def _full_batch_run(state, data, config, stop, workspace):
@@ -637,25 +587,19 @@ def _full_batch_run(state, data, config, stop, workspace):
     theta, theta_sum = state.theta.copy(), state.theta_sum.copy()
     log_alpha, alpha_sum = state.log_alpha.copy(), state.alpha_sum.copy()
     alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
-    sizes, chi, k = config.group_sizes, config.chi, log_alpha.size
+    sizes, chi = config.group_sizes, config.chi
+    theta_set, theta_step, alpha_step = config.theta_set, config.theta_step, config.alpha_step
     one_pass = make_pass(data, config.loss, config.beta, workspace)
-    zeros = np.zeros(k)
     for t in range(state.step + 1, stop + 1):
         result = one_pass(theta)
         losses = result.loss_sums / sizes
         if config.adaptive_alpha:
-            log_alpha += (config.alpha_step.at(t) * chi) * losses
-            # every entry finite ⇔ log α · 0 = 0 (inf·0 and NaN·0 are NaN; no overflow, no temporary)
-            if not math.isfinite(log_alpha @ zeros):
-                raise ValueError(f"alpha_step_size ({config.alpha_step.describe()}) times the group losses "
-                                 f"overflows at step {t}: use a smaller alpha_step_size")
-            alpha = _normalize_in_place(log_alpha)
-        weights = alpha if chi == 1.0 else (1.0 - chi) / k + chi * alpha
+            alpha = mirror_ascent(log_alpha, alpha_step.at(t) * chi, losses, alpha_step, t)
+        weights = mixing_weights(alpha, chi)
         grads = result.group_gradients
         grad = (weights / sizes) @ grads if grads is not None else result.gradient(weights / sizes, data)
-        grad *= config.theta_step.at(t)
-        theta -= grad
-        theta = _project_in_place(theta, config, t)
+        grad *= theta_step.at(t)
+        theta = projected_step(theta, grad, theta_set, theta_step, t)
         theta_sum += theta
         alpha_sum += alpha
     return SolverState(theta=theta, log_alpha=log_alpha, theta_sum=theta_sum, alpha_sum=alpha_sum, step=stop)
@@ -675,7 +619,7 @@ def _single_pair_run(state, data, config, stop, sampler_cache):
     log_alpha, alpha_sum = state.log_alpha.copy(), state.alpha_sum.copy()
     alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
     adaptive, k = config.adaptive_alpha, log_alpha.size
-    theta_step, alpha_step = config.theta_step, config.alpha_step
+    theta_set, theta_step, alpha_step = config.theta_set, config.theta_step, config.alpha_step
     buf = np.empty_like(theta)
     for t in range(state.step + 1, stop + 1):
         i = int(sample_batch(config, t - 1, sampler_cache)[0])
@@ -684,16 +628,11 @@ def _single_pair_run(state, data, config, stop, sampler_cache):
         g = groups[i]
         scale = over[i]
         if adaptive:
-            log_alpha[g] += alpha_step.at(t) * chi * scale * value
-            if not math.isfinite(log_alpha[g]):
-                raise ValueError(f"alpha_step_size ({alpha_step.describe()}) times the loss overflows at step "
-                                 f"{t}: use a smaller alpha_step_size")
-            alpha = _normalize_in_place(log_alpha)
-        weight = alpha[g] if chi == 1.0 else (1.0 - chi) / k + chi * alpha[g]
+            alpha = mirror_ascent(log_alpha, alpha_step.at(t) * chi * scale, value, alpha_step, t, group=g)
+        weight = mixing_weights(alpha[g], chi, k)
         np.multiply(row, scale * weight * deriv, out=buf)
         buf *= theta_step.at(t)
-        theta -= buf
-        theta = _project_in_place(theta, config, t)
+        theta = projected_step(theta, buf, theta_set, theta_step, t)
         theta_sum += theta
         alpha_sum += alpha
     return SolverState(theta=theta, log_alpha=log_alpha, theta_sum=theta_sum, alpha_sum=alpha_sum, step=stop)
@@ -748,9 +687,7 @@ def objective_value(theta, data, config):
     for ``group_robust`` (χ = 1: the worst-group loss, Eq. (7)); :math:`\\sum_g \\alpha_g L_g` with
     the method's fixed α otherwise."""
     losses = _group_losses(theta, data, config.loss, config.beta)
-    if config.adaptive_alpha:
-        return float((1.0 - config.chi) * losses.mean() + config.chi * losses.max())
-    return float(config.alpha0 @ losses)
+    return minimax_value(losses, config.chi, None if config.adaptive_alpha else config.alpha0)
 
 
 def certify(thetas, alphas, data, config, tol=None):
