@@ -1,7 +1,8 @@
 """Convex parameter sets Θ: projections :math:`P_\\Theta` (Algorithm 1, line 9), support functions
 (for the duality-gap certificate) and exact quadratic-model steps (for the Newton solver).
 
-Every set exposes
+Every set is a :class:`ThetaSet` (an abstract base class: the one interface the solvers, the
+certificate and the checkpoints use) and exposes
 
 * ``project(theta)`` and ``contains(theta)``;
 * ``bounding_ball(dim) -> (c, ρ)`` with Θ ⊆ {‖θ − c‖ ≤ ρ} (``ρ = inf`` when unbounded; used by the
@@ -11,7 +12,11 @@ Every set exposes
   which turn any dual point into a certified lower bound;
 * ``minimize_quadratic(theta, grad, hess)`` :math:`=\\arg\\min_{x\\in\\Theta}\\,
   g^\\top(x-\\theta)+\\tfrac12(x-\\theta)^\\top H(x-\\theta)` for a PSD H (the Newton step);
-* ``cvxpy_constraints(var)`` (the exact solvers) and ``fingerprint()`` (checkpoints).
+* ``open_coordinates(rho)``: the coordinates j along which Θ is unbounded in the direction that
+  ρ_j favours, :math:`\\min_{\\theta'\\in\\Theta}\\rho_j(\\theta'_j-\\theta_j)=-\\infty` (where the
+  certificate's residual must vanish);
+* ``check_dim(dim)`` (the set against the data's d), ``cvxpy_constraints(var)`` (the exact
+  solvers) and ``fingerprint()`` (checkpoints).
 
 Closed forms are used wherever one exists (ball: the trust-region subproblem; box: bounded least
 squares); :class:`ConvexSet` handles any other convex set through cvxpy problems compiled once (DPP)
@@ -19,6 +24,7 @@ and re-solved per call.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import math
 import numbers
@@ -67,7 +73,182 @@ def _check_real(name, value, positive=True):
     return float(value)
 
 
-class Unconstrained:
+class ThetaSet(abc.ABC):
+    """A closed convex parameter set Θ ⊆ R^d: the interface of every set the solvers accept.
+
+    Subclasses implement every abstract method below; :func:`make_constraint` accepts any
+    instance. Vectors are float64 arrays of shape (d,).
+    """
+
+    @abc.abstractmethod
+    def project(self, theta):
+        """The Euclidean projection :math:`P_\\Theta(\\theta)=\\arg\\min_{x\\in\\Theta}\\|x-\\theta\\|_2`.
+
+        Parameters
+        ----------
+        theta : ndarray (d,)
+
+        Returns
+        -------
+        ndarray (d,)
+            The projection (``theta`` itself may be returned when it lies in Θ).
+        """
+
+    @abc.abstractmethod
+    def contains(self, theta, tol=1e-9):
+        """Whether θ ∈ Θ, up to a tolerance.
+
+        Parameters
+        ----------
+        theta : ndarray (d,)
+        tol : float
+            Relative and absolute slack of the membership test.
+
+        Returns
+        -------
+        bool
+        """
+
+    @abc.abstractmethod
+    def bounding_ball(self, dim):
+        """A ball containing Θ: (c, ρ) with :math:`\\Theta\\subseteq\\{\\theta:\\|\\theta-c\\|_2\\le\\rho\\}`.
+
+        Parameters
+        ----------
+        dim : int
+            d.
+
+        Returns
+        -------
+        (c, rho) : ndarray (d,) or None, float
+            ``c = None`` means the origin; ``rho = inf`` when Θ is unbounded (or no bound is known).
+            Used by the constants of Proposition 3.
+        """
+
+    @abc.abstractmethod
+    def check_dim(self, dim):
+        """Check that the set lives in R^d.
+
+        Parameters
+        ----------
+        dim : int
+            d, the data's dimension.
+
+        Returns
+        -------
+        ThetaSet
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            If the set's own vectors (centre, bounds, ``dim``) do not have d entries.
+        """
+
+    @abc.abstractmethod
+    def support(self, v):
+        """The support function :math:`\\sigma_\\Theta(v)=\\sup_{\\theta\\in\\Theta}v^\\top\\theta`.
+
+        Parameters
+        ----------
+        v : ndarray (d,)
+
+        Returns
+        -------
+        float
+            ``inf`` when Θ is unbounded in the direction v.
+        """
+
+    @abc.abstractmethod
+    def min_linear(self, theta, grad):
+        """The linear term of the certificate, :math:`\\min_{x\\in\\Theta}g^\\top(x-\\theta)`
+        :math:`=-\\sigma_\\Theta(-g)-g^\\top\\theta` (≤ 0 for θ ∈ Θ).
+
+        Parameters
+        ----------
+        theta, grad : ndarray (d,)
+            θ and g.
+
+        Returns
+        -------
+        float
+            ``-inf`` when Θ is unbounded in the direction −g.
+        """
+
+    @abc.abstractmethod
+    def minimize_quadratic(self, theta, grad, hess):
+        """The exact model step :math:`\\arg\\min_{x\\in\\Theta}\\,g^\\top(x-\\theta)
+        +\\tfrac12(x-\\theta)^\\top H(x-\\theta)` for a PSD H (the Newton step).
+
+        Parameters
+        ----------
+        theta, grad : ndarray (d,)
+            θ ∈ Θ and g.
+        hess : ndarray (d, d)
+            H, positive semi-definite.
+
+        Returns
+        -------
+        ndarray (d,)
+            A minimiser in Θ (a rounding-level ridge makes a merely semi-definite model strictly
+            convex).
+        """
+
+    @abc.abstractmethod
+    def open_coordinates(self, rho):
+        """The coordinates j along which Θ is unbounded in the direction that ρ_j favours:
+        :math:`\\min_{\\theta'\\in\\Theta}\\rho_j(\\theta'_j-\\theta_j)=-\\infty` (where the residual ρ of
+        the certificate's (⋆) must vanish; :mod:`loglinear_grpo.certificate`).
+
+        Parameters
+        ----------
+        rho : ndarray (d,)
+
+        Returns
+        -------
+        ndarray (d,) of bool
+        """
+
+    @abc.abstractmethod
+    def cvxpy_constraints(self, var):
+        """θ ∈ Θ as cvxpy constraints on ``var`` (the exact solvers).
+
+        Parameters
+        ----------
+        var : cvxpy.Variable (d,)
+
+        Returns
+        -------
+        list of cvxpy constraints
+            Empty for R^d.
+        """
+
+    @abc.abstractmethod
+    def fingerprint(self):
+        """A short string that identifies the set (the same set gives the same string; checkpoints
+        refuse to resume under another).
+
+        Returns
+        -------
+        str
+        """
+
+    def center_vector(self, dim):
+        """The centre of the set where it has a distinguished one (the ball's), else None.
+
+        Parameters
+        ----------
+        dim : int
+            d.
+
+        Returns
+        -------
+        ndarray (d,) or None
+        """
+        return None
+
+
+class Unconstrained(ThetaSet):
     """Θ = R^d."""
 
     def project(self, theta):
@@ -88,6 +269,10 @@ class Unconstrained:
     def min_linear(self, theta, grad):
         return 0.0 if not np.any(grad) else -np.inf
 
+    def open_coordinates(self, rho):
+        """Every coordinate: R^d is unbounded both ways along each."""
+        return np.ones(np.shape(rho), dtype=bool)
+
     def minimize_quadratic(self, theta, grad, hess):
         """θ − D(DHD + εI)⁻¹D g by Cholesky: Jacobi-scaled (D = diag(H)^{-1/2}, so the step does not
         depend on the units of each feature), with the rounding-level ridge of :func:`_ridge`."""
@@ -105,7 +290,7 @@ class Unconstrained:
         return "Unconstrained()"
 
 
-class L2Ball:
+class L2Ball(ThetaSet):
     """Θ = {θ : ‖θ − c‖₂ ≤ R}; :math:`P(\\theta) = c + (\\theta - c)\\min(1, R/\\|\\theta - c\\|)`.
 
     Parameters
@@ -139,8 +324,16 @@ class L2Ball:
             raise ValueError(f"center must have shape ({dim},), got {self.center.shape}")
         return self
 
+    def center_vector(self, dim):
+        """c as a vector of d entries (zeros when the ball is centred on the origin)."""
+        return np.zeros(dim) if self.center is None else self.center
+
     def _c(self, theta):
         return np.zeros_like(theta) if self.center is None else self.center
+
+    def open_coordinates(self, rho):
+        """No coordinate: the ball is bounded."""
+        return np.zeros(np.shape(rho), dtype=bool)
 
     def project(self, theta):
         c = self._c(theta)
@@ -187,7 +380,7 @@ class L2Ball:
         return f"L2Ball(radius={self.radius}, center=<{self.center.size} values, sha {_hash_arrays(self.center)}>)"
 
 
-class Box:
+class Box(ThetaSet):
     """Θ = {θ : lower ≤ θ ≤ upper} (elementwise, scalars broadcast); the projection is a clip."""
 
     def __init__(self, lower, upper):
@@ -213,11 +406,17 @@ class Box:
                 raise ValueError(f"Box {name} must be a scalar or have shape ({dim},), got {b.shape}")
         return self
 
-    def _bounds(self, dim):
+    def bounds(self, dim):
+        """``(lower, upper)`` broadcast to d entries each (read-only views; ±inf on open sides)."""
         return np.broadcast_to(self.lower, (dim,)), np.broadcast_to(self.upper, (dim,))
 
+    def open_coordinates(self, rho):
+        """The open sides ρ points out of: ρ_j > 0 with lower_j = −inf, or ρ_j < 0 with upper_j = +inf."""
+        lower, upper = np.broadcast_to(self.lower, rho.shape), np.broadcast_to(self.upper, rho.shape)
+        return ((rho > 0) & ~np.isfinite(lower)) | ((rho < 0) & ~np.isfinite(upper))
+
     def bounding_ball(self, dim):
-        lo, hi = self._bounds(dim)
+        lo, hi = self.bounds(dim)
         if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
             return None, np.inf
         return 0.5 * (lo + hi), 0.5 * safe_norm(hi - lo)
@@ -229,14 +428,14 @@ class Box:
         return bool(np.all(theta >= self.lower - tol) and np.all(theta <= self.upper + tol))
 
     def support(self, v):
-        lo, hi = self._bounds(v.size)
+        lo, hi = self.bounds(v.size)
         with np.errstate(invalid="ignore"):
             terms = np.where(v > 0, v * hi, np.where(v < 0, v * lo, 0.0))
         return float(np.sum(terms))
 
     def min_linear(self, theta, grad):
         """min over the box of gᵀ(x − θ), coordinate by coordinate (−inf along an open side)."""
-        lo, hi = self._bounds(theta.size)
+        lo, hi = self.bounds(theta.size)
         with np.errstate(invalid="ignore"):
             terms = np.where(grad > 0, grad * (lo - theta), np.where(grad < 0, grad * (hi - theta), 0.0))
         return float(np.sum(terms))
@@ -246,7 +445,7 @@ class Box:
         box lower − θ ≤ u ≤ upper − θ (``scipy.optimize.lsq_linear``, BVLS: an exact active-set
         method)."""
         d = theta.size
-        lo, hi = self._bounds(d)
+        lo, hi = self.bounds(d)
         scale = jacobi_scaling(hess)               # u = D v: the ridge and tolerances in scaled units
         factor = _cholesky_ridged(hess * scale[:, None] * scale[None, :])
         rhs = -scipy.linalg.solve_triangular(factor, scale * grad, lower=True)
@@ -285,7 +484,7 @@ class Box:
 _TIGHT = {"tol_gap_abs": 1e-11, "tol_gap_rel": 1e-11, "tol_feas": 1e-11}
 
 
-class ConvexSet:
+class ConvexSet(ThetaSet):
     """Any convex Θ given as cvxpy constraints; projections, support functions and Newton steps by
     cvxpy problems compiled once (DPP) and re-solved.
 
@@ -363,6 +562,10 @@ class ConvexSet:
     def bounding_ball(self, dim):
         return None, self.max_norm
 
+    def open_coordinates(self, rho):
+        """Every coordinate unless the set is known to be bounded (``max_norm`` finite)."""
+        return np.full(np.shape(rho), not np.isfinite(self.max_norm), dtype=bool)
+
     def support(self, v):
         """:math:`\\sup_{x\\in\\Theta} v^\\top x` by a compiled LP/conic problem (``inf`` if unbounded)."""
         import cvxpy as cp
@@ -424,12 +627,13 @@ class ConvexSet:
 
 
 def make_constraint(radius=None, center=None, constraint=None):
-    """Θ from ``solve``'s arguments: an L2 ball (``radius``), a given set, or R^d."""
+    """Θ from ``solve``'s arguments: an L2 ball (``radius``), a given :class:`ThetaSet`, or R^d."""
     if radius is not None and constraint is not None:
         raise ValueError("give either radius or constraint, not both")
     if constraint is not None:
-        if not all(hasattr(constraint, a) for a in ("project", "support", "minimize_quadratic")):
-            raise ValueError(f"constraint must be a Θ object (L2Ball, Box, ConvexSet, ...), got {constraint!r}")
+        if not isinstance(constraint, ThetaSet):
+            raise ValueError(f"constraint must be a ThetaSet (L2Ball, Box, ConvexSet, or a subclass of "
+                             f"loglinear_grpo.ThetaSet), got {constraint!r}")
         return constraint
     if radius is not None:
         return L2Ball(radius, center)
