@@ -8,7 +8,7 @@ arXiv:2405.20304. The toolkit solves
 for the DPO, IPO and hinge losses, and certifies the answer (exact optimum, duality gap).
 """
 from .certificate import CertificateWarning
-from .constraints import Box, ConvexSet, L2Ball, Unconstrained
+from .constraints import Box, ConvexSet, L2Ball, ThetaSet, Unconstrained
 from .data import PreferenceData
 from .exact import ExactResult, best_response, duality_gap, solve_exact, weighted_least_squares
 from .losses import pair_loss, pair_loss_derivative
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CertificateWarning", "ConvergenceWarning", "Box", "ConvexSet", "ExactResult", "L2Ball", "PairOperator", "PreferenceData", "SolveResult", "SolverConfig",
-    "SolverState", "StepSize", "Unconstrained", "averaged_alpha", "averaged_theta", "best_response",
+    "SolverState", "StepSize", "ThetaSet", "Unconstrained", "averaged_alpha", "averaged_theta", "best_response",
     "duality_gap", "group_losses", "group_metrics", "init", "make_config", "margins", "pair_loss",
     "pair_loss_derivative", "sample_batch", "solve", "solve_exact", "theory_constants",
     "theory_step_sizes", "update", "weighted_gradient", "weighted_least_squares",

@@ -127,12 +127,9 @@ class _Scale:
 
 def open_coordinates(theta_set, rho):
     """The coordinates j along which Θ is unbounded in the direction that ρ_j favours (a box's open
-    sides; every coordinate of any other unbounded set): where the residual ρ of (⋆) must vanish."""
-    lower, upper = getattr(theta_set, "lower", None), getattr(theta_set, "upper", None)
-    if lower is None or upper is None:
-        return np.ones(rho.size, dtype=bool)
-    lower, upper = np.broadcast_to(lower, rho.shape), np.broadcast_to(upper, rho.shape)
-    return ((rho > 0) & ~np.isfinite(lower)) | ((rho < 0) & ~np.isfinite(upper))
+    sides; every coordinate of any other unbounded set): where the residual ρ of (⋆) must vanish
+    (:meth:`~loglinear_grpo.constraints.ThetaSet.open_coordinates`)."""
+    return theta_set.open_coordinates(rho)
 
 
 def feasible_dual(oracle, spec, beta, theta, theta_set, h, weights, u, curv, hess, rho, z=None):

@@ -128,7 +128,7 @@ def _improving_direction(data, theta_set, tol=1e-9):
     if isinstance(theta_set, Unconstrained):
         bounds = [(-1.0, 1.0)] * data.dim
     elif isinstance(theta_set, Box):
-        lo, hi = theta_set._bounds(data.dim)
+        lo, hi = theta_set.bounds(data.dim)
         bounds = [(-1.0 if not np.isfinite(a) else 0.0, 1.0 if not np.isfinite(b) else 0.0) for a, b in zip(lo, hi)]
         if not any(a < 0 or b > 0 for a, b in bounds):
             return False
@@ -244,13 +244,13 @@ def weighted_least_squares(data, group_weights, target_offset, theta_set=None, n
         radius = theta_set.radius if isinstance(theta_set, L2Ball) else np.inf
         if isinstance(normal_equations, RowSpaceForm):
             u = _row_space_least_squares(data, normal_equations, (w / data.group_sizes)[data.groups], radius)
-            return u if radius == np.inf else theta_set._c(np.zeros(data.dim)) + u
+            return u if radius == np.inf else theta_set.center_vector(data.dim) + u
         grams, rhs = normal_equations
         hess = np.tensordot(w, grams, axes=1)
         q = w @ rhs
         if isinstance(theta_set, Unconstrained):
             return _solve_psd(hess, q)
-        center = theta_set._c(np.zeros(data.dim))
+        center = theta_set.center_vector(data.dim)
         return center + _ball_least_squares(hess, q, theta_set.radius)
     pair_w = (w / data.group_sizes)[data.groups]
     target = data.ref_margin + target_offset
@@ -479,7 +479,7 @@ def _hinge_highs(data, beta, theta_set, robust, w, chi, inv):
     else:
         cost = np.concatenate([np.zeros(d), w[data.groups] * inv, [0.0]])
     if isinstance(theta_set, Box):
-        lo, hi = theta_set._bounds(d)
+        lo, hi = theta_set.bounds(d)
         theta_bounds = [(a if np.isfinite(a) else None, b if np.isfinite(b) else None) for a, b in zip(lo, hi)]
     else:
         theta_bounds = [(None, None)] * d

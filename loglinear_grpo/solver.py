@@ -396,7 +396,7 @@ def make_config(data, *, loss="dpo", beta=0.1, method="group_robust", estimator=
     alpha0 = sizes / sizes.sum() if method == "vanilla" else np.full(k, 1.0 / k)
 
     if theta0 is None:
-        theta0 = theta_set.bounding_ball(data.dim)[0] if hasattr(theta_set, "center") else None
+        theta0 = theta_set.center_vector(data.dim)
         theta0 = np.zeros(data.dim) if theta0 is None else np.array(theta0, dtype=np.float64)
     theta0 = theta_set.project(check_vector("theta0", theta0, data.dim))
 
