@@ -20,6 +20,7 @@ exact solver.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -61,6 +62,26 @@ def _dpo_conjugate(u, beta):
     p = np.clip(-u / beta, 0.0, 1.0)
     return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0) + \
         np.where(p < 1, (1 - p) * np.log(np.where(p < 1, 1 - p, 1.0)), 0.0)
+
+
+def _dpo_scalar(h, beta):
+    """(ℓ, ℓ') of one float margin, in Python floats (one pair per step: no array overhead)."""
+    z = beta * h
+    if z > 0:
+        e = math.exp(-z)
+        return math.log1p(e), -beta * e / (1.0 + e)
+    e = math.exp(z)
+    return -z + math.log1p(e), -beta / (1.0 + e)
+
+
+def _ipo_scalar(h, beta):
+    r = h - 0.5 / beta
+    return r * r, 2.0 * r
+
+
+def _hinge_scalar(h, beta):
+    z = 1.0 - beta * h
+    return (z, -beta) if z > 0 else (0.0, 0.0)
 
 
 def _ipo_value(h, beta):
@@ -141,6 +162,10 @@ class Loss:
         the largest :math:`|\\ell'|`.
     cvxpy : callable ``(cp, h_expr, beta)``
         The loss as a DCP expression, for :func:`~loglinear_grpo.solve_exact`.
+    value_and_derivative : callable, optional
+        ``(ℓ(h), ℓ'(h))`` in one sweep over an array, where that is cheaper than two.
+    scalar : callable ``(h: float, beta) -> (ℓ, ℓ')``
+        The same for one Python float (Algorithm 1 with one pair per step).
     """
 
     name: str
@@ -153,6 +178,7 @@ class Loss:
     bounds: Callable
     cvxpy: Callable
     value_and_derivative: Callable | None = None
+    scalar: Callable | None = None
 
     def max_curvature(self, beta):
         """:math:`\\sup_h \\ell''(h)` (``inf`` for the hinge)."""
@@ -167,11 +193,11 @@ class Loss:
 
 LOSSES = {
     "dpo": Loss("dpo", _dpo_value, _dpo_derivative, _dpo_curvature, _dpo_conjugate, (-1.0, 0.0), True,
-                _dpo_bounds, _cvxpy_dpo, _dpo_value_and_derivative),
+                _dpo_bounds, _cvxpy_dpo, _dpo_value_and_derivative, _dpo_scalar),
     "ipo": Loss("ipo", _ipo_value, _ipo_derivative, _ipo_curvature, _ipo_conjugate, (-np.inf, np.inf), True,
-                _ipo_bounds, _cvxpy_ipo),
+                _ipo_bounds, _cvxpy_ipo, None, _ipo_scalar),
     "hinge": Loss("hinge", _hinge_value, _hinge_derivative, _hinge_curvature, _hinge_conjugate, (-1.0, 0.0),
-                  False, _hinge_bounds, _cvxpy_hinge),
+                  False, _hinge_bounds, _cvxpy_hinge, None, _hinge_scalar),
 }
 
 #: TRL's names (``loss_type``) and ours

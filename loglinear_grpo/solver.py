@@ -45,7 +45,6 @@ both unbiased (``batch_size=B`` averages B i.i.d. draws); ``"full"`` — the exa
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import re
 import warnings
@@ -77,29 +76,6 @@ DEFAULT_STEPS = {"newton": 200, "full": 20_000, "closed_form": 5_000, "stochasti
 ALPHA_GAIN = 1.0
 
 ESTIMATOR_CHOICES = ("auto", "newton", "full", "stochastic", "closed_form")
-
-
-def _dpo_scalar(h, beta):
-    z = beta * h
-    if z > 0:
-        e = math.exp(-z)
-        return math.log1p(e), -beta * e / (1.0 + e)
-    e = math.exp(z)
-    return -z + math.log1p(e), -beta / (1.0 + e)
-
-
-def _ipo_scalar(h, beta):
-    r = h - 0.5 / beta
-    return r * r, 2.0 * r
-
-
-def _hinge_scalar(h, beta):
-    z = 1.0 - beta * h
-    return (z, -beta) if z > 0 else (0.0, 0.0)
-
-
-#: one-float forms of the loss table (same values as :mod:`loglinear_grpo.losses`), for batch size 1
-SCALAR_LOSSES = {"dpo": _dpo_scalar, "ipo": _ipo_scalar, "hinge": _hinge_scalar}
 
 
 class ConvergenceWarning(UserWarning):
@@ -448,7 +424,7 @@ def make_config(data, *, loss="dpo", beta=0.1, method="group_robust", estimator=
         theta_set=theta_set, theta0=theta0, alpha0=alpha0, n_samples=data.n_samples,
         group_sizes=sizes.astype(np.float64), pair_inv_size=(1.0 / sizes)[data.groups],
         group_cum=np.cumsum(sizes) / sizes.sum(), group_offsets=offsets, members=members,
-        streamed=data.streamed, theory=dict(cache), scalar_loss=SCALAR_LOSSES.get(loss),
+        streamed=data.streamed, theory=dict(cache), scalar_loss=get_loss(loss).scalar,
         normal_equations=(group_normal_equations(data, 0.5 / beta, theta_set)
                           if estimator == "closed_form" else None))
 
