@@ -1,9 +1,17 @@
-"""Boundary checks shared by the public API (one place, one message style)."""
+"""Boundary checks shared by the public API (one place, one message style).
+
+The numeric check the loss table itself needs (:func:`check_positive_finite`) lives in
+:mod:`loglinear_grpo._numbers` and is re-exported here: this module imports
+:mod:`loglinear_grpo.losses` (for :func:`check_loss`) and the loss table must not import it back.
+"""
 from __future__ import annotations
 
 import numbers
 
 import numpy as np
+
+from ._numbers import check_positive_finite  # noqa: F401 (re-exported: the API's checks in one place)
+from .losses import get_loss
 
 METHODS = ("group_robust", "importance_sampling", "vanilla")
 ESTIMATORS = ("auto", "newton", "full", "stochastic", "closed_form")
@@ -19,16 +27,7 @@ def check_choice(name, value, choices, aliases=None):
 
 def check_loss(loss):
     """Canonical loss name (``"sigmoid"`` → ``"dpo"``); ``ValueError`` for an unknown name."""
-    from .losses import get_loss
     return get_loss(loss).name
-
-
-def check_positive_finite(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def check_positive_int(name, value):

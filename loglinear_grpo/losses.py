@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 from scipy.special import expit, log_expit
 
-from ._validation import check_positive_finite
+from ._numbers import check_positive_finite
 
 
 def _dpo_value(h, beta):
