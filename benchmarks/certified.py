@@ -37,6 +37,8 @@ import pandas as pd
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+if "--tree" in sys.argv:                  # import loglinear_grpo from another source tree (before/after runs)
+    sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--tree") + 1]))
 
 import loglinear_grpo as lg  # noqa: E402
 from loglinear_grpo.synthetic import SCENARIO_LABELS, disagreeing_groups, scenario_data  # noqa: E402
@@ -148,6 +150,7 @@ def main(argv=None):
                         help="llm_head work folder with extracted GlobalOpinionQA features (default: %(default)s)")
     parser.add_argument("--out", default=os.path.join(ROOT, "paper_figures", "certified"),
                         help="output folder (default: %(default)s)")
+    parser.add_argument("--tree", help="import loglinear_grpo from this source tree (to compare two versions)")
     args = parser.parse_args(argv)
     tic = time.perf_counter()
     df = run(args)

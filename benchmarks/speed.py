@@ -36,6 +36,8 @@ import pandas as pd
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+if "--tree" in sys.argv:                  # import loglinear_grpo from another source tree (before/after runs)
+    sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--tree") + 1]))
 
 import loglinear_grpo as lg  # noqa: E402
 from _bare import bare_full_batch_dpo, bare_stochastic_dpo  # noqa: E402
@@ -68,6 +70,31 @@ def paper_size(rows, steps):
                  "toolkit_s": ours, "reference_s": bare, "ratio": ours / bare,
                  "note": f"vs a bare NumPy loop of the same update, identical iterates (goal ≤ 1.2); with the "
                          f"default history (100 rows): {logged / bare:.2f}"})
+    step_calls(rows, bare / steps)
+
+
+def step_calls(rows, bare_iteration):
+    """The cost of one call of each of Algorithm 1's step functions (``loglinear_grpo.steps``) at the paper's
+    size, against one iteration of the bare loop: what writing the steps once costs the fast loops."""
+    try:
+        from loglinear_grpo import steps as st
+    except ImportError:                     # a tree from before the steps were written once
+        return
+    theta_set = lg.L2Ball(1.0)
+    size = lg.StepSize("constant", 0.5)
+    log_alpha, losses = np.log(np.full(2, 0.5)), np.array([0.6, 0.7])
+    theta, grad, alpha = np.full(4, 0.1), np.full(4, 1e-3), np.array([0.4, 0.6])
+    calls = 20_000
+    cases = {
+        "mirror_ascent (α step, lines 7-8)": lambda: st.mirror_ascent(log_alpha, 0.0, losses, size, 1),
+        "projected_step (θ step, line 9)": lambda: st.projected_step(theta, grad * 0.0, theta_set, size, 1),
+        "mixing_weights (λ, χ = 0.5)": lambda: st.mixing_weights(alpha, 0.5),
+    }
+    for name, fn in cases.items():
+        t = best_of(lambda: [fn() for _ in range(calls)], 3) / calls
+        rows.append({"case": "paper size N=300 d=4 K=2", "what": f"one call: {name}", "toolkit_s": t,
+                     "reference_s": bare_iteration, "ratio": t / bare_iteration,
+                     "note": "ratio = share of one bare-loop iteration"})
 
 
 def large(rows, n, d, k=5):
@@ -350,6 +377,34 @@ def plot_scaling(table, path):
     plt.close(fig)
 
 
+def run_items(args):
+    """Only the items asked for (``--items``), into ``speed_items.csv``."""
+    n = 10**5 if args.quick else 10**6
+    items = {
+        1: lambda rows: paper_size(rows, 2000 if args.quick else 20000),
+        2: lambda rows: large(rows, n, 64),
+        3: lambda rows: stochastic(rows, 500 if args.quick else 20000),
+        4: closed_form,
+        5: lambda rows: certified(rows, n, 64, clarabel_sizes=(3000, 10_000) if args.quick else (10_000, 30_000, 100_000)),
+        8: lambda rows: breakdown(rows, n, 64),
+    }
+    rows = []
+    for item in args.items:
+        if item == 6:
+            with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+                memmap(rows, 10**6 if args.quick else 2 * 10**7, 32, 500 if args.quick else 5000, tmp)
+        elif item == 7:
+            print(scaling(args.quick).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        else:
+            items[item](rows)
+    table = pd.DataFrame(rows)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_colwidth", 90)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    table.to_csv(os.path.join(args.out, "speed_items.csv"), index=False)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
@@ -357,6 +412,9 @@ def main(argv=None):
                         help="output folder (default: paper_figures/performance)")
     parser.add_argument("--scaling-only", action="store_true", help="run item 7 only")
     parser.add_argument("--breakdown-only", action="store_true", help="run item 8 only")
+    parser.add_argument("--items", nargs="+", type=int, choices=range(1, 9), metavar="N",
+                        help="run only these items (numbered as above; writes speed_items.csv)")
+    parser.add_argument("--tree", help="import loglinear_grpo from this source tree (to compare two versions)")
     parser.add_argument("--memmap-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memmap_worker:
@@ -364,6 +422,8 @@ def main(argv=None):
         memmap_worker(int(n), int(d), int(steps), folder)
         return 0
     os.makedirs(args.out, exist_ok=True)
+    if args.items:
+        return run_items(args)
     if args.breakdown_only:
         rows = []
         breakdown(rows, 10**5 if args.quick else 10**6, 64)
