@@ -31,6 +31,7 @@ from ._numbers import check_positive_finite
 
 
 def _dpo_value(h, beta):
+    """DPO, paper Eq. (5) per pair (Eq. (7)/(9) average it per group): ℓ(h) = −log σ(βh), in log space."""
     return -log_expit(beta * h)
 
 
@@ -85,6 +86,7 @@ def _hinge_scalar(h, beta):
 
 
 def _ipo_value(h, beta):
+    """IPO (Azar et al. 2024; the GR-IPO objective of §4.1): ℓ(h) = (h − 1/(2β))²."""
     return np.square(h - 0.5 / beta)
 
 
@@ -101,6 +103,7 @@ def _ipo_conjugate(u, beta):
 
 
 def _hinge_value(h, beta):
+    """The hinge (SLiC; TRL's ``loss_type="hinge"``): ℓ(h) = max(0, 1 − βh)."""
     return np.maximum(0.0, 1.0 - beta * h)
 
 
