@@ -37,85 +37,17 @@ read as ``val``) is used as given; otherwise :func:`assign_splits` draws a seede
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+
+from .opinions import PAPER_COUNTRIES, load_global_opinions, opinion_pairs
+from .tables import FILE_READERS, PreferencePairs, _plain, prompt_key, read_table  # noqa: F401 (re-exported)
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "dev": "val", "eval": "val", "test": "test", "testing": "test"}
-FILE_READERS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-@dataclass
-class PreferencePairs:
-    """Grouped preference pairs: one row per pair, plus what was skipped and why.
-
-    Attributes
-    ----------
-    table : pandas.DataFrame
-        ``prompt``, ``chosen``, ``rejected`` (str, or lists of ``{"role", "content"}`` messages when
-        ``conversational``), ``group`` (str), ``split`` (``train``/``val``/``test`` or missing), and any
-        other columns of the source.
-    groups : tuple of str
-        The group names, in order (the label of group g is ``groups[g]``).
-    skipped : pandas.DataFrame
-        ``row`` (in the source), ``reason``.
-    conversational : bool
-        TRL's conversational format.
-    source : str
-        Where the pairs came from (for reports and the work folder).
-    candidate_sets : dict, optional
-        prompt key → (list of all candidate answers, their target probabilities): the survey
-        distribution of GlobalOpinionQA, for the Jensen–Shannon distance. Without it, a prompt's
-        candidates are the answers its pairs use.
-    opinion_items : llm_head.opinions.OpinionItems, optional
-        For GlobalOpinionQA, the (question × country) items the pairs were drawn from (each seed
-        draws its own rejected answers from them).
-    """
-
-    table: pd.DataFrame
-    groups: tuple
-    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["row", "reason"]))
-    conversational: bool = False
-    source: str = ""
-    candidate_sets: dict | None = None
-    opinion_items: object = None
-
-    def __len__(self):
-        return len(self.table)
-
-    def group_sizes(self):
-        return self.table["group"].value_counts().reindex(list(self.groups), fill_value=0)
-
-    def report(self):
-        """A short human-readable summary: pairs per group, what was skipped."""
-        sizes = ", ".join(f"{g} {n}" for g, n in self.group_sizes().items())
-        text = f"{len(self)} pairs in {len(self.groups)} groups ({sizes})"
-        if len(self.skipped):
-            reasons = self.skipped["reason"].value_counts()
-            text += f"; skipped {len(self.skipped)} bad rows (" + \
-                ", ".join(f"{r}: {n}" for r, n in reasons.items()) + ")"
-        return text
-
-
-def prompt_key(prompt):
-    """A hashable key for a prompt (a string, or the JSON of a message list)."""
-    return prompt if isinstance(prompt, str) else json.dumps(_plain(prompt), sort_keys=True)
-
-
-def _plain(value):
-    """Messages as plain Python (``datasets``/Arrow may hand over numpy arrays of dicts)."""
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _is_messages(value):
@@ -141,163 +73,7 @@ def _text_problem(value, conversational):
     return None
 
 
-# ============================================================================ reading
-def read_table(source, split=None, na_values=None):
-    """A DataFrame from a file path, a ``datasets.Dataset``/``DatasetDict`` or a hub id.
-
-    Parameters
-    ----------
-    source : path, str, datasets.Dataset, datasets.DatasetDict or DataFrame
-        A ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, a hub id, or a table.
-    split : str, optional
-        One hub split (``datasets.load_dataset(id, split=...)``).
-    na_values : str or sequence of str, optional
-        Cells (anywhere in the table) exactly equal to one of these strings are read as missing;
-        default none: every string is text as it is (``"NA"``, ``"None"``, ``"N/A"`` included).
-
-    Returns
-    -------
-    (frame, name)
-        A ``DatasetDict`` is concatenated with its split names in a ``split`` column.
-
-    Notes
-    -----
-    Nothing is re-typed on reading: a CSV is read with ``dtype=str`` and ``keep_default_na=False``
-    (every cell is the text of the file; an empty cell is the empty string), JSON and JSON Lines
-    with :mod:`json` into ``object`` columns (each cell the value the file holds: a string, a
-    number, a list of messages, ``None`` for ``null``, missing where a key is absent), parquet and
-    ``datasets`` objects with their own column types. Text files are decoded as ``utf-8-sig``: a
-    leading byte-order mark is dropped.
-    """
-    frame, name = _read_source(source, split)
-    return _apply_na_values(frame, na_values), name
-
-
-def _read_source(source, split):
-    try:
-        import datasets
-    except ImportError:          # pragma: no cover - datasets is in the llm extra
-        datasets = None
-    if datasets is not None and isinstance(source, datasets.DatasetDict):
-        frames = [ds.to_pandas().assign(split=name) for name, ds in source.items()]
-        return pd.concat(frames, ignore_index=True), "DatasetDict"
-    if datasets is not None and isinstance(source, datasets.Dataset):
-        return source.to_pandas(), "Dataset"
-    if isinstance(source, pd.DataFrame):
-        return source.copy(), "DataFrame"
-    if not isinstance(source, (str, os.PathLike)):
-        raise ValueError(f"data must be a file path, a hub id, a datasets.Dataset/DatasetDict or a DataFrame, "
-                         f"got {type(source).__name__}")
-    path = os.fspath(source)
-    ext = os.path.splitext(path)[1].lower()
-    if os.path.exists(path):
-        if os.path.isdir(path):
-            raise ValueError(f"{path} is a folder: give a .jsonl, .json, .csv or .parquet file")
-        if ext not in FILE_READERS:
-            raise ValueError(f"{path}: unknown file type {ext!r}; use .jsonl, .json, .csv or .parquet")
-        try:
-            if ext == ".jsonl":
-                frame = _read_json_lines(path)
-            elif ext == ".json":
-                frame = _read_json(path)
-            elif ext == ".csv":
-                frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-            else:
-                frame = pd.read_parquet(path)
-        except Exception as exc:             # pandas/pyarrow/json raise many types: one clear message
-            raise ValueError(f"{path} could not be read as {FILE_READERS[ext]}: {type(exc).__name__}: "
-                             f"{str(exc)[:200]}") from None
-        return frame, path
-    if ext in FILE_READERS or (os.sep in path and not _looks_like_hub_id(path)) or _looks_like_file(path):
-        raise ValueError(f"{path}: no such file")
-    if datasets is None:                     # pragma: no cover
-        raise ImportError(f"{path!r} is not a file; reading it from the hub needs `pip install datasets`")
-    try:
-        loaded = datasets.load_dataset(path, split=split)
-    except Exception as exc:                 # the hub's many failure types: one message
-        raise ValueError(f"{path!r} is not a local file and could not be loaded from the Hugging Face hub "
-                         f"({type(exc).__name__}: {str(exc)[:160]}); check the path or the dataset id") from None
-    return _read_source(loaded, None)[0], path
-
-
-def _records_frame(records):
-    """Records (dicts) as a frame of ``object`` columns: each cell exactly the parsed JSON value."""
-    return pd.DataFrame.from_records(records) if not records else pd.DataFrame(records, dtype=object)
-
-
-def _json_lines(lines):
-    """Records from JSON Lines (blank lines skipped); a ``ValueError`` naming the first bad line."""
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"line {number}: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"line {number} is a JSON {type(value).__name__}, not an object")
-        records.append(value)
-    return _records_frame(records)
-
-
-def _read_json_lines(path):
-    """A JSON Lines file, one object per line, parsed by :mod:`json` (nothing re-typed)."""
-    with open(path, encoding="utf-8-sig") as fh:
-        return _json_lines(fh)
-
-
-def _read_json(path):
-    """A JSON file: an array of records, an object of columns (lists, or ``{row: value}`` as pandas'
-    ``to_json`` writes them), or JSON Lines under a ``.json`` name; parsed by :mod:`json`."""
-    with open(path, encoding="utf-8-sig") as fh:
-        text = fh.read()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg != "Extra data":        # more than one JSON value: JSON Lines
-            raise
-        return _json_lines(text.split("\n"))      # not splitlines(): U+2028 may sit inside a string
-    if isinstance(value, list) and all(isinstance(v, dict) for v in value):
-        return _records_frame(value)
-    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
-        return pd.DataFrame({k: pd.Series(v, dtype=object) for k, v in value.items()})
-    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
-        return pd.DataFrame.from_dict(value, dtype=object)
-    raise ValueError("expected an array of objects (records), an object of columns, or JSON Lines")
-
-
-def _apply_na_values(frame, na_values):
-    """Cells equal to one of ``na_values`` (strings) become missing (``None``); nothing else changes."""
-    if na_values is None:
-        return frame
-    na = {na_values} if isinstance(na_values, str) else set(na_values)
-    if not all(isinstance(v, str) for v in na):
-        raise ValueError(f"na_values must be strings, got {sorted(map(repr, na))}")
-    if not na:
-        return frame
-    frame = frame.copy()
-    for col in frame.columns:
-        hit = frame[col].map(lambda v: isinstance(v, str) and v in na).to_numpy(dtype=bool)
-        if hit.any():
-            column = frame[col].astype(object).to_numpy(copy=True)
-            column[hit] = None
-            frame[col] = pd.Series(column, index=frame.index, dtype=object)
-    return frame
-
-
-def _looks_like_file(text):
-    """A name with a file extension (``x.jsnol``, ``data.tsv``): a mistyped path, not a hub id."""
-    base = text.rsplit("/", 1)[-1]
-    stem, dot, ext = base.rpartition(".")
-    return bool(dot and stem and ext.isalpha() and 2 <= len(ext) <= 8)
-
-
-def _looks_like_hub_id(text):
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/"))
-
-
+# ============================================================================ reading (the readers: llm_head.tables)
 def detect_format(frame, name="data"):
     """``"global_opinions"`` or ``"pairs"``; a ``ValueError`` naming the columns found otherwise."""
     cols = set(frame.columns)
@@ -483,7 +259,6 @@ def load_preference_pairs(data, *, group_column="group", groups=None, limit=None
     name = name or read_name
     kind = detect_format(frame, name)
     if kind == "global_opinions":
-        from .opinions import PAPER_COUNTRIES, load_global_opinions, opinion_pairs
         kwargs = {k: v for k, v in (("template", template), ("answer", answer)) if v is not None}
         items = load_global_opinions(frame=frame, countries=countries or groups or PAPER_COUNTRIES, **kwargs)
         if limit is not None:

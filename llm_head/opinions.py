@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .tables import PreferencePairs, prompt_key, read_table
+
 #: the paper's five countries (§5.2), in its group order
 PAPER_COUNTRIES = ("Nigeria", "Egypt", "India (Current national sample)", "China", "Japan")
 
@@ -84,7 +86,6 @@ def read_global_opinions(path=None):
     option such as ``None`` or ``NA`` stays text.
     """
     if path is not None:
-        from .data import read_table
         frame, _ = read_table(path)
     else:
         try:
@@ -230,7 +231,6 @@ def opinion_pairs(items, seed=0, split=(0.8, 0.1, 0.1), split_by="item", source=
     and split of :func:`make_pairs` as text (chosen and rejected answers), the country as the group,
     and every option of a question as a candidate, with the country's survey distribution as the
     target."""
-    from .data import PreferencePairs, prompt_key
     table = items.table
     pairs = make_pairs(items, seed=seed, split=split, split_by=split_by)
     rows = table.loc[pairs["item"]].reset_index(drop=True)
