@@ -15,105 +15,19 @@ cancels, so a data set is just the rows ``s_i``, the offsets ``r_i`` and the gro
 """
 from __future__ import annotations
 
-import mmap
 import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 
-from .operators import PairOperator, as_pair_operator, check_adjoint as _check_adjoint
-
-#: rows per block when streaming over ``diff`` (about 4 MiB of float64 at d=64)
-CHUNK_ROWS = 8192
+from .operators import PairOperator
+from .storage import (CHUNK_ROWS, MAX_SCALE, MIN_SCALE, Rows, as_rows, check_scale as _check_scale,  # noqa: F401
+                      weighted_gram)
 
 
 def _is_sparse(a):
     return sp.issparse(a)
-
-
-#: the range of feature and reference-margin magnitudes the solvers handle without under- or overflow
-#: (margins s·θ and IPO's squares stay far inside float64 for any reasonable Θ)
-MAX_SCALE = 1e100
-MIN_SCALE = 1e-100
-
-
-def _check_scale(name, top):
-    """``top`` is the largest |entry|: refuse magnitudes whose products would under- or overflow."""
-    if top > MAX_SCALE or 0.0 < top < MIN_SCALE:
-        raise ValueError(f"{name}: largest |entry| is {top:.1e}, outside [{MIN_SCALE:.0e}, {MAX_SCALE:.0e}]; "
-                         "rescale it (the solvers' margins would under- or overflow)")
-
-
-def _check_operator(op, check_finite, check_adjoint):
-    shape = getattr(op, "shape", None)
-    if shape is None or len(shape) != 2:
-        raise ValueError(f"diff: an operator must have a 2-D shape (N, d), got {shape!r}")
-    if check_adjoint and shape[0] > 0:     # two products: a wrong rmatvec would void every certificate
-        _check_adjoint(op)
-    if check_finite:       # one pass over the rows: NaN/inf in any entry shows in its row's norm
-        norms = op.row_norms()
-        if norms.shape != (shape[0],) or not np.all(np.isfinite(norms)):
-            raise ValueError("diff contains NaN or inf (a row of the operator has a non-finite norm)")
-        _check_scale("diff (largest row norm)", float(norms.max(initial=0.0)))
-    return op
-
-
-def _check_diff(diff, check_finite, check_adjoint=True):
-    op = as_pair_operator(diff)
-    if op is not None:
-        return _check_operator(op, check_finite, check_adjoint)
-    if _is_sparse(diff):
-        if diff.ndim != 2:
-            raise ValueError(f"diff must be 2-D (N x d), got ndim={diff.ndim}")
-        if diff.dtype.kind not in "fiub":
-            raise ValueError(f"diff must be real-valued, got dtype {diff.dtype}")
-        diff = sp.csr_matrix(diff) if not isinstance(diff, (sp.csr_matrix, sp.csr_array)) else diff
-        if diff.dtype.kind != "f":
-            diff = diff.astype(np.float64)
-        if check_finite and not np.all(np.isfinite(diff.data)):
-            raise ValueError("diff contains NaN or inf")
-        if check_finite:
-            _check_scale("diff", float(np.max(np.abs(diff.data), initial=0.0)))
-        return diff
-    if isinstance(diff, np.memmap):
-        if diff.ndim != 2:
-            raise ValueError(f"diff must be 2-D (N x d), got shape {diff.shape}")
-        if diff.dtype.kind != "f":
-            raise ValueError(f"a memory-mapped diff must be float32 or float64, got {diff.dtype}")
-        if check_finite:
-            # stream the file once through short-lived maps, so its pages do not stay resident
-            top = 0.0
-            row_bytes = diff.shape[1] * diff.dtype.itemsize
-            for start in range(0, diff.shape[0], CHUNK_ROWS):
-                rows = min(CHUNK_ROWS, diff.shape[0] - start)
-                if diff.filename is not None and isinstance(diff.base, mmap.mmap) and diff.flags.c_contiguous:
-                    block = np.memmap(diff.filename, dtype=diff.dtype, mode="r", shape=(rows, diff.shape[1]),
-                                      offset=diff.offset + start * row_bytes)
-                else:
-                    block = diff[start:start + rows]
-                finite = np.all(np.isfinite(block))
-                top = max(top, float(np.max(np.abs(block), initial=0.0))) if finite else top
-                del block
-                if not finite:
-                    raise ValueError("diff contains NaN or inf")
-            _check_scale("diff", top)
-        return diff
-    try:
-        arr = np.asarray(diff)
-    except (TypeError, ValueError):
-        raise ValueError("diff must be a numeric array (N x d)") from None
-    if arr.dtype.kind not in "fiub":
-        raise ValueError(f"diff must be real-valued and numeric, got dtype {arr.dtype}")
-    if arr.dtype.kind != "f":
-        arr = arr.astype(np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"diff must be 2-D (N x d), got shape {arr.shape}")
-    if check_finite and not np.all(np.isfinite(arr)):
-        raise ValueError("diff contains NaN or inf")
-    if check_finite and arr.size:
-        _check_scale("diff", float(np.max(np.abs(arr))))
-    return arr
 
 
 def _missing_labels_error(count, n):
@@ -218,16 +132,6 @@ def _parse_groups(raw, n, names):
     return groups.astype(np.intp), names
 
 
-def weighted_gram(block, weights):
-    """:math:`B^\\top\\mathrm{diag}(w)B` (dense d × d) of one block of rows (ndarray or CSR), w ≥ 0."""
-    root = np.sqrt(weights)
-    if _is_sparse(block):
-        scaled = block.multiply(root[:, None]).tocsr()
-        return (scaled.T @ scaled).toarray()
-    scaled = block * root[:, None]
-    return scaled.T @ scaled
-
-
 @dataclass(frozen=True, eq=False)
 class PreferenceData:
     """Pairs ``(x_g, y_w, y_l)`` of ``K`` groups, reduced to what a log-linear policy needs.
@@ -276,6 +180,12 @@ class PreferenceData:
     ValueError
         On a shape mismatch, NaN/inf, group labels that are missing, mixed, negative, non-integer or
         ``>= K``, or an empty declared group; the message names the argument.
+
+    Attributes
+    ----------
+    storage : loglinear_grpo.storage.Rows
+        The adapter through which every solver reads ``diff`` (:mod:`loglinear_grpo.storage`): its
+        products, blocked passes, capabilities and fingerprint. ``diff`` is what it reads.
     """
 
     diff: object
@@ -286,9 +196,11 @@ class PreferenceData:
     check_finite: bool = True
     check_adjoint: bool = True
     group_sizes: np.ndarray = field(init=False, repr=False)
+    storage: Rows = field(init=False, repr=False)
 
     def __post_init__(self):
-        diff = _check_diff(self.diff, self.check_finite, self.check_adjoint)
+        storage = as_rows(self.diff, self.check_finite, self.check_adjoint)
+        diff = storage.source
         n = diff.shape[0]
         if n == 0:
             raise ValueError("diff must hold at least one pair (N >= 1)")
@@ -340,6 +252,7 @@ class PreferenceData:
                     _check_scale("ref_margin", top)
 
         object.__setattr__(self, "diff", diff)
+        object.__setattr__(self, "storage", storage)
         object.__setattr__(self, "groups", groups)
         object.__setattr__(self, "ref_margin", ref)
         object.__setattr__(self, "group_names", names)
@@ -384,6 +297,8 @@ class PreferenceData:
     def dim(self):
         return self.diff.shape[1]
 
+    # The four storage tests below are read-only conveniences for users; the package's own modules
+    # ask self.storage for capabilities instead (tests/test_structure.py).
     @property
     def is_sparse(self):
         """True for a ``scipy.sparse`` S (stored as CSR)."""
@@ -405,70 +320,41 @@ class PreferenceData:
         return isinstance(self.diff, np.memmap)
 
     # ------------------------------------------------------------------ products with S
-    # The one place that knows how each kind of S (dense, memory-mapped, sparse, implicit) is read.
+    # S is read through its adapter, self.storage (loglinear_grpo.storage): the one place that knows
+    # how each kind of S (dense, memory-mapped, sparse, implicit) is read.
     def matvec(self, x):
         """:math:`S x`, shape (N,), float64 (streamed for a memmap)."""
-        if self.is_operator:
-            return self.diff.matvec(x)
-        if not self.streamed:
-            return np.asarray(self.diff @ x, dtype=np.float64).ravel()
-        out = np.empty(self.n_samples)
-        for start, stop, block in self.row_blocks():
-            out[start:stop] = block @ x
-        return out
+        return self.storage.matvec(x)
 
     def rmatvec(self, u):
         """:math:`S^\\top u`, shape (d,), float64 (streamed for a memmap)."""
-        if self.is_operator:
-            return self.diff.rmatvec(u)
-        if not self.streamed:
-            return np.asarray(self.diff.T @ u, dtype=np.float64).ravel()
-        out = np.zeros(self.dim)
-        for start, stop, block in self.row_blocks():
-            out += block.T @ u[start:stop]
-        return out
+        return self.storage.rmatvec(u)
 
     def rows(self, index):
         """The rows :math:`s_i`, i ∈ ``index``: an ndarray in S's dtype, or CSR (sparse or implicit S)."""
-        return self.diff.rows(index) if self.is_operator else self.diff[index]
+        return self.storage.rows(index)
 
     def row_blocks(self, block_rows=CHUNK_ROWS):
         """``(start, stop, block)`` over all rows in order: float64 ndarrays ``block_rows`` at a time
         (bounded temporaries; a memmap is never loaded whole) or CSR (a sparse S whole, an implicit S
         in the operator's blocks)."""
-        n = self.n_samples
-        if self.is_operator:
-            yield from self.diff.row_blocks()
-        elif self.is_sparse:
-            yield 0, n, self.diff
-        else:
-            for start in range(0, n, block_rows):
-                stop = min(start + block_rows, n)
-                yield start, stop, np.asarray(self.diff[start:stop], dtype=np.float64)
+        return self.storage.row_blocks(block_rows)
 
     def gram(self):
         """The kernel :math:`SS^\\top`, shape (N, N), dense float64 (the row-space solvers, d > N)."""
-        if self.is_operator:
-            return self.diff.gram()
-        gram = self.diff @ self.diff.T
-        return gram.toarray() if _is_sparse(gram) else np.asarray(gram, dtype=np.float64)
+        return self.storage.gram()
 
     def explicit_diff(self):
         """S as an in-memory ndarray or CSR (for the cvxpy and LP programs); an implicit S is formed
         (``ValueError`` when too large, see :meth:`PairOperator.explicit`)."""
-        if self.is_operator:
-            return self.diff.explicit()
-        if self.streamed:
-            return np.asarray(self.diff, dtype=np.float64)
-        return self.diff
+        return self.storage.explicit()
 
     def subset(self, index):
         """The pairs at ``index`` (an integer or boolean array), same groups and names."""
         index = np.asarray(index)
         if index.dtype == bool:
             index = np.flatnonzero(index)
-        diff = self.diff.subset(index) if self.is_operator else self.diff[index]
-        return PreferenceData(diff, self.groups[index], self.ref_margin[index],
+        return PreferenceData(self.storage.take(index), self.groups[index], self.ref_margin[index],
                               group_names=self.group_names, check_finite=False, check_adjoint=False)
 
     def sorted_by_group(self):
@@ -476,27 +362,14 @@ class PreferenceData:
         for a dense S), which makes each full-batch iteration one pass over S whatever K
         (:mod:`loglinear_grpo.kernels`). The solution does not depend on the order of the pairs."""
         order = np.argsort(self.groups, kind="stable")
-        if self.is_operator:
-            diff = self.diff.subset(order)
-        else:
-            diff = self.diff[order] if not isinstance(self.diff, np.memmap) else np.asarray(self.diff)[order]
-        return PreferenceData(diff, self.groups[order], self.ref_margin[order], group_names=self.group_names,
-                              check_finite=False, check_adjoint=False), order
+        return PreferenceData(self.storage.take(order), self.groups[order], self.ref_margin[order],
+                              group_names=self.group_names, check_finite=False, check_adjoint=False), order
 
     def row_norms(self):
         """Euclidean norm of every row of ``diff`` (streamed)."""
-        if self.is_operator:
-            return self.diff.row_norms()
-        if self.is_sparse:
-            return np.sqrt(np.asarray(self.diff.multiply(self.diff).sum(axis=1)).ravel())
-        out = np.empty(self.n_samples)
-        for start in range(0, self.n_samples, CHUNK_ROWS):
-            block = np.asarray(self.diff[start:start + CHUNK_ROWS], dtype=np.float64)
-            out[start:start + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block))
-        return out
+        return self.storage.row_norms()
 
     def __repr__(self):
-        kind = ("sparse" if self.is_sparse else "implicit" if self.is_operator
-                else "memmap" if isinstance(self.diff, np.memmap) else "dense")
+        kind = self.storage.kind
         sizes = ", ".join(f"{n}={s}" for n, s in zip(self.group_names, self.group_sizes))
         return f"PreferenceData(N={self.n_samples}, d={self.dim}, {kind}, groups: {sizes})"
