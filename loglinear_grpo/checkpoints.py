@@ -54,23 +54,11 @@ def _since(holder):
 
 
 def data_fingerprint(data):
-    """SHA-256 of every number that defines the data: S (all of it), r, the labels, K."""
+    """SHA-256 of every number that defines the data: S (all of it, as its adapter feeds it:
+    :meth:`~loglinear_grpo.storage.Rows.update_fingerprint`), r, the labels, K."""
     h = hashlib.sha256()
     h.update(json.dumps([int(data.n_samples), int(data.dim), int(data.n_groups)]).encode())
-    diff = data.diff
-    if data.is_operator:
-        h.update(b"operator:" + diff.fingerprint().encode())
-    elif data.is_sparse:
-        csr = diff.tocsr()
-        csr.sort_indices()
-        for part in (csr.indptr, csr.indices, csr.data):
-            h.update(str(part.dtype).encode())
-            h.update(np.ascontiguousarray(part).tobytes())
-    else:
-        h.update(str(diff.dtype).encode())
-        step = max(1, (1 << 22) // max(1, diff.shape[1] * diff.dtype.itemsize))   # ~4 MiB blocks
-        for start in range(0, diff.shape[0], step):
-            h.update(np.ascontiguousarray(diff[start:start + step]).tobytes())
+    data.storage.update_fingerprint(h)
     h.update(np.ascontiguousarray(data.groups, dtype=np.int64).tobytes())
     h.update(np.ascontiguousarray(data.ref_margin, dtype=np.float64).tobytes())
     return h.hexdigest()

@@ -72,8 +72,8 @@ class Workspace(_Scratch):
 
     def __init__(self, data):
         self.data = data
-        diff = data.diff
-        self.dtype = np.float32 if getattr(diff, "dtype", np.float64) == np.float32 else np.float64
+        storage = data.storage
+        self.dtype = np.float32 if storage.dtype == np.float32 else np.float64
         itemsize = np.dtype(self.dtype).itemsize
         n, k = data.n_samples, data.n_groups
         self.rows = int(min(n, MAX_BLOCK_ROWS, max(256, BLOCK_BYTES // max(1, data.dim * itemsize))))
@@ -84,11 +84,13 @@ class Workspace(_Scratch):
         starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
         self.runs = (np.r_[starts, labels.size], labels[starts]) if starts.size == k else None
         n_blocks = -(-n // self.rows)
-        n_parts = max(1, min(MAX_PARTS, n_blocks // PART_BLOCKS)) if data.is_dense else 1
+        n_parts = max(1, min(MAX_PARTS, n_blocks // PART_BLOCKS)) if storage.parallel_parts else 1
         edges = [self.rows * (n_blocks * j // n_parts) for j in range(n_parts)] + [n]
         self.parts = list(zip(edges[:-1], edges[1:]))
         self.scratch = [self] + [_Scratch(self.rows, k, self.dtype, self.dense_groups)
                                  for _ in range(n_parts - 1)]
+        # S as one block for the one-call pass of a small S in memory (a view, no copy)
+        self.whole = storage.block(0, n) if storage.dense_rows and storage.in_memory and n <= SMALL else None
 
 
 _POOL = {"pid": None, "executor": None, "blas": None}
@@ -136,8 +138,9 @@ def _dpo_block(h, beta, ws, n):
 
 def _small_pass(theta, data, spec, beta, ws):
     """The same pass for a small S in one block, with the fewest calls (per-call overhead dominates
-    there): h, then ℓ and ℓ' (DPO via log σ and σ), the loss sums and G = W S."""
-    diff = data.diff
+    there): h, then ℓ and ℓ' (DPO via log σ and σ), the loss sums and G = W S (S in memory, dense rows:
+    ``ws.whole``)."""
+    diff = ws.whole
     h = diff @ theta.astype(ws.dtype, copy=False) - data.ref_margin
     if spec.name == "dpo":
         z = beta * h
@@ -154,24 +157,20 @@ def losses_and_group_gradients(theta, data, loss, beta, workspace=None):
     """One pass over S: group loss sums (K,) and group gradient sums ``G`` (K, d).
 
     ``loss_sums[g] = Σ_{i∈D_g} ℓ(h_i)`` and ``G[g] = Σ_{i∈D_g} ℓ'(h_i) s_i`` (divide by N_g for the
-    means). Dense and memory-mapped S (float64 or float32) go block by block; a sparse S in two
-    products (its blocks have no cache reuse to gain); an implicit S in its two products
-    :math:`S\\theta` and :math:`S^\\top U` (U: N × K).
+    means). An S with dense rows (in memory or memory-mapped, float64 or float32) goes block by block;
+    any other (sparse, implicit) in two products, :math:`S\\theta` and the group sums :math:`S^\\top U`
+    (U: N × K; :meth:`~loglinear_grpo.storage.Rows.group_sums`; its blocks have no cache reuse to gain).
     """
     spec = get_loss(loss)
     k = data.n_groups
-    if data.is_sparse or data.is_operator:
-        h = data.matvec(theta) - data.ref_margin
+    storage = data.storage
+    if not storage.dense_rows:
+        h = storage.matvec(theta) - data.ref_margin
         value, deriv = spec.value_and_grad(h, beta)
         loss_sums = np.bincount(data.groups, weights=value, minlength=k)
-        if data.is_operator:          # Sᵀ U with U = ℓ'_i in column g_i: one call, however the operator does it
-            weights = np.zeros((data.n_samples, k))
-            weights[np.arange(data.n_samples), data.groups] = deriv
-            return loss_sums, np.ascontiguousarray(data.diff.rmatmat(weights).T)
-        indicator = sp.csr_matrix((deriv, (data.groups, np.arange(data.n_samples))), shape=(k, data.n_samples))
-        return loss_sums, np.asarray((indicator @ data.diff).todense())
+        return loss_sums, storage.group_sums(deriv, data.groups, k)
     ws = workspace if workspace is not None and workspace.data is data else Workspace(data)
-    if data.n_samples <= SMALL and ws.dense_groups and not data.streamed:
+    if data.n_samples <= SMALL and ws.dense_groups and storage.in_memory:
         return _small_pass(theta, data, spec, beta, ws)
     theta_c = theta.astype(ws.dtype, copy=False)
     jobs = [(theta_c, data, spec, beta, ws, scratch, a, b) for (a, b), scratch in zip(ws.parts, ws.scratch)]
@@ -201,11 +200,9 @@ def _part_pass(theta_c, data, spec, beta, ws, scratch, first, last):
     k, d = data.n_groups, data.dim
     loss_sums = np.zeros(k)
     grads = np.zeros((k, d))
-    diff, ref, groups = data.diff, data.ref_margin, data.groups
-    for start in range(first, last, ws.rows):
-        stop = min(start + ws.rows, last)
+    ref, groups = data.ref_margin, data.groups
+    for start, stop, block in data.storage.blocks(first, last, ws.rows):
         n = stop - start
-        block = diff[start:stop]
         h_c = np.dot(block, theta_c, out=scratch.h[:n])
         h = np.subtract(h_c, ref[start:stop], out=scratch.margin[:n])       # float64 margins
         if spec.name == "dpo":
@@ -264,16 +261,17 @@ def make_pass(data, loss, beta, workspace=None):
     """θ ↦ :func:`full_pass` (θ) with the choice of kernel made once, for loops over iterations
     (at the paper's size the per-call dispatch costs as much as the arithmetic)."""
     spec = get_loss(loss)
-    if data.is_operator:
+    storage = data.storage
+    if not storage.cheap_rmatmat:             # G would take K products: keep ℓ', one Sᵀu per θ step
         groups, ref, k = data.groups, data.ref_margin, data.n_groups
 
         def operator_pass(theta):
             value, deriv = spec.value_and_grad(data.matvec(theta) - ref, beta)
             return FullPass(np.bincount(groups, weights=value, minlength=k), None, deriv)
         return operator_pass
-    if not data.is_sparse:
+    if storage.dense_rows:
         ws = workspace if workspace is not None and workspace.data is data else Workspace(data)
-        if data.n_samples <= SMALL and ws.dense_groups and not data.streamed:
+        if data.n_samples <= SMALL and ws.dense_groups and storage.in_memory:
             return lambda theta: FullPass(*_small_pass(theta, data, spec, beta, ws), None)
         workspace = ws
     return lambda theta: FullPass(*losses_and_group_gradients(theta, data, spec, beta, workspace), None)
