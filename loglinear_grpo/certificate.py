@@ -76,15 +76,9 @@ def rounding_tolerance(n_terms):
 
 def abs_rmatvec(data, v):
     """:math:`|S|^\\top v` for v ≥ 0 (one pass over S, block by block): the size of the terms of
-    every coordinate of :math:`S^\\top v`, for the rounding test."""
-    out = np.zeros(data.dim)
-    for start, stop, block in data.row_blocks():
-        part = v[start:stop]
-        if sp.issparse(block):
-            out += np.asarray(abs(block).T @ part).ravel()
-        else:
-            out += np.abs(block).T @ part
-    return out
+    every coordinate of :math:`S^\\top v`, for the rounding test (the data's adapter:
+    :meth:`~loglinear_grpo.storage.Rows.abs_rmatvec`)."""
+    return data.storage.abs_rmatvec(v)
 
 
 def zero_to_rounding(rho, scale, n_terms):

@@ -51,7 +51,7 @@ def _cvxpy_pair_losses(cp, data, theta_var, loss, beta):
 def _cvxpy_diff(data):
     """The data with S in memory (cvxpy and the LP need its entries): a memmap is read, an implicit
     S formed when it fits (``ValueError`` otherwise)."""
-    if data.streamed or data.is_operator:
+    if not data.storage.in_memory:
         return PreferenceData(data.explicit_diff(), data.groups, data.ref_margin,
                               group_names=data.group_names, check_finite=False)
     return data
@@ -200,7 +200,7 @@ def group_normal_equations(data, target_offset, theta_set=None):
     target = data.ref_margin + target_offset
     if isinstance(theta_set, L2Ball) and theta_set.center is not None and np.any(theta_set.center):
         target = target - data.matvec(theta_set.center)
-    if data.dim > data.n_samples and not data.streamed:
+    if data.dim > data.n_samples and not data.storage.out_of_core:
         return RowSpaceForm(gram=data.gram(), target=target)
     k, d = data.n_groups, data.dim
     grams, rhs = np.empty((k, d, d)), np.empty((k, d))
@@ -255,8 +255,8 @@ def weighted_least_squares(data, group_weights, target_offset, theta_set=None, n
     pair_w = (w / data.group_sizes)[data.groups]
     target = data.ref_margin + target_offset
     root_w = np.sqrt(pair_w)
-    if isinstance(theta_set, Box) and data.is_dense:
-        a = np.asarray(data.diff, dtype=np.float64) * root_w[:, None]
+    if isinstance(theta_set, Box) and data.storage.dense_rows:
+        a = np.asarray(data.explicit_diff(), dtype=np.float64) * root_w[:, None]
         lower = np.broadcast_to(theta_set.lower, (data.dim,))
         upper = np.broadcast_to(theta_set.upper, (data.dim,))
         res = scipy.optimize.lsq_linear(a, root_w * target, bounds=(lower, upper), method="bvls",
@@ -424,12 +424,7 @@ def hinge_program_nbytes(data):
     their constraints and the K group rows) and a little per coordinate of θ (its bounds and costs).
     Computed from the shapes alone: nothing is read."""
     n, d = data.n_samples, data.dim
-    if data.is_sparse:
-        entries = int(data.diff.nnz)
-    elif data.is_operator:
-        entries = int(data.diff.explicit_nbytes()) // 12       # float64 value + int32 index per entry
-    else:
-        entries = n * d
+    entries = data.storage.explicit_entries()
     return HINGE_BYTES_PER_ENTRY * entries + HINGE_BYTES_PER_PAIR * n + 256 * d + 8 * data.n_groups * n
 
 
@@ -455,8 +450,7 @@ def _check_hinge_memory(data, theta_set):
     if need > budget:
         program = "linear program (HiGHS)" if isinstance(theta_set, (Box, Unconstrained)) else \
             "conic program (cvxpy + Clarabel)"
-        storage = ("memory-mapped" if data.streamed else "implicit" if data.is_operator
-                   else "sparse" if data.is_sparse else "in-memory")
+        storage = data.storage.description
         raise MemoryError(
             f"the hinge loss is solved as one {program} over S in memory: for N={data.n_samples} pairs, "
             f"d={data.dim}, K={data.n_groups} ({storage} S) it would need about {_nbytes_text(need)}, more than "

@@ -135,7 +135,7 @@ class PairOracle:
             rows = np.arange(stop - start)
             indicator = sp.csr_matrix((weights[start:stop], (data.groups[start:stop], rows)),
                                       shape=(k, stop - start))
-            grads += np.asarray((indicator @ block).todense() if sp.issparse(block) else indicator @ block)
+            grads += data.storage.left_product(indicator, block)
             hess += weighted_gram(block, curv[start:stop])
         return grads, hess
 
@@ -186,7 +186,7 @@ def row_space_reduction(data, theta_set, origin=None):
     ‖b‖. ``origin`` (R^d only) replaces c: the reduced problem is then the correction θ − origin
     (iterative refinement of a lifted solution). Returns ``None`` when no reduction applies.
     """
-    if data.dim <= data.n_samples or not isinstance(theta_set, (L2Ball, Unconstrained)) or data.streamed:
+    if data.dim <= data.n_samples or not isinstance(theta_set, (L2Ball, Unconstrained)) or data.storage.out_of_core:
         return None
     cached = _REDUCTIONS.get(data)                  # one kernel and eigen-decomposition per data set
     if cached is None:

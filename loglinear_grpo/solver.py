@@ -138,7 +138,7 @@ class SolverConfig:
     group_cum: np.ndarray = field(repr=False)         # cumulative N_g/N (sampler)
     group_offsets: np.ndarray = field(repr=False)     # start of each group in `members`
     members: np.ndarray = field(repr=False)           # pair indices sorted by group
-    streamed: bool = False
+    streamed: bool = False                            # S is out of core (data.storage.out_of_core)
     scalar_loss: Callable | None = field(default=None, repr=False)  # (h, β) -> (ℓ, ℓ') for one float
     normal_equations: object = field(default=None, repr=False)   # closed form: (H_g, q_g) or RowSpaceForm
     theory: dict = field(default_factory=dict)
@@ -259,12 +259,8 @@ def _largest_group_curvature(data, iters=30, seed=0):
     best = 0.0
     for g in range(data.n_groups):
         rows = np.flatnonzero(data.groups == g)
-        if data.is_operator:
-            sub = data.diff.subset(rows)
-            product, adjoint = sub.matvec, sub.rmatvec
-        else:
-            sub = data.diff[rows]
-            product, adjoint = (lambda x: np.asarray(sub @ x).ravel()), (lambda y: np.asarray(sub.T @ y).ravel())
+        sub = data.storage.subset(rows)
+        product, adjoint = sub.matvec, sub.rmatvec
         v = rng.standard_normal(data.dim)
         v /= np.linalg.norm(v)
         lam = 0.0
@@ -280,14 +276,7 @@ def _largest_group_curvature(data, iters=30, seed=0):
 
 def _max_abs(data):
     """The largest |entry| of S (for an implicit S, the largest row norm: an upper bound)."""
-    if data.is_operator:
-        return float(np.max(data.row_norms(), initial=0.0))
-    if data.is_sparse:
-        return float(np.max(np.abs(data.diff.data), initial=0.0))
-    top = 0.0
-    for start in range(0, data.n_samples, CHUNK_ROWS):
-        top = max(top, float(np.max(np.abs(data.diff[start:start + CHUNK_ROWS]), initial=0.0)))
-    return top
+    return data.storage.max_abs()
 
 
 def _resolve_step(name, value, *, theory_value, auto_value=None):
@@ -424,7 +413,7 @@ def make_config(data, *, loss="dpo", beta=0.1, method="group_robust", estimator=
         theta_set=theta_set, theta0=theta0, alpha0=alpha0, n_samples=data.n_samples,
         group_sizes=sizes.astype(np.float64), pair_inv_size=(1.0 / sizes)[data.groups],
         group_cum=np.cumsum(sizes) / sizes.sum(), group_offsets=offsets, members=members,
-        streamed=data.streamed, theory=dict(cache), scalar_loss=get_loss(loss).scalar,
+        streamed=data.storage.out_of_core, theory=dict(cache), scalar_loss=get_loss(loss).scalar,
         normal_equations=(group_normal_equations(data, 0.5 / beta, theta_set)
                           if estimator == "closed_form" else None))
 
@@ -615,7 +604,7 @@ def _single_pair_run(state, data, config, stop, sampler_cache):
 
 
 def _stochastic_step(state, data, config, batch, t):
-    if batch.size == 1 and config.scalar_loss is not None and data.is_dense:
+    if batch.size == 1 and config.scalar_loss is not None and data.storage.dense_rows:
         return _single_pair_step(state, data, config, int(batch[0]), t)
     loss, beta = config.loss, config.beta
     rows = data.rows(batch)
@@ -1048,7 +1037,7 @@ def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, f
     cert, cert_step = None, -1
     try:
         single = (config.estimator == "stochastic" and config.batch_size == 1 and config.scalar_loss is not None
-                  and data.is_dense)
+                  and data.storage.dense_rows)
         fast = callback is None and (single or config.estimator == "full")
         while state.step < config.steps:
             if fast:                     # run in place up to the next step that logs, certifies or saves

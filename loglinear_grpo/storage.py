@@ -163,6 +163,12 @@ class Rows(abc.ABC):
             out += abs_transpose_product(block, v[start:stop])
         return out
 
+    @staticmethod
+    def left_product(matrix, block):
+        """``matrix @ block`` as a dense ndarray, for one block of :meth:`row_blocks` (ndarray or CSR;
+        :func:`left_product`)."""
+        return left_product(matrix, block)
+
     # ---------------------------------------------------------------- rows
     @abc.abstractmethod
     def rows(self, index):
