@@ -157,3 +157,97 @@ def test_no_import_cycles_inside_the_packages():
                         describe_cycle(graph, c) for c in new)
     stale = sorted(set(ALLOWED_LAZY_CYCLES) - set(cycles))
     assert not stale, f"allowed cycles that no longer exist (remove them from ALLOWED_LAZY_CYCLES): {stale}"
+
+
+# ============================================================================ one row interface (issue 19)
+#: the modules of loglinear_grpo that may test how S is stored: the data class, the operator protocol
+#: and the storage adapters (loglinear_grpo.storage); every other module asks ``data.storage`` for a
+#: capability (in_memory, out_of_core, dense_rows, parallel_parts, cheap_rmatmat)
+STORAGE_MODULES = frozenset({"data.py", "operators.py", "storage.py"})
+#: types S may be stored as (the last part of a dotted name: np.memmap, sp.csr_matrix, torch.Tensor, ...)
+STORAGE_TYPES = frozenset({
+    "ndarray", "memmap", "matrix", "spmatrix", "sparray", "LinearOperator", "Tensor",
+    *(f"{fmt}_{kind}" for fmt in ("csr", "csc", "coo", "lil", "dok", "bsr", "dia") for kind in ("matrix", "array")),
+    "PairOperator", "LinearOperatorRows", "RowSubset", "Rows", "DenseRows", "MemmapRows", "SparseRows",
+    "OperatorRows"})
+#: functions that test for a storage kind
+STORAGE_TESTS = frozenset({"issparse", "isspmatrix", "is_pydata_spmatrix", "_is_sparse", "as_pair_operator"})
+#: PreferenceData's read-only storage conveniences (for users, not for the packages' modules)
+STORAGE_ATTRIBUTES = frozenset({"is_sparse", "is_operator", "is_dense", "streamed"})
+#: module aliases of scipy.sparse: any type under them is a storage type
+SPARSE_PREFIXES = ("sp.", "sparse.", "scipy.sparse.")
+
+
+def _dotted(node):
+    """``"np.memmap"`` for a chain of attributes on a name, ``"memmap"`` for a name, else ``None``."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def _storage_type(node):
+    """The storage type that ``node`` (a type, a tuple of types or ``A | B``) names, or ``None``."""
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return next((t for t in map(_storage_type, node.elts) if t), None)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _storage_type(node.left) or _storage_type(node.right)
+    name = _dotted(node)
+    if name is None:
+        return None
+    if name.rpartition(".")[2] in STORAGE_TYPES or name.startswith(SPARSE_PREFIXES):
+        return name
+    return None
+
+
+def storage_kind_tests_in(tree):
+    """``[(line, what)]``: every place in a module's ``ast`` that tests how S is stored —
+    ``isinstance``/``issubclass`` against a storage type (:data:`STORAGE_TYPES`, anything under
+    ``scipy.sparse``), ``type(x) is/== <storage type>``, a call of a storage test
+    (:data:`STORAGE_TESTS`, ``sp.isspmatrix_*``) and a read of PreferenceData's storage
+    conveniences (:data:`STORAGE_ATTRIBUTES`)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = _dotted(node.func) or ""
+            last = name.rpartition(".")[2]
+            if last in ("isinstance", "issubclass") and len(node.args) == 2 and _storage_type(node.args[1]):
+                found.append((node.lineno, f"{last}(..., {_storage_type(node.args[1])})"))
+            elif last in STORAGE_TESTS or last.startswith("isspmatrix"):
+                found.append((node.lineno, f"{name}(...)"))
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            typed = any(isinstance(s, ast.Call) and _dotted(s.func) == "type" for s in sides)
+            named = next((t for t in map(_storage_type, sides) if t), None)
+            if typed and named:
+                found.append((node.lineno, f"type(...) compared with {named}"))
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and node.attr in STORAGE_ATTRIBUTES:
+            found.append((node.lineno, f"{_dotted(node) or '...' + node.attr}"))
+    return sorted(found)
+
+
+def storage_kind_tests(folder, allowed=STORAGE_MODULES):
+    """``["file.py:line: what"]`` for every ``.py`` file under ``folder`` whose name is not in
+    ``allowed`` (:func:`storage_kind_tests_in`). Point it at any folder, e.g. one holding an older
+    version of the package's modules."""
+    found = []
+    for path in sorted(Path(folder).rglob("*.py")):
+        if path.name in allowed:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        found += [f"{path.relative_to(folder)}:{line}: {what}" for line, what in storage_kind_tests_in(tree)]
+    return found
+
+
+def test_no_module_outside_the_adapters_tests_the_storage_kind():
+    package = ROOT / "loglinear_grpo"
+    everywhere = storage_kind_tests(package, allowed=())
+    assert any(f.startswith("storage.py:") for f in everywhere), everywhere    # the scanner sees the adapters'
+    found = storage_kind_tests(package)
+    assert not found, ("modules outside loglinear_grpo/data.py, operators.py and storage.py test how S is "
+                       "stored; ask data.storage for a capability (or add one to loglinear_grpo.storage) "
+                       "instead:\n" + "\n".join(found))
