@@ -9,15 +9,18 @@ fingerprint of a checkpoint. What differs between ways of storing S is said by *
 (class attributes), never by naming the storage:
 
 ``in_memory``
-    S's entries are held in memory: a whole-S product reads no storage, and the cvxpy and LP
-    programs can take S as it is.
+    S is one in-memory ndarray or CSR matrix (``source``, i.e. ``PreferenceData.diff``): a whole-S
+    product reads no storage, and the cvxpy and LP programs take ``source`` as it is (any other S is
+    formed first by :meth:`~Rows.explicit`).
 ``out_of_core``
-    S's entries live in a file and are read block by block, never whole: forms that hold all of S
-    at once (the kernel :math:`SS^\\top` of the row-space solvers) are avoided.
+    S's entries live in a file and every full pass reads them block by block, never whole: forms
+    computed from all of S in one call (the kernel :math:`SS^\\top` of the row-space solvers) are
+    not used.
 ``dense_rows``
-    S is one (N, d) array in its stored dtype (float32 stays float32): :meth:`~Rows.block` and
-    :meth:`~Rows.row` are slices read at the cost of their rows, so a block can be multiplied twice
-    from cache and the one-pair loop reads one row per step.
+    S is one (N, d) array in its stored dtype (float32 stays float32; ``source`` is that array, in
+    memory or memory-mapped): :meth:`~Rows.block` and :meth:`~Rows.row` (= ``source[i]``) are slices
+    read at the cost of their rows, so a block can be multiplied twice from cache and the one-pair
+    loop reads one row per step.
 ``parallel_parts``
     Disjoint row ranges can be read by several threads at once (the threaded full pass).
 ``cheap_rmatmat``
