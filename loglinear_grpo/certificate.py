@@ -41,7 +41,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 from ._linalg import EPS, solve_psd_scaled
 from .steps import mixing_weights

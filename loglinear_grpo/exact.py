@@ -257,8 +257,7 @@ def weighted_least_squares(data, group_weights, target_offset, theta_set=None, n
     root_w = np.sqrt(pair_w)
     if isinstance(theta_set, Box) and data.storage.dense_rows:
         a = np.asarray(data.explicit_diff(), dtype=np.float64) * root_w[:, None]
-        lower = np.broadcast_to(theta_set.lower, (data.dim,))
-        upper = np.broadcast_to(theta_set.upper, (data.dim,))
+        lower, upper = theta_set.bounds(data.dim)
         res = scipy.optimize.lsq_linear(a, root_w * target, bounds=(lower, upper), method="bvls",
                                         tol=1e-14, lsmr_tol="auto")
         return res.x

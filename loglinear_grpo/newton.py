@@ -195,7 +195,8 @@ def row_space_reduction(data, theta_set, origin=None):
         keep = lam > max(lam.max(initial=0.0), 1e-300) * data.n_samples * EPS
         cached = _REDUCTIONS[data] = (vec[:, keep], np.sqrt(lam[keep]))
     vec, root = cached
-    center = np.zeros(data.dim) if getattr(theta_set, "center", None) is None else theta_set.center
+    center = theta_set.center_vector(data.dim)
+    center = np.zeros(data.dim) if center is None else center
     if origin is not None and isinstance(theta_set, Unconstrained):
         center = origin
     offsets = data.ref_margin - data.matvec(center)

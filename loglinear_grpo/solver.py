@@ -59,7 +59,6 @@ from ._validation import (METHODS, check_choice, check_loss, check_positive_fini
 from .certificate import check_consistent, is_converged
 from .checkpoints import CheckpointFile, run_fingerprint
 from .constraints import make_constraint
-from .data import CHUNK_ROWS
 from .exact import certified_best_response, group_normal_equations, hinge_program, weighted_least_squares
 from .losses import get_loss
 from .kernels import Workspace, full_pass, make_pass

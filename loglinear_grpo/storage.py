@@ -49,7 +49,7 @@ import mmap
 import numpy as np
 import scipy.sparse as sp
 
-from .operators import PairOperator, as_pair_operator, check_adjoint as _check_adjoint
+from .operators import as_pair_operator, check_adjoint as _check_adjoint
 
 #: rows per block when streaming over a dense or memory-mapped S (about 4 MiB of float64 at d=64)
 CHUNK_ROWS = 8192
