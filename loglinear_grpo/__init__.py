@@ -14,6 +14,7 @@ from .exact import ExactResult, best_response, duality_gap, solve_exact, weighte
 from .losses import pair_loss, pair_loss_derivative
 from .objective import group_losses, group_metrics, margins, weighted_gradient, worst_group_loss
 from .operators import PairOperator
+from .settings import Settings
 from .solver import (ConvergenceWarning, SolveResult, SolverConfig, SolverState, StepSize, averaged_alpha,
                      averaged_theta, init, make_config, sample_batch, solve, theory_constants,
                      theory_step_sizes, update)
@@ -21,7 +22,7 @@ from .solver import (ConvergenceWarning, SolveResult, SolverConfig, SolverState,
 __version__ = "0.1.0"
 
 __all__ = [
-    "CertificateWarning", "ConvergenceWarning", "Box", "ConvexSet", "ExactResult", "L2Ball", "PairOperator", "PreferenceData", "SolveResult", "SolverConfig",
+    "CertificateWarning", "ConvergenceWarning", "Box", "ConvexSet", "ExactResult", "L2Ball", "PairOperator", "PreferenceData", "Settings", "SolveResult", "SolverConfig",
     "SolverState", "StepSize", "ThetaSet", "Unconstrained", "averaged_alpha", "averaged_theta", "best_response",
     "duality_gap", "group_losses", "group_metrics", "init", "make_config", "margins", "pair_loss",
     "pair_loss_derivative", "sample_batch", "solve", "solve_exact", "theory_constants",

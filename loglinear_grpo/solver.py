@@ -45,6 +45,7 @@ both unbiased (``batch_size=B`` averages B i.i.d. draws); ``"full"`` — the exa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import re
 import warnings
@@ -54,8 +55,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pandas as pd
 
-from ._validation import (METHODS, check_choice, check_loss, check_positive_finite, check_positive_int,
-                          check_unit_interval, check_vector)
+from ._validation import check_positive_finite, check_positive_int, check_vector
 from .certificate import check_consistent, is_converged
 from .checkpoints import CheckpointFile, run_fingerprint
 from .constraints import make_constraint
@@ -63,6 +63,7 @@ from .exact import certified_best_response, group_normal_equations, hinge_progra
 from .losses import get_loss
 from .kernels import Workspace, full_pass, make_pass
 from .objective import _check_data, _group_losses, group_metrics, margins, minimax_value
+from .settings import ESTIMATOR_CHOICES, Settings, with_settings_signature  # noqa: F401 (re-exported)
 from .steps import log_normalize, mirror_ascent, mixing_weights, projected_step  # noqa: F401 (log_normalize public here)
 
 #: steps drawn per call of the counter-based sampler (one Generator per block)
@@ -74,7 +75,6 @@ DEFAULT_STEPS = {"newton": 200, "full": 20_000, "closed_form": 5_000, "stochasti
 #: the scale-free default α step: η_α = ALPHA_GAIN / (largest group loss at θ⁽⁰⁾)
 ALPHA_GAIN = 1.0
 
-ESTIMATOR_CHOICES = ("auto", "newton", "full", "stochastic", "closed_form")
 
 
 class ConvergenceWarning(UserWarning):
@@ -99,21 +99,60 @@ class SolverState(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class StepSize:
-    """η_t = ``scale`` (``kind="constant"``) or ``scale/√t`` (``kind="1/sqrt(t)"``)."""
+    """A step-size schedule t ↦ η_t (callable, as an optax ``Schedule``): ``scale`` (``kind="constant"``),
+    ``scale/√t`` (``kind="1/sqrt(t)"``) or any user function of the 1-based iteration t
+    (``kind="schedule"``; ``scale`` is then η₁). A user schedule is identified in checkpoints by its
+    qualified name only: give a resumed run the same function."""
 
     kind: str
     scale: float
+    schedule: Callable | None = None
 
     def at(self, t):
-        return self.scale if self.kind == "constant" else self.scale / np.sqrt(t)
+        if self.kind == "constant":
+            return self.scale
+        if self.kind == "schedule":
+            return float(self.schedule(t))
+        return self.scale / np.sqrt(t)
+
+    __call__ = at
 
     def describe(self):
+        if self.kind == "schedule":
+            return f"schedule {getattr(self.schedule, '__qualname__', repr(self.schedule))}"
         return f"{self.scale!r}" if self.kind == "constant" else f"{self.scale!r}/sqrt(t)"
 
 
 @dataclass(frozen=True, eq=False)
+class DerivedState:
+    """What a run precomputes from the data (built by :func:`make_config`, never set by the user)."""
+
+    n_samples: int
+    group_sizes: np.ndarray                             # N_g (float)
+    pair_inv_size: np.ndarray = field(repr=False)       # 1/N_{g_i}, shape (N,)
+    group_cum: np.ndarray = field(repr=False)           # cumulative N_g/N (sampler)
+    group_offsets: np.ndarray = field(repr=False)       # start of each group in `members`
+    members: np.ndarray = field(repr=False)             # pair indices sorted by group
+    streamed: bool = False                              # S is read block by block from outside memory
+    scalar_loss: Callable | None = field(default=None, repr=False)  # (h, β) -> (ℓ, ℓ') for one float
+    normal_equations: object = field(default=None, repr=False)     # closed form: (H_g, q_g) or RowSpaceForm
+    theory: dict = field(default_factory=dict)          # Proposition 3's constants, when computed
+
+
+def _derived(name):
+    return property(lambda self: getattr(self.derived, name),
+                    doc=f"``derived.{name}`` (:class:`DerivedState`, read-only).")
+
+
+@dataclass(frozen=True, eq=False)
 class SolverConfig:
-    """Static settings of a run plus arrays precomputed from the data (built by :func:`make_config`)."""
+    """A run's settings, resolved against the data, and apart from them the derived state.
+
+    ``settings`` is what the user gave (:class:`~loglinear_grpo.settings.Settings`); the fields
+    below are the same settings with the defaults that depend on the estimator and the data resolved
+    (``estimator="auto"`` → ``"newton"``, ``steps``, ``tol``, the step-size schedules, Θ, θ⁽⁰⁾, α⁽⁰⁾);
+    ``derived`` holds the arrays precomputed from the data. Built by :func:`make_config`.
+    """
 
     loss: str
     beta: float
@@ -130,17 +169,19 @@ class SolverConfig:
     theta_set: object
     theta0: np.ndarray
     alpha0: np.ndarray
-    # precomputed from the data
-    n_samples: int
-    group_sizes: np.ndarray
-    pair_inv_size: np.ndarray = field(repr=False)     # 1/N_{g_i}, shape (N,)
-    group_cum: np.ndarray = field(repr=False)         # cumulative N_g/N (sampler)
-    group_offsets: np.ndarray = field(repr=False)     # start of each group in `members`
-    members: np.ndarray = field(repr=False)           # pair indices sorted by group
-    streamed: bool = False                            # S is out of core (data.storage.out_of_core)
-    scalar_loss: Callable | None = field(default=None, repr=False)  # (h, β) -> (ℓ, ℓ') for one float
-    normal_equations: object = field(default=None, repr=False)   # closed form: (H_g, q_g) or RowSpaceForm
-    theory: dict = field(default_factory=dict)
+    derived: DerivedState = field(repr=False)
+    settings: Settings | None = field(default=None, repr=False)
+
+    n_samples = _derived("n_samples")
+    group_sizes = _derived("group_sizes")
+    pair_inv_size = _derived("pair_inv_size")
+    group_cum = _derived("group_cum")
+    group_offsets = _derived("group_offsets")
+    members = _derived("members")
+    streamed = _derived("streamed")
+    scalar_loss = _derived("scalar_loss")
+    normal_equations = _derived("normal_equations")
+    theory = _derived("theory")
 
     @property
     def adaptive_alpha(self):
@@ -281,6 +322,12 @@ def _max_abs(data):
 def _resolve_step(name, value, *, theory_value, auto_value=None):
     if isinstance(value, StepSize):
         return value
+    if callable(value):
+        first = value(1)
+        if isinstance(first, bool) or not isinstance(first, numbers.Real) or not np.isfinite(first) or first < 0:
+            raise ValueError(f"{name}: a schedule must map the iteration t (from 1) to a non-negative finite "
+                             f"number, got {first!r} at t = 1")
+        return StepSize("schedule", float(first), schedule=value)
     if isinstance(value, str):
         if value == "theory":
             return StepSize("constant", theory_value())
@@ -301,20 +348,13 @@ def _resolve_step(name, value, *, theory_value, auto_value=None):
     return StepSize("constant", float(value))
 
 
-def _check_tol(tol):
-    if tol is None:
-        return None
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not np.isfinite(tol) or tol <= 0:
-        raise ValueError(f"tol must be a positive number or None, got {tol!r}")
-    return float(tol)
-
-
-def make_config(data, *, loss="dpo", beta=0.1, method="group_robust", estimator="auto", steps=None,
-                tol="default", radius=None, center=None, constraint=None, chi=1.0, seed=0, batch_size=1,
-                step_size=None, alpha_step_size=None, theta0=None, check_every=None):
+@functools.partial(with_settings_signature, leading=("data", "settings"))
+def make_config(data, settings=None, **options):
     """Validate ``solve``'s settings and precompute what every iteration needs.
 
-    See :func:`solve` for the arguments. Defaults that depend on the estimator:
+    ``settings`` (a :class:`~loglinear_grpo.settings.Settings`) or the same options as keywords (see
+    :func:`solve`; keywords given with ``settings`` replace its fields). Defaults that depend on the
+    estimator:
 
     * ``steps``: the iteration budget — 200 Newton iterations, 20 000 full-batch iterations,
       5 000 closed-form alternations, 1 000 stochastic steps.
@@ -329,30 +369,22 @@ def make_config(data, *, loss="dpo", beta=0.1, method="group_robust", estimator=
       ``1/sqrt(t)``.
     """
     _check_data(data)
-    loss = check_loss(loss)
-    beta = check_positive_finite("beta", beta)
-    method = check_choice("method", method, METHODS)
-    estimator = check_choice("estimator", estimator, ESTIMATOR_CHOICES)
-    if estimator == "auto":
-        estimator = "newton"
-    steps = DEFAULT_STEPS[estimator] if steps is None else check_positive_int("steps", steps)
-    if steps > 2 ** 62:
-        raise ValueError(f"steps must be at most 2**62, got {steps}")
-    tol = (None if estimator == "stochastic" else DEFAULT_TOL) if isinstance(tol, str) and tol == "default" \
-        else _check_tol(tol)
-    if check_every is not None:
-        check_every = check_positive_int("check_every", check_every)
-    chi = check_unit_interval("chi", chi)
-    batch_size = check_positive_int("batch_size", batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if estimator == "closed_form" and loss != "ipo":
-        raise ValueError("estimator='closed_form' is the GR-IPO weighted least squares: it needs loss='ipo'")
-    if chi != 1.0 and method != "group_robust":
-        raise ValueError("chi trades worst-case for average loss in method='group_robust' only")
-    if estimator == "newton" and (step_size is not None or alpha_step_size is not None):
-        raise ValueError("step_size and alpha_step_size belong to the first-order estimators "
-                         "(estimator='full', 'stochastic' or 'closed_form'); the Newton solver needs none")
+    if settings is None:
+        settings = Settings.from_options(**options)
+    elif not isinstance(settings, Settings):
+        raise ValueError(f"settings must be a loglinear_grpo.Settings, got {type(settings).__name__}")
+    elif options:
+        Settings.check_names(options)
+        settings = dataclasses.replace(settings, **options)
+    loss, beta, method, chi = settings.loss, settings.beta, settings.method, settings.chi
+    steps, tol, check_every = settings.steps, settings.tol, settings.check_every
+    seed, batch_size = settings.seed, settings.batch_size
+    step_size, alpha_step_size, theta0 = settings.step_size, settings.alpha_step_size, settings.theta0
+    radius, center, constraint = settings.radius, settings.center, settings.constraint
+    estimator = "newton" if settings.estimator == "auto" else settings.estimator
+    steps = DEFAULT_STEPS[estimator] if steps is None else steps
+    if isinstance(tol, str):                            # Settings' DEFAULT
+        tol = None if estimator == "stochastic" else DEFAULT_TOL
     theta_set = make_constraint(radius, center, constraint).check_dim(data.dim)
 
     k = data.n_groups
@@ -379,8 +411,6 @@ def make_config(data, *, loss="dpo", beta=0.1, method="group_robust", estimator=
         return ALPHA_GAIN / max(start, 1e-12)
 
     theta_step = alpha_step = None
-    if estimator == "closed_form" and step_size is not None:
-        raise ValueError("step_size: the closed-form θ step is exact; only alpha_step_size applies")
     if estimator != "newton":
         spec = get_loss(loss)
         if estimator == "closed_form":
@@ -406,15 +436,16 @@ def make_config(data, *, loss="dpo", beta=0.1, method="group_robust", estimator=
 
     members = np.argsort(data.groups, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    return SolverConfig(
-        loss=loss, beta=beta, method=method, estimator=estimator, steps=steps, tol=tol, check_every=check_every,
-        chi=chi, seed=int(seed), batch_size=batch_size, theta_step=theta_step, alpha_step=alpha_step,
-        theta_set=theta_set, theta0=theta0, alpha0=alpha0, n_samples=data.n_samples,
-        group_sizes=sizes.astype(np.float64), pair_inv_size=(1.0 / sizes)[data.groups],
+    derived = DerivedState(
+        n_samples=data.n_samples, group_sizes=sizes.astype(np.float64), pair_inv_size=(1.0 / sizes)[data.groups],
         group_cum=np.cumsum(sizes) / sizes.sum(), group_offsets=offsets, members=members,
         streamed=data.storage.out_of_core, theory=dict(cache), scalar_loss=get_loss(loss).scalar,
         normal_equations=(group_normal_equations(data, 0.5 / beta, theta_set)
                           if estimator == "closed_form" else None))
+    return SolverConfig(
+        loss=loss, beta=beta, method=method, estimator=estimator, steps=steps, tol=tol, check_every=check_every,
+        chi=chi, seed=seed, batch_size=batch_size, theta_step=theta_step, alpha_step=alpha_step,
+        theta_set=theta_set, theta0=theta0, alpha0=alpha0, derived=derived, settings=settings)
 
 
 # ============================================================================ pure functions
@@ -787,11 +818,9 @@ def _next_check(t, config):
     return t + max(10, t // 10)
 
 
-def solve(data, config=None, *, loss="dpo", beta=0.1, method="group_robust", estimator="auto", steps=None,
-          tol="default", radius=None, center=None, constraint=None, chi=1.0, seed=0, batch_size=1,
-          step_size=None, alpha_step_size=None, theta0=None, check_every=None, log_every=None,
-          duality_gap=False, checkpoint=None, checkpoint_every=None, progress=False,
-          callback: Callable | None = None):
+@with_settings_signature
+def solve(data, config=None, *, log_every=None, duality_gap=False, checkpoint=None, checkpoint_every=None,
+          progress=False, callback: Callable | None = None, **settings):
     """Group robust preference optimisation of a log-linear policy (Eq. (9)), certified.
 
     Solves :math:`\\min_{\\theta\\in\\Theta}\\max_{\\alpha\\in\\Delta_K}\\sum_g\\alpha_g L_g(\\theta)`
@@ -801,8 +830,10 @@ def solve(data, config=None, *, loss="dpo", beta=0.1, method="group_robust", est
     Parameters
     ----------
     data : PreferenceData
-    config : SolverConfig, optional
-        Settings built by :func:`make_config` (then give no other setting).
+    config : SolverConfig or Settings, optional
+        Settings built by :func:`make_config` (then give no other setting), or a
+        :class:`~loglinear_grpo.settings.Settings`. The options below, from ``loss`` to
+        ``check_every``, are that class's fields (validated there; written once).
     loss : {"dpo", "sigmoid", "ipo", "hinge"}, default "dpo"
         ``"sigmoid"`` is TRL's name for DPO.
     beta : float > 0, default 0.1
@@ -826,8 +857,9 @@ def solve(data, config=None, *, loss="dpo", beta=0.1, method="group_robust", est
         Seed of the counter-based sampler (stochastic estimator).
     batch_size : int
         i.i.d. draws per stochastic step.
-    step_size, alpha_step_size : float, "theory", "auto", "c/sqrt(t)" or None
-        η_θ and η_α of the first-order estimators; see :func:`make_config` for the defaults and
+    step_size, alpha_step_size : float, "theory", "auto", "c/sqrt(t)", callable or None
+        η_θ and η_α of the first-order estimators: a constant, a named rule, or a schedule
+        ``t -> η_t`` (t from 1, as an optax ``Schedule``); see :func:`make_config` for the defaults and
         :func:`theory_step_sizes`.
     theta0 : array_like, optional
         θ⁽⁰⁾ (default: Θ's centre, else 0).
@@ -860,11 +892,10 @@ def solve(data, config=None, *, loss="dpo", beta=0.1, method="group_robust", est
     ConvergenceWarning
         ``tol`` was set and the budget ran out before the gap reached it.
     """
-    if config is None:
-        config = make_config(data, loss=loss, beta=beta, method=method, estimator=estimator, steps=steps,
-                             tol=tol, radius=radius, center=center, constraint=constraint, chi=chi, seed=seed,
-                             batch_size=batch_size, step_size=step_size, alpha_step_size=alpha_step_size,
-                             theta0=theta0, check_every=check_every)
+    if config is None or isinstance(config, Settings):
+        config = make_config(data, config, **settings)
+    elif settings:
+        raise ValueError(f"give either a SolverConfig or options, not both (got config and {sorted(settings)})")
     elif isinstance(config, str):
         raise ValueError(f"solve's options are keyword-only: write solve(data, loss={config!r}, ...) (the second "
                          "positional argument is a SolverConfig from make_config)")
@@ -874,13 +905,12 @@ def solve(data, config=None, *, loss="dpo", beta=0.1, method="group_robust", est
         _check_data(data)
         if config.n_samples != data.n_samples or config.theta0.shape != (data.dim,):
             raise ValueError("config was made for other data (N or d differ)")
-    if config.estimator == "newton":
-        if checkpoint is not None:
-            raise ValueError("checkpoint is for the iterative first-order estimators; the Newton solver "
-                             "finishes in a few dozen passes over S")
-        return _solve_newton(data, config, progress, callback)
-    return _solve_first_order(data, config, log_every, duality_gap, checkpoint, checkpoint_every, progress,
-                              callback)
+    runner = RUNNERS[config.estimator]
+    if runner is _solve_newton and checkpoint is not None:
+        raise ValueError("checkpoint is for the iterative first-order estimators; the Newton solver "
+                         "finishes in a few dozen passes over S")
+    return runner(data, config, log_every=log_every, duality_gap=duality_gap, checkpoint=checkpoint,
+                  checkpoint_every=checkpoint_every, progress=progress, callback=callback)
 
 
 def _stop_reason(result, config):
@@ -937,7 +967,7 @@ def _warn_unconverged(result, config, what):
     warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
 
-def _solve_newton(data, config, progress, callback):
+def _solve_newton(data, config, *, progress, callback, **_first_order_only):
     from .newton import newton_minimax
     names = data.group_names
     rows = []
@@ -987,7 +1017,7 @@ def _solve_newton(data, config, progress, callback):
     return result
 
 
-def _solve_first_order(data, config, log_every, duality_gap, checkpoint, checkpoint_every, progress, callback):
+def _solve_first_order(data, config, *, log_every, duality_gap, checkpoint, checkpoint_every, progress, callback):
     if log_every is None:
         log_every = max(1, config.steps // 100)
     log_every = check_positive_int("log_every", log_every)
@@ -1095,3 +1125,8 @@ def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, f
                          config=config, state=state)
     _warn_unconverged(result, config, "iterations")
     return result
+
+
+#: ``solve`` dispatches on the resolved estimator: {estimator: runner}
+RUNNERS = {"newton": _solve_newton, "full": _solve_first_order, "closed_form": _solve_first_order,
+           "stochastic": _solve_first_order}

@@ -1,0 +1,155 @@
+"""What the user sets for :func:`~loglinear_grpo.solve`: one declarative, validated object.
+
+In the style of TRL's ``DPOConfig`` (a frozen settings object) and scikit-learn's
+``_parameter_constraints`` (the checks as a table, not as code spread through the solver):
+:class:`Settings` holds exactly the user's choices, each checked by its entry of
+:data:`CONSTRAINTS` and by the cross-field :data:`RULES`. What is *derived* from the data — group
+sizes, the sampler's tables, resolved step sizes, the closed form's normal equations — is built
+from it by :func:`~loglinear_grpo.make_config`, into a :class:`~loglinear_grpo.SolverConfig`.
+The option list of :func:`~loglinear_grpo.solve` and :func:`~loglinear_grpo.make_config` is this
+class's fields: written once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._validation import METHODS, check_choice, check_loss, check_positive_finite, check_positive_int, \
+    check_unit_interval
+
+ESTIMATOR_CHOICES = ("auto", "newton", "full", "stochastic", "closed_form")
+#: ``tol="default"``: 10⁻⁶ for the deterministic estimators, ``None`` (all T steps) for ``stochastic``
+DEFAULT = "default"
+
+
+def _steps(name, value):
+    if value is None:
+        return None
+    value = check_positive_int(name, value)
+    if value > 2 ** 62:
+        raise ValueError(f"{name} must be at most 2**62, got {value}")
+    return value
+
+
+def _tol(name, value):
+    if value is None or (isinstance(value, str) and value == DEFAULT):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+    return float(value)
+
+
+def _seed(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _optional_positive_int(name, value):
+    return None if value is None else check_positive_int(name, value)
+
+
+def _as_is(name, value):
+    return value
+
+
+#: one check per setting: ``check(name, value) -> canonical value`` (``ValueError`` naming the setting)
+CONSTRAINTS = {
+    "loss": lambda name, v: check_loss(v),
+    "beta": check_positive_finite,
+    "method": lambda name, v: check_choice(name, v, METHODS),
+    "estimator": lambda name, v: check_choice(name, v, ESTIMATOR_CHOICES),
+    "steps": _steps,
+    "tol": _tol,
+    "radius": _as_is,           # Θ is checked as a whole by make_constraint (it needs d)
+    "center": _as_is,
+    "constraint": _as_is,
+    "chi": check_unit_interval,
+    "seed": _seed,
+    "batch_size": check_positive_int,
+    "step_size": _as_is,        # resolved against the data by make_config ("theory", "auto", c/sqrt(t))
+    "alpha_step_size": _as_is,
+    "theta0": _as_is,           # needs d
+    "check_every": _optional_positive_int,
+}
+
+#: cross-field rules: ``(applies(settings), message)``, checked in order after every field's own check
+RULES = (
+    (lambda s: s.estimator == "closed_form" and s.loss != "ipo",
+     "estimator='closed_form' is the GR-IPO weighted least squares: it needs loss='ipo'"),
+    (lambda s: s.chi != 1.0 and s.method != "group_robust",
+     "chi trades worst-case for average loss in method='group_robust' only"),
+    (lambda s: s.estimator in ("auto", "newton") and (s.step_size is not None or s.alpha_step_size is not None),
+     "step_size and alpha_step_size belong to the first-order estimators (estimator='full', 'stochastic' or "
+     "'closed_form'); the Newton solver needs none"),
+    (lambda s: s.estimator == "closed_form" and s.step_size is not None,
+     "step_size: the closed-form θ step is exact; only alpha_step_size applies"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The options of :func:`~loglinear_grpo.solve` (documented there), validated on construction.
+
+    Every field is checked by its entry of :data:`CONSTRAINTS` (and stored in canonical form:
+    ``loss="sigmoid"`` becomes ``"dpo"``), then by :data:`RULES`. Frozen: a variant is
+    ``dataclasses.replace(settings, ...)`` (validated again).
+    """
+
+    loss: str = "dpo"
+    beta: float = 0.1
+    method: str = "group_robust"
+    estimator: str = "auto"
+    steps: int | None = None
+    tol: Any = DEFAULT
+    radius: Any = None
+    center: Any = None
+    constraint: Any = None
+    chi: float = 1.0
+    seed: int = 0
+    batch_size: int = 1
+    step_size: Any = None
+    alpha_step_size: Any = None
+    theta0: Any = None
+    check_every: int | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, CONSTRAINTS[f.name](f.name, getattr(self, f.name)))
+        for applies, message in RULES:
+            if applies(self):
+                raise ValueError(message)
+
+    @classmethod
+    def from_options(cls, **options):
+        """``Settings(**options)``, with a ``TypeError`` that lists the valid names for a mistyped one."""
+        cls.check_names(options)
+        return cls(**options)
+
+    @staticmethod
+    def check_names(options):
+        unknown = sorted(set(options) - set(NAMES))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}: the settings are {list(NAMES)}")
+
+
+#: the settings' names, in signature order
+NAMES = tuple(f.name for f in dataclasses.fields(Settings))
+
+
+def with_settings_signature(func, leading=("data", "config")):
+    """Give ``func(data, config=None, *, <runtime options>, **settings)`` the full signature (the
+    settings as keyword-only parameters with their defaults), for ``help()`` and editors."""
+    sig = inspect.signature(func)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    head = [p for p in params if p.name in leading]
+    rest = [p for p in params if p.name not in leading]
+    settings = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+                for f in dataclasses.fields(Settings)]
+    func.__signature__ = sig.replace(parameters=head + settings + rest)
+    return func
