@@ -29,7 +29,6 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import expit, log_expit
 
 from .losses import get_loss
 
@@ -118,35 +117,13 @@ def _executor():
         return _POOL["executor"], _POOL["blas"], _POOL["lock"]
 
 
-def _dpo_block(h, beta, ws, n):
-    """ℓ and ℓ' of DPO for one block, into the workspace (no temporaries of block size but one mask)."""
-    z, e, value, deriv = ws.z[:n], ws.e[:n], ws.value[:n], ws.deriv[:n]
-    np.multiply(h, beta, out=z)
-    np.abs(z, out=e)
-    np.negative(e, out=e)
-    np.exp(e, out=e)                                  # e = exp(−|βh|)
-    np.negative(z, out=value)
-    np.maximum(value, 0.0, out=value)
-    np.add(e, 1.0, out=deriv)
-    value += np.log(deriv)                            # −log σ(βh) = max(−βh, 0) + log(1 + e)
-    # (log rather than log1p: 2.5× faster here, and 1 + e rounds e < 1.1e-16 away — an absolute error
-    # of at most 1.1e-16 per pair in a loss used only for the α step; the certificate uses log1p)
-    np.divide(-beta, deriv, out=deriv)                # −β/(1 + e)
-    np.multiply(deriv, e, out=deriv, where=z > 0)     # −β·σ(−βh): e/(1+e) for βh > 0, 1/(1+e) otherwise
-    return value, deriv
-
-
 def _small_pass(theta, data, spec, beta, ws):
     """The same pass for a small S in one block, with the fewest calls (per-call overhead dominates
-    there): h, then ℓ and ℓ' (DPO via log σ and σ), the loss sums and G = W S (S in memory, dense rows:
+    there): h, then ℓ and ℓ', the loss sums and G = W S (S in memory, dense rows:
     ``ws.whole``)."""
     diff = ws.whole
     h = diff @ theta.astype(ws.dtype, copy=False) - data.ref_margin
-    if spec.name == "dpo":
-        z = beta * h
-        value, deriv = -log_expit(z), -beta * expit(-z)
-    else:
-        value, deriv = spec.value_and_grad(h, beta)
+    value, deriv = spec.value_and_grad(h, beta)          # n ≤ SMALL: the loss table's fewest-calls form
     weights = ws.weights
     weights.fill(0.0)
     weights[data.groups, ws.columns] = deriv
@@ -205,10 +182,7 @@ def _part_pass(theta_c, data, spec, beta, ws, scratch, first, last):
         n = stop - start
         h_c = np.dot(block, theta_c, out=scratch.h[:n])
         h = np.subtract(h_c, ref[start:stop], out=scratch.margin[:n])       # float64 margins
-        if spec.name == "dpo":
-            value, deriv = _dpo_block(h, beta, scratch, n)
-        else:
-            value, deriv = spec.value_and_grad(h, beta)
+        value, deriv = spec.block_terms(h, beta, scratch.z[:n], scratch.e[:n], scratch.value[:n], scratch.deriv[:n])
         if ws.runs is not None:
             bounds, labels = ws.runs
             run = int(np.searchsorted(bounds, start, side="right")) - 1

@@ -58,6 +58,24 @@ def _dpo_value_and_derivative(h, beta):
     return value, deriv
 
 
+def _dpo_in_place(h, beta, z, e, value, deriv):
+    """ℓ and ℓ' of DPO for one block of margins into the caller's buffers (z, e: scratch; no
+    temporaries of block size but one mask), for the full-batch kernels."""
+    np.multiply(h, beta, out=z)
+    np.abs(z, out=e)
+    np.negative(e, out=e)
+    np.exp(e, out=e)                                  # e = exp(−|βh|)
+    np.negative(z, out=value)
+    np.maximum(value, 0.0, out=value)
+    np.add(e, 1.0, out=deriv)
+    value += np.log(deriv)                            # −log σ(βh) = max(−βh, 0) + log(1 + e)
+    # (log rather than log1p: 2.5× faster here, and 1 + e rounds e < 1.1e-16 away — an absolute error
+    # of at most 1.1e-16 per pair in a loss used only for the α step; the certificate uses log1p)
+    np.divide(-beta, deriv, out=deriv)                # −β/(1 + e)
+    np.multiply(deriv, e, out=deriv, where=z > 0)     # −β·σ(−βh): e/(1+e) for βh > 0, 1/(1+e) otherwise
+    return value, deriv
+
+
 def _dpo_conjugate(u, beta):
     # ℓ*(u) for ℓ(h) = log(1 + e^{-βh}): with p = -u/β ∈ [0, 1], ℓ*(u) = p log p + (1-p) log(1-p)
     p = np.clip(-u / beta, 0.0, 1.0)
@@ -169,6 +187,8 @@ class Loss:
         ``(ℓ(h), ℓ'(h))`` in one sweep over an array, where that is cheaper than two.
     scalar : callable ``(h: float, beta) -> (ℓ, ℓ')``
         The same for one Python float (Algorithm 1 with one pair per step).
+    in_place : callable ``(h, beta, z, e, value, deriv) -> (value, deriv)``, optional
+        The same for one block of margins, into preallocated buffers (the full-batch kernels).
     """
 
     name: str
@@ -182,10 +202,18 @@ class Loss:
     cvxpy: Callable
     value_and_derivative: Callable | None = None
     scalar: Callable | None = None
+    in_place: Callable | None = None
 
     def max_curvature(self, beta):
         """:math:`\\sup_h \\ell''(h)` (``inf`` for the hinge)."""
         return {"dpo": beta * beta / 4.0, "ipo": 2.0}.get(self.name, np.inf)
+
+    def block_terms(self, h, beta, z, e, value, deriv):
+        """``(ℓ(h), ℓ'(h))`` of one block of margins, into the buffers where the loss has an in-place
+        form (DPO), else :meth:`value_and_grad` (z, e: scratch of the block's length)."""
+        if self.in_place is not None:
+            return self.in_place(h, beta, z, e, value, deriv)
+        return self.value_and_grad(h, beta)
 
     def value_and_grad(self, h, beta):
         """``(ℓ(h), ℓ'(h))`` in one sweep where that is cheaper."""
@@ -196,7 +224,7 @@ class Loss:
 
 LOSSES = {
     "dpo": Loss("dpo", _dpo_value, _dpo_derivative, _dpo_curvature, _dpo_conjugate, (-1.0, 0.0), True,
-                _dpo_bounds, _cvxpy_dpo, _dpo_value_and_derivative, _dpo_scalar),
+                _dpo_bounds, _cvxpy_dpo, _dpo_value_and_derivative, _dpo_scalar, _dpo_in_place),
     "ipo": Loss("ipo", _ipo_value, _ipo_derivative, _ipo_curvature, _ipo_conjugate, (-np.inf, np.inf), True,
                 _ipo_bounds, _cvxpy_ipo, None, _ipo_scalar),
     "hinge": Loss("hinge", _hinge_value, _hinge_derivative, _hinge_curvature, _hinge_conjugate, (-1.0, 0.0),
