@@ -87,7 +87,7 @@ def step_calls(rows, bare_iteration):
     calls = 20_000
     cases = {
         "mirror_ascent (α step, lines 7-8)": lambda: st.mirror_ascent(log_alpha, 0.0, losses, size, 1),
-        "projected_step (θ step, line 9)": lambda: st.projected_step(theta, grad * 0.0, theta_set, size, 1),
+        "projected_step (θ step, line 9)": lambda: st.projected_step(theta, grad, 0.0, theta_set, size, 1),
         "mixing_weights (λ, χ = 0.5)": lambda: st.mixing_weights(alpha, 0.5),
     }
     for name, fn in cases.items():

@@ -533,7 +533,9 @@ class ConvexSet(ThetaSet):
             cons = list(constraints(self._x))
         except Exception as exc:                      # a wrong dimension inside the user's callable
             raise ValueError(f"constraints(var) failed on a cp.Variable({self.dim}): {exc}") from None
-        self._problem = cp.Problem(cp.Minimize(cp.sum_squares(self._x - self._p)), cons)
+        # ‖x‖² − 2pᵀx: the same minimiser as ‖x − p‖², as a plain QP (Clarabel 0.11 mis-solves the
+        # second-order-cone form of ‖x − p‖² for some p far from Θ, e.g. the simplex and p = (1/16, 0, −9))
+        self._problem = cp.Problem(cp.Minimize(cp.sum_squares(self._x) - 2 * (self._p @ self._x)), cons)
         if not self._problem.is_dcp(dpp=True):
             raise ValueError("constraints must be DCP (and DPP-compatible) in the variable")
         self._support_problem = None
@@ -548,12 +550,23 @@ class ConvexSet(ThetaSet):
             raise ValueError(f"ConvexSet has dim={self.dim} but the data have d={dim}")
         return self
 
+    def _solve(self, problem, what):
+        """Solve with Clarabel's tight tolerances; where they fail (far from the set they can run into
+        Clarabel's iteration limit or a numerical failure), once more with its defaults."""
+        import cvxpy as cp
+        attempts = [_TIGHT, {}] if self.solver == "CLARABEL" else [{}]
+        for options in attempts:
+            try:
+                problem.solve(solver=self.solver, **options)
+            except cp.error.SolverError:
+                continue
+            if problem.status in ("optimal", "optimal_inaccurate"):
+                return
+        raise RuntimeError(f"{what} failed: cvxpy status {problem.status}")
+
     def project(self, theta):
         self._p.value = np.asarray(theta, dtype=np.float64)
-        options = _TIGHT if self.solver == "CLARABEL" else {}
-        self._problem.solve(solver=self.solver, **options)
-        if self._problem.status not in ("optimal", "optimal_inaccurate"):
-            raise RuntimeError(f"projection onto the convex set failed: cvxpy status {self._problem.status}")
+        self._solve(self._problem, "projection onto the convex set")
         return np.asarray(self._x.value, dtype=np.float64)
 
     def contains(self, theta, tol=1e-7):
@@ -598,10 +611,7 @@ class ConvexSet(ThetaSet):
         factor = _cholesky_ridged(hess)
         lt.value = factor.T
         b.value = factor.T @ theta - scipy.linalg.solve_triangular(factor, grad, lower=True)
-        options = _TIGHT if self.solver == "CLARABEL" else {}
-        problem.solve(solver=self.solver, **options)
-        if problem.status not in ("optimal", "optimal_inaccurate"):
-            raise RuntimeError(f"Newton step over the convex set failed: cvxpy status {problem.status}")
+        self._solve(problem, "Newton step over the convex set")
         return self.project(np.asarray(x.value, dtype=np.float64))
 
     def cvxpy_constraints(self, var):

@@ -59,7 +59,9 @@ from ._validation import check_positive_finite, check_positive_int, check_vector
 from .certificate import check_consistent, is_converged
 from .checkpoints import CheckpointFile, run_fingerprint
 from .constraints import make_constraint
-from .exact import certified_best_response, group_normal_equations, hinge_program, weighted_least_squares
+from .closed_form import group_normal_equations, weighted_least_squares
+from .duality import certified_best_response
+from .hinge import hinge_program
 from .losses import get_loss
 from .kernels import Workspace, full_pass, make_pass
 from .objective import _check_data, _group_losses, group_metrics, margins, minimax_value
@@ -491,7 +493,8 @@ def _alpha_step(log_alpha, loss_estimate, config, t):
 
 def _projected_step(theta, grad, config, t):
     """θ ← P_Θ(θ − η_θ ∇̂) on a copy of θ (:func:`~loglinear_grpo.steps.projected_step`)."""
-    return projected_step(theta.copy(), config.theta_step.at(t) * grad, config.theta_set, config.theta_step, t)
+    return projected_step(theta.copy(), np.array(grad, dtype=np.float64), config.theta_step.at(t), config.theta_set,
+                          config.theta_step, t)
 
 
 def _theta_weights(alpha, config):
@@ -575,13 +578,18 @@ def _single_pair_step(state, data, config, i, t):
     return theta, log_alpha, alpha, losses
 
 
+def _loop_buffers(state, config):
+    """The in-place loops' own copies of the state: θ, Σθ, log α, Σα, and α."""
+    log_alpha = state.log_alpha.copy()
+    alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
+    return state.theta.copy(), state.theta_sum.copy(), log_alpha, state.alpha_sum.copy(), alpha
+
+
 def _full_batch_run(state, data, config, stop, workspace):
     """Iterations ``state.step + 1 .. stop`` of the full-batch estimator in place: the arithmetic of
     :func:`_full_step` in the same order (bit-identical iterates, tested), without building a state per
     iteration. :func:`solve` uses it between the iterations where it logs, certifies or saves."""
-    theta, theta_sum = state.theta.copy(), state.theta_sum.copy()
-    log_alpha, alpha_sum = state.log_alpha.copy(), state.alpha_sum.copy()
-    alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
+    theta, theta_sum, log_alpha, alpha_sum, alpha = _loop_buffers(state, config)
     sizes, chi = config.group_sizes, config.chi
     theta_set, theta_step, alpha_step = config.theta_set, config.theta_step, config.alpha_step
     one_pass = make_pass(data, config.loss, config.beta, workspace)
@@ -593,11 +601,10 @@ def _full_batch_run(state, data, config, stop, workspace):
         weights = mixing_weights(alpha, chi)
         grads = result.group_gradients
         grad = (weights / sizes) @ grads if grads is not None else result.gradient(weights / sizes, data)
-        grad *= theta_step.at(t)
-        theta = projected_step(theta, grad, theta_set, theta_step, t)
+        theta = projected_step(theta, grad, theta_step.at(t), theta_set, theta_step, t)
         theta_sum += theta
         alpha_sum += alpha
-    return SolverState(theta=theta, log_alpha=log_alpha, theta_sum=theta_sum, alpha_sum=alpha_sum, step=stop)
+    return SolverState(theta, log_alpha, theta_sum, alpha_sum, stop)
 
 
 def _single_pair_run(state, data, config, stop, sampler_cache):
@@ -610,9 +617,7 @@ def _single_pair_run(state, data, config, stop, sampler_cache):
     diff, ref, groups = data.diff, data.ref_margin, data.groups
     over = config.n_samples * config.pair_inv_size                  # N/N_g per pair
     loss_fn, beta, chi = config.scalar_loss, config.beta, config.chi
-    theta, theta_sum = state.theta.copy(), state.theta_sum.copy()
-    log_alpha, alpha_sum = state.log_alpha.copy(), state.alpha_sum.copy()
-    alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
+    theta, theta_sum, log_alpha, alpha_sum, alpha = _loop_buffers(state, config)
     adaptive, k = config.adaptive_alpha, log_alpha.size
     theta_set, theta_step, alpha_step = config.theta_set, config.theta_step, config.alpha_step
     buf = np.empty_like(theta)
@@ -626,11 +631,10 @@ def _single_pair_run(state, data, config, stop, sampler_cache):
             alpha = mirror_ascent(log_alpha, alpha_step.at(t) * chi * scale, value, alpha_step, t, group=g)
         weight = mixing_weights(alpha[g], chi, k)
         np.multiply(row, scale * weight * deriv, out=buf)
-        buf *= theta_step.at(t)
-        theta = projected_step(theta, buf, theta_set, theta_step, t)
+        theta = projected_step(theta, buf, theta_step.at(t), theta_set, theta_step, t)
         theta_sum += theta
         alpha_sum += alpha
-    return SolverState(theta=theta, log_alpha=log_alpha, theta_sum=theta_sum, alpha_sum=alpha_sum, step=stop)
+    return SolverState(theta, log_alpha, theta_sum, alpha_sum, stop)
 
 
 def _stochastic_step(state, data, config, batch, t):

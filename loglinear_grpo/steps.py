@@ -96,13 +96,15 @@ def mirror_ascent(log_alpha, step, losses, step_size, t, group=None):
     return normalize_in_place(log_alpha)
 
 
-def projected_step(theta, scaled_grad, theta_set, step_size, t):
-    """Algorithm 1, line 9: θ ← P_Θ(θ − ``scaled_grad``), with ``scaled_grad`` = η_θ ∇̂ (both buffers
-    are the caller's: θ is updated in place where Θ's projection allows, and returned).
+def projected_step(theta, grad, eta, theta_set, step_size, t):
+    """Algorithm 1, line 9: θ ← P_Θ(θ − η ∇̂), with ``grad`` = ∇̂ and ``eta`` = η_θ at this iteration.
+    Both buffers are the caller's: ``grad`` is scaled in place, θ is updated in place where Θ's
+    projection allows, and returned.
 
     A ball centred at 0 is projected in place with :meth:`L2Ball.project`'s arithmetic; any other Θ
     through its ``project``. A step that overflows is refused, naming ``step_size.describe()``."""
-    theta -= scaled_grad
+    grad *= eta
+    theta -= grad
     square = float(theta @ theta)            # one dot product: finite iff every entry is (but for overflow)
     if type(theta_set) is L2Ball and theta_set.center is None and 1e-280 < square < 1e280:
         norm = math.sqrt(square)

@@ -111,6 +111,18 @@ def test_convex_set_projection(x, y):
     np.testing.assert_allclose(px, np.maximum(x - css[rho] / (rho + 1), 0), atol=1e-5)
 
 
+@pytest.mark.parametrize("y", [[0.0625, 0.0, -9.0], [0.25, 0.0, -10.0]])
+def test_convex_set_projection_far_from_the_set(y):
+    """Points hypothesis found: Clarabel 0.11 fails (user_limit, or a wrong point) on the cone form of
+    ‖x − p‖²; the projection is posed as the plain QP ‖x‖² − 2pᵀx and matches the sort-based answer."""
+    simplex = lg.ConvexSet(3, lambda v: [v >= 0, v.sum() == 1], max_norm=1.0)
+    x = np.asarray(y)
+    u = np.sort(x)[::-1]
+    css = np.cumsum(u) - 1
+    rho = np.nonzero(u - css / np.arange(1, 4) > 0)[0][-1]
+    np.testing.assert_allclose(simplex.project(x), np.maximum(x - css[rho] / (rho + 1), 0), atol=1e-6)
+
+
 # ------------------------------------------------------------------ losses and gradients
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge"])
 @settings(max_examples=25, deadline=None)
