@@ -10,7 +10,9 @@ for the DPO, IPO and hinge losses, and certifies the answer (exact optimum, dual
 from .certificate import CertificateWarning
 from .constraints import Box, ConvexSet, L2Ball, ThetaSet, Unconstrained
 from .data import PreferenceData
-from .exact import ExactResult, best_response, duality_gap, solve_exact, weighted_least_squares
+from .closed_form import weighted_least_squares
+from .duality import best_response, duality_gap
+from .exact import ExactResult, solve_exact
 from .losses import pair_loss, pair_loss_derivative
 from .objective import group_losses, group_metrics, margins, weighted_gradient, worst_group_loss
 from .operators import PairOperator

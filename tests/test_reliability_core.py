@@ -305,17 +305,17 @@ def memmap_data(tmp_path, n, d, seed=5):
 
 @pytest.mark.parametrize("theta_set", [lg.Box(-1.0, 1.0), lg.L2Ball(1.0)], ids=["linear", "conic"])
 def test_item13_hinge_on_a_memmap_is_refused_before_any_big_allocation(tmp_path, monkeypatch, theta_set):
-    from loglinear_grpo import exact
+    from loglinear_grpo import exact, hinge
 
     def reached(*args, **kwargs):
         raise ProgramReached
 
-    monkeypatch.setattr(exact.scipy.optimize, "linprog", reached)
-    monkeypatch.setattr(exact, "_solve_cvxpy", reached)
+    monkeypatch.setattr(hinge.scipy.optimize, "linprog", reached)
+    monkeypatch.setattr(hinge, "_solve_cvxpy", reached)
     n, d = 40_000, 20
     data = memmap_data(tmp_path, n, d)
     dense_bytes = 8 * n * d                    # S read whole as float64: 6.4 MB (the file is 3.2 MB)
-    monkeypatch.setattr(exact, "HINGE_MEMORY_BUDGET", 4 << 20, raising=False)
+    monkeypatch.setattr(hinge, "HINGE_MEMORY_BUDGET", 4 << 20, raising=False)
     import loglinear_grpo.newton  # noqa: F401 - imported here, not counted below
     tracemalloc.start()
     try:
@@ -332,8 +332,8 @@ def test_item13_hinge_on_a_memmap_is_refused_before_any_big_allocation(tmp_path,
 
 
 def test_item13_small_hinge_problems_still_solve_under_the_budget(tmp_path, monkeypatch):
-    from loglinear_grpo import exact
-    monkeypatch.setattr(exact, "HINGE_MEMORY_BUDGET", 8 << 20, raising=False)
+    from loglinear_grpo import exact, hinge
+    monkeypatch.setattr(hinge, "HINGE_MEMORY_BUDGET", 8 << 20, raising=False)
     data = memmap_data(tmp_path, 300, 4)
     assert exact.hinge_program_nbytes(data) < 8 << 20
     res = lg.solve(data, loss="hinge", radius=2.0)
@@ -344,5 +344,5 @@ def test_item13_small_hinge_problems_still_solve_under_the_budget(tmp_path, monk
     sparse = lg.PreferenceData(sp.random(300, 1000, density=0.01, random_state=0, format="csr"), np.arange(300) % 2)
     assert exact.hinge_program_nbytes(sparse) < exact.HINGE_BYTES_PER_ENTRY * 300 * 1000 / 10
     assert 0 < exact.hinge_memory_budget() == 8 << 20
-    monkeypatch.setattr(exact, "HINGE_MEMORY_BUDGET", None)
+    monkeypatch.setattr(hinge, "HINGE_MEMORY_BUDGET", None)
     assert exact.hinge_memory_budget() >= 1 << 28                 # half the physical memory

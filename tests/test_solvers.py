@@ -96,7 +96,7 @@ def test_closed_form_rank_deficient_uses_least_squares():
 def test_closed_form_row_space_when_wider_than_tall(theta_set, sparse):
     """d > N (an LLM's last layer): the N × N row-space form equals the d × d primal solve."""
     import scipy.sparse as sp
-    from loglinear_grpo.exact import RowSpaceForm, _ball_least_squares, _normal_equations, _solve_psd
+    from loglinear_grpo.closed_form import RowSpaceForm, _ball_least_squares, _normal_equations, _solve_psd
     rng = np.random.default_rng(5)
     n, d = 30, 80
     diff = rng.normal(size=(n, d)) * (rng.random((n, d)) < 0.3)
