@@ -143,7 +143,7 @@ class PreferenceData:
         is never loaded whole: full passes stream it in blocks of ``CHUNK_ROWS`` rows and the
         stochastic estimator reads only the rows it samples. (The exceptions are the programs that
         need S's entries in memory — the hinge's linear program, which refuses one over
-        ``exact.HINGE_MEMORY_BUDGET`` before reading it, and :func:`~loglinear_grpo.solve_exact`.) Sparse rows (e.g. the
+        ``hinge.HINGE_MEMORY_BUDGET`` before reading it, and :func:`~loglinear_grpo.solve_exact`.) Sparse rows (e.g. the
         ``e_y ⊗ h(x)`` features of an LLM's last layer) stay sparse. An implicit S — a
         :class:`~loglinear_grpo.operators.PairOperator` or a ``scipy.sparse.linalg.LinearOperator``
         — is used through its products only (:mod:`loglinear_grpo.operators`).

@@ -17,7 +17,7 @@ reducing μ tenfold whenever the Newton decrement is small next to μ (as an int
 method follows its barrier parameter). For the importance-sampling and vanilla methods (α fixed)
 there is no max, and the solver is Newton's method on :math:`\\sum_g\\alpha_g L_g`: an exact best
 response. The non-smooth hinge loss is not solved here but as one linear (or conic) program,
-:func:`loglinear_grpo.exact.hinge_program`.
+:func:`loglinear_grpo.hinge.hinge_program`.
 
 Every iteration also yields the certificate, at no extra pass over S. With
 :math:`\\lambda = (1-\\chi)/K + \\chi\\,\\mathrm{softmax}(L/\\mu)` (the smoothed problem's group
@@ -325,7 +325,7 @@ class NewtonMinimax:
         self.chi, self.tol, self.max_iter, self.callback = chi, tol, max_iter, callback
         self.oracle = PairOracle(data, loss, beta)
         if not self.oracle.spec.smooth:
-            raise ValueError(f"the Newton solver needs a smooth loss, got {loss!r} (see exact.hinge_program)")
+            raise ValueError(f"the Newton solver needs a smooth loss, got {loss!r} (see loglinear_grpo.hinge.hinge_program)")
         k = data.n_groups
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
         self.robust = self.weights is None and k > 1

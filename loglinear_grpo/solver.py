@@ -694,7 +694,7 @@ def certify(thetas, alphas, data, config, tol=None):
 
     ``thetas`` and ``alphas``: dicts name → vector. Each θ's objective is an upper bound on
     nothing but itself; each α gives a certified lower bound on the optimum through an exact best
-    response (:func:`~loglinear_grpo.exact.certified_best_response`, warm-started at the best θ,
+    response (:func:`~loglinear_grpo.duality.certified_best_response`, warm-started at the best θ,
     solved to a relative gap of ``tol/100``). The certificate pairs the best θ with the best bound.
     """
     values = {name: objective_value(theta, data, config) for name, theta in thetas.items()}
