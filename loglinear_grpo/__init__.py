@@ -17,9 +17,9 @@ from .losses import pair_loss, pair_loss_derivative
 from .objective import group_losses, group_metrics, margins, weighted_gradient, worst_group_loss
 from .operators import PairOperator
 from .settings import Settings
-from .solver import (ConvergenceWarning, SolveResult, SolverConfig, SolverState, StepSize, averaged_alpha,
-                     averaged_theta, init, make_config, sample_batch, solve, theory_constants,
-                     theory_step_sizes, update)
+from .algorithm1 import SolverState, averaged_alpha, averaged_theta, init, sample_batch, update
+from .schedules import StepSize, theory_constants, theory_step_sizes
+from .solver import ConvergenceWarning, SolveResult, SolverConfig, make_config, solve
 
 __version__ = "0.1.0"
 

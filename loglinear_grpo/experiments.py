@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from .objective import _group_losses
-from .solver import averaged_theta, solve
+from .algorithm1 import averaged_theta
+from .solver import solve
 from .synthetic import SCENARIOS, scenario_data
 
 #: the six methods of Figures 2–4: (loss, method, estimator)

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -55,21 +53,22 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pandas as pd
 
-from ._validation import check_positive_finite, check_positive_int, check_vector
+from ._validation import check_positive_int, check_vector
 from .certificate import check_consistent, is_converged
 from .checkpoints import CheckpointFile, run_fingerprint
 from .constraints import make_constraint
-from .closed_form import group_normal_equations, weighted_least_squares
+from .closed_form import group_normal_equations
 from .duality import certified_best_response
 from .hinge import hinge_program
 from .losses import get_loss
-from .kernels import Workspace, full_pass, make_pass
-from .objective import _check_data, _group_losses, group_metrics, margins, minimax_value
+from .kernels import Workspace
+from .objective import _check_data, _group_losses, group_metrics, minimax_value
 from .settings import ESTIMATOR_CHOICES, Settings, with_settings_signature  # noqa: F401 (re-exported)
-from .steps import log_normalize, mirror_ascent, mixing_weights, projected_step  # noqa: F401 (log_normalize public here)
+from .algorithm1 import (SAMPLE_BLOCK, SolverState, _full_batch_run, _single_pair_run, averaged_alpha,  # noqa: F401
+                         averaged_theta, init, sample_batch, update)
+from .schedules import StepSize, _largest_group_curvature, _resolve_step, theory_constants, theory_step_sizes  # noqa: F401
+from .steps import log_normalize, mixing_weights  # noqa: F401 (log_normalize public here)
 
-#: steps drawn per call of the counter-based sampler (one Generator per block)
-SAMPLE_BLOCK = 1024
 #: the relative duality gap the deterministic estimators stop at by default
 DEFAULT_TOL = 1e-6
 #: iteration budgets by estimator when ``steps`` is not given
@@ -85,46 +84,6 @@ class ConvergenceWarning(UserWarning):
 
 
 # ============================================================================ state & config
-class SolverState(NamedTuple):
-    """Everything that changes during a run (a resumable checkpoint is exactly this).
-
-    The random state is counter-based: the pairs of step ``t`` are a pure function of
-    ``(seed, t)`` (see :func:`sample_batch`), so ``step`` is the RNG state.
-    """
-
-    theta: np.ndarray       # θ^(t)
-    log_alpha: np.ndarray   # log α^(t), normalised (logsumexp = 0)
-    theta_sum: np.ndarray   # Σ_{s=1..t} θ^(s)
-    alpha_sum: np.ndarray   # Σ_{s=1..t} α^(s)
-    step: int               # t
-
-
-@dataclass(frozen=True, eq=False)
-class StepSize:
-    """A step-size schedule t ↦ η_t (callable, as an optax ``Schedule``): ``scale`` (``kind="constant"``),
-    ``scale/√t`` (``kind="1/sqrt(t)"``) or any user function of the 1-based iteration t
-    (``kind="schedule"``; ``scale`` is then η₁). A user schedule is identified in checkpoints by its
-    qualified name only: give a resumed run the same function."""
-
-    kind: str
-    scale: float
-    schedule: Callable | None = None
-
-    def at(self, t):
-        if self.kind == "constant":
-            return self.scale
-        if self.kind == "schedule":
-            return float(self.schedule(t))
-        return self.scale / np.sqrt(t)
-
-    __call__ = at
-
-    def describe(self):
-        if self.kind == "schedule":
-            return f"schedule {getattr(self.schedule, '__qualname__', repr(self.schedule))}"
-        return f"{self.scale!r}" if self.kind == "constant" else f"{self.scale!r}/sqrt(t)"
-
-
 @dataclass(frozen=True, eq=False)
 class DerivedState:
     """What a run precomputes from the data (built by :func:`make_config`, never set by the user)."""
@@ -201,153 +160,6 @@ class SolverConfig:
                 "step_size": None if self.theta_step is None else self.theta_step.describe(),
                 "alpha_step_size": None if self.alpha_step is None else self.alpha_step.describe(),
                 "constraint": self.theta_set.fingerprint()}
-
-
-# ============================================================================ step sizes
-_DECAY = re.compile(r"^\s*([0-9.eE+-]*)\s*/\s*sqrt\(t\)\s*$")
-
-
-def theory_constants(data, loss, beta, theta_set, estimator="stochastic"):
-    """Constants of Proposition 3's bound for this data set and Θ.
-
-    With Θ ⊆ {‖θ − c‖ ≤ ρ} (the set's bounding ball):
-
-    * :math:`h_{g} = \\max_{i\\in D_g} |s_i^\\top c - r_i| + \\rho\\|s_i\\|` bounds group g's margins on
-      Θ; :math:`B_{l,g}` = the loss at :math:`|h| = h_g`, :math:`B_{\\nabla,g} = \\sup|\\ell'|\\max_{i\\in D_g}\\|s_i\\|`;
-    * the gradient estimates' second moments (Nemirovski et al. 2009 need only these, not sup
-      bounds). For Algorithm 1's estimator (g ~ N_g/N, then a pair of D_g, weights N/N_g):
-
-      .. math::
-
-          E\\|\\hat\\nabla_\\theta\\|^2 = \\sum_g \\frac{N}{N_g}\\lambda_g^2\\,E_{i\\in D_g}\\|\\nabla\\ell_i\\|^2
-          \\le \\max_g\\frac{N}{N_g}B_{\\nabla,g}^2 =: M_\\theta^2, \\qquad
-          E\\|\\hat L\\|_\\infty^2 = \\sum_g\\frac{N}{N_g}E_{i\\in D_g}\\ell_i^2 \\le \\sum_g\\frac{N}{N_g}B_{l,g}^2 =: M_\\alpha^2
-
-      (λ on the simplex, so :math:`\\sum_g c_g\\lambda_g^2 \\le \\max_g c_g`; averaging a batch can
-      only lower a second moment). For full batches :math:`M_\\theta = \\max_g B_{\\nabla,g}` and
-      :math:`M_\\alpha = \\max_g B_{l,g}`.
-    """
-    center, rho = theta_set.bounding_ball(data.dim)
-    if not np.isfinite(rho):
-        raise ValueError("step_size='theory' needs a bounded Θ: give radius= (or a bounded constraint)")
-    spec = get_loss(loss)
-    norms = data.row_norms()
-    center_margins = (-data.ref_margin if center is None or not np.any(center)
-                      else margins(np.asarray(center, dtype=np.float64), data))
-    k = data.n_groups
-    h_group = np.zeros(k)
-    np.maximum.at(h_group, data.groups, np.abs(center_margins) + rho * norms)
-    norm_group = np.zeros(k)
-    np.maximum.at(norm_group, data.groups, norms)
-    bounds = np.array([spec.bounds(hg, beta) for hg in h_group])
-    b_loss, b_grad = bounds[:, 0], bounds[:, 1] * norm_group
-    ratio = data.n_samples / data.group_sizes
-    if estimator == "stochastic":
-        m_theta = float(np.sqrt(np.max(ratio * b_grad ** 2)))
-        m_alpha = float(np.sqrt(np.sum(ratio * b_loss ** 2)))
-    else:
-        m_theta, m_alpha = float(b_grad.max()), float(b_loss.max())
-    return {"D": 2.0 * rho, "rho": float(rho), "h_max": float(h_group.max()), "B_l": float(b_loss.max()),
-            "B_grad": float(b_grad.max()), "M_theta": m_theta, "M_alpha": m_alpha, "K": k,
-            "estimator": estimator}
-
-
-def theory_step_sizes(constants, steps):
-    """Step sizes of the mirror-descent analysis behind Proposition 3, for T = ``steps``.
-
-    *Stochastic* (Algorithm 1; Nemirovski, Juditsky, Lan & Shapiro 2009, §3.1, constant steps):
-    in the joint geometry of θ (Euclidean, ω-diameter ρ/√2 on a ball of radius ρ) and α (entropy,
-    ω-diameter √log K), with :math:`M_*^2 = \\rho^2M_\\theta^2 + 2\\log K\\,M_\\alpha^2`
-    and :math:`\\gamma = 2/(M_*\\sqrt{5T})`,
-
-    .. math::
-
-        \\eta_\\theta = \\gamma\\rho^2, \\qquad \\eta_\\alpha = 2\\gamma\\log K, \\qquad
-        E[\\mathrm{gap}(\\bar\\theta_T, \\bar\\alpha_T)] \\le 2M_*\\sqrt{5/T}.
-
-    *Full batch* (deterministic; the regret bounds of the two players): with D = 2ρ,
-
-    .. math::
-
-        \\eta_\\theta = \\frac{D}{M_\\theta\\sqrt T}, \\qquad
-        \\eta_\\alpha = \\frac{\\sqrt{2\\log K}}{M_\\alpha\\sqrt T}, \\qquad
-        \\mathrm{gap} \\le \\frac{D M_\\theta + M_\\alpha\\sqrt{2\\log K}}{\\sqrt T}.
-
-    Returns ``(eta_theta, eta_alpha, bound)``.
-    """
-    c = constants
-    root_t = np.sqrt(steps)
-    log_k = np.log(c["K"])
-    if c.get("estimator", "stochastic") == "stochastic":
-        m_star = np.sqrt(c["rho"] ** 2 * c["M_theta"] ** 2 + 2.0 * log_k * c["M_alpha"] ** 2)
-        if m_star == 0:
-            return 1.0, 0.0, 0.0
-        gamma = 2.0 / (m_star * np.sqrt(5.0 * steps))
-        return float(gamma * c["rho"] ** 2), float(2.0 * gamma * log_k), float(2.0 * m_star * np.sqrt(5.0 / steps))
-    eta_theta = c["D"] / (c["M_theta"] * root_t) if c["M_theta"] > 0 else 1.0
-    eta_alpha = np.sqrt(2.0 * log_k) / (c["M_alpha"] * root_t) if c["M_alpha"] > 0 else 0.0
-    bound = (c["D"] * c["M_theta"] + c["M_alpha"] * np.sqrt(2.0 * log_k)) / root_t
-    return float(eta_theta), float(eta_alpha), float(bound)
-
-
-def _largest_group_curvature(data, iters=30, seed=0):
-    """max_g λ_max(S_gᵀS_g/N_g) by power iteration on each group (used for a safe 1/L step); the
-    vectors are scaled by S's largest entry, so that no product over- or underflows whatever the
-    scale of the features."""
-    rng = np.random.default_rng(seed)
-    scale = _max_abs(data)
-    if scale == 0.0:
-        return 0.0
-    best = 0.0
-    for g in range(data.n_groups):
-        rows = np.flatnonzero(data.groups == g)
-        sub = data.storage.subset(rows)
-        product, adjoint = sub.matvec, sub.rmatvec
-        v = rng.standard_normal(data.dim)
-        v /= np.linalg.norm(v)
-        lam = 0.0
-        for _ in range(iters):
-            w = adjoint(product(v / scale) / scale) / len(rows)
-            lam = float(np.linalg.norm(w))
-            if lam == 0.0:
-                break
-            v = w / lam
-        best = max(best, lam)
-    return best * scale * scale
-
-
-def _max_abs(data):
-    """The largest |entry| of S (for an implicit S, the largest row norm: an upper bound)."""
-    return data.storage.max_abs()
-
-
-def _resolve_step(name, value, *, theory_value, auto_value=None):
-    if isinstance(value, StepSize):
-        return value
-    if callable(value):
-        first = value(1)
-        if isinstance(first, bool) or not isinstance(first, numbers.Real) or not np.isfinite(first) or first < 0:
-            raise ValueError(f"{name}: a schedule must map the iteration t (from 1) to a non-negative finite "
-                             f"number, got {first!r} at t = 1")
-        return StepSize("schedule", float(first), schedule=value)
-    if isinstance(value, str):
-        if value == "theory":
-            return StepSize("constant", theory_value())
-        if value == "auto" and auto_value is not None:
-            return StepSize("constant", auto_value())
-        match = _DECAY.match(value)
-        if match:
-            try:
-                scale = float(match.group(1)) if match.group(1) else 1.0
-            except ValueError:
-                scale = None
-            if scale is not None:
-                return StepSize("1/sqrt(t)", check_positive_finite(name, scale))
-        raise ValueError(f"{name} must be a number, 'theory', 'auto' or 'c/sqrt(t)', got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative finite number, 'theory', 'auto' or 'c/sqrt(t)', "
-                         f"got {value!r}")
-    return StepSize("constant", float(value))
 
 
 @functools.partial(with_settings_signature, leading=("data", "settings"))
@@ -450,220 +262,6 @@ def make_config(data, settings=None, **options):
         theta_set=theta_set, theta0=theta0, alpha0=alpha0, derived=derived, settings=settings)
 
 
-# ============================================================================ pure functions
-def init(data, config):
-    """Initial state: θ⁽⁰⁾ = ``config.theta0`` (projected), α⁽⁰⁾ uniform (or fixed), t = 0."""
-    return SolverState(theta=config.theta0.copy(), log_alpha=np.log(config.alpha0),
-                       theta_sum=np.zeros_like(config.theta0), alpha_sum=np.zeros_like(config.alpha0),
-                       step=0)
-
-
-def sample_batch(config, step, cache=None):
-    """Pair indices for iteration ``step`` (0-based): a pure function of ``(seed, step)``.
-
-    Draws exactly as Algorithm 1: :math:`g \\sim \\mathrm{Cat}(N_1/N,\\dots,N_K/N)`, then a
-    pair of :math:`D_g` uniformly, ``batch_size`` times independently. Draws are made a block
-    of steps at a time from a generator seeded by ``(seed, block)``; a block holds at most
-    ``SAMPLE_BLOCK`` steps and at most ~2²⁰ indices (8 MiB), so memory stays bounded whatever
-    ``batch_size``. ``cache`` (a dict, optional) keeps the last block between calls.
-    """
-    per_block = max(1, min(SAMPLE_BLOCK, (1 << 20) // config.batch_size))
-    block, offset = divmod(step, per_block)
-    if cache is not None and cache.get("key") == (block, per_block):
-        return cache["indices"][offset]
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([config.seed, block])))
-    shape = (per_block, config.batch_size)
-    groups = np.searchsorted(config.group_cum, rng.random(shape), side="right")
-    np.minimum(groups, len(config.group_sizes) - 1, out=groups)   # guards cum[-1] rounding
-    within = (rng.random(shape) * config.group_sizes[groups]).astype(np.intp)
-    idx = config.members[config.group_offsets[groups] + within]
-    if cache is not None:
-        cache.update(key=(block, per_block), indices=idx)
-    return idx[offset]
-
-
-def _alpha_step(log_alpha, loss_estimate, config, t):
-    """Mirror ascent on the simplex (Algorithm 1, lines 7–8): α_g ← α_g·exp(η_α χ L̂_g), renormalised."""
-    if not config.adaptive_alpha:
-        return log_alpha, config.alpha0
-    log_alpha = log_alpha.copy()
-    return log_alpha, mirror_ascent(log_alpha, config.alpha_step.at(t) * config.chi, loss_estimate,
-                                    config.alpha_step, t)
-
-
-def _projected_step(theta, grad, config, t):
-    """θ ← P_Θ(θ − η_θ ∇̂) on a copy of θ (:func:`~loglinear_grpo.steps.projected_step`)."""
-    return projected_step(theta.copy(), np.array(grad, dtype=np.float64), config.theta_step.at(t), config.theta_set,
-                          config.theta_step, t)
-
-
-def _theta_weights(alpha, config):
-    """λ = (1−χ)/K + χα, the group weights of the θ step (χ = 1: λ = α)."""
-    return mixing_weights(alpha, config.chi)
-
-
-def update(state, data, config, batch=None, workspace=None):
-    """One iteration of Algorithm 1 (or its full-batch / closed-form variant).
-
-    Parameters
-    ----------
-    state : SolverState
-    data : PreferenceData
-    config : SolverConfig
-    batch : ndarray of int, optional
-        Pair indices for the stochastic estimator (default: :func:`sample_batch` at this step).
-    workspace : loglinear_grpo.kernels.Workspace, optional
-        Scratch buffers of the full-batch pass, reused across calls (they never change the result).
-
-    Returns
-    -------
-    state : SolverState
-        The next state; the input is not modified.
-    info : dict
-        ``losses``: the group-loss estimate the α step used (exact for full batches).
-    """
-    t = state.step + 1
-    if config.estimator == "stochastic":
-        if batch is None:
-            batch = sample_batch(config, state.step)
-        theta, log_alpha, alpha, losses = _stochastic_step(state, data, config, batch, t)
-    elif config.estimator == "full":
-        theta, log_alpha, alpha, losses = _full_step(state, data, config, t, workspace)
-    elif config.estimator == "closed_form":
-        losses = _group_losses(state.theta, data, config.loss, config.beta)
-        log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
-        if not config.adaptive_alpha and state.step > 0:
-            theta = state.theta          # fixed weights: the same regression, the same answer
-        else:
-            theta = weighted_least_squares(data, _theta_weights(alpha, config), 0.5 / config.beta,
-                                           config.theta_set, config.normal_equations)
-    else:
-        raise ValueError(f"update() runs the first-order estimators; estimator={config.estimator!r} "
-                         "is solved by solve() directly")
-    new = SolverState(theta=theta, log_alpha=log_alpha, theta_sum=state.theta_sum + theta,
-                      alpha_sum=state.alpha_sum + alpha, step=t)
-    return new, {"losses": losses}
-
-
-def _full_step(state, data, config, t, workspace=None):
-    """Losses and group gradients in one pass over S (:mod:`loglinear_grpo.kernels`), then the α
-    step, then the θ step with the gradient :math:`\\sum_g (\\lambda_g/N_g)\\,G_g`."""
-    result = full_pass(state.theta, data, config.loss, config.beta, workspace)
-    losses = result.loss_sums / config.group_sizes
-    log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
-    grad = result.gradient(_theta_weights(alpha, config) / config.group_sizes, data)
-    theta = _projected_step(state.theta, grad, config, t)
-    return theta, log_alpha, alpha, losses
-
-
-def _single_pair_step(state, data, config, i, t):
-    """Algorithm 1 with one pair (batch size 1) on a dense S: the same arithmetic as
-    :func:`_stochastic_step` with scalars instead of length-1 arrays (no per-step overhead beyond
-    what a bare NumPy loop of the update has)."""
-    row = data.diff[i]
-    h = float(row @ state.theta) - data.ref_margin[i]
-    g = data.groups[i]
-    scale = config.n_samples * config.pair_inv_size[i]                  # N/N_g
-    value, deriv = config.scalar_loss(h, config.beta)
-    if config.adaptive_alpha:
-        log_alpha = state.log_alpha.copy()
-        alpha = mirror_ascent(log_alpha, config.alpha_step.at(t) * config.chi * scale, value, config.alpha_step, t,
-                              group=g)
-    else:
-        log_alpha, alpha = state.log_alpha, config.alpha0
-    weight = mixing_weights(alpha[g], config.chi, alpha.size)
-    theta = _projected_step(state.theta, (scale * weight * deriv) * row, config, t)
-    losses = np.zeros(alpha.size)
-    losses[g] = scale * value
-    return theta, log_alpha, alpha, losses
-
-
-def _loop_buffers(state, config):
-    """The in-place loops' own copies of the state: θ, Σθ, log α, Σα, and α."""
-    log_alpha = state.log_alpha.copy()
-    alpha = np.exp(log_alpha) if config.adaptive_alpha else config.alpha0
-    return state.theta.copy(), state.theta_sum.copy(), log_alpha, state.alpha_sum.copy(), alpha
-
-
-def _full_batch_run(state, data, config, stop, workspace):
-    """Iterations ``state.step + 1 .. stop`` of the full-batch estimator in place: the arithmetic of
-    :func:`_full_step` in the same order (bit-identical iterates, tested), without building a state per
-    iteration. :func:`solve` uses it between the iterations where it logs, certifies or saves."""
-    theta, theta_sum, log_alpha, alpha_sum, alpha = _loop_buffers(state, config)
-    sizes, chi = config.group_sizes, config.chi
-    theta_set, theta_step, alpha_step = config.theta_set, config.theta_step, config.alpha_step
-    one_pass = make_pass(data, config.loss, config.beta, workspace)
-    for t in range(state.step + 1, stop + 1):
-        result = one_pass(theta)
-        losses = result.loss_sums / sizes
-        if config.adaptive_alpha:
-            alpha = mirror_ascent(log_alpha, alpha_step.at(t) * chi, losses, alpha_step, t)
-        weights = mixing_weights(alpha, chi)
-        grads = result.group_gradients
-        grad = (weights / sizes) @ grads if grads is not None else result.gradient(weights / sizes, data)
-        theta = projected_step(theta, grad, theta_step.at(t), theta_set, theta_step, t)
-        theta_sum += theta
-        alpha_sum += alpha
-    return SolverState(theta, log_alpha, theta_sum, alpha_sum, stop)
-
-
-def _single_pair_run(state, data, config, stop, sampler_cache):
-    """Steps ``state.step + 1 .. stop`` of Algorithm 1 with one pair per step on a dense S, in place.
-
-    The arithmetic of :func:`_single_pair_step` in the same order — the iterates are bit-identical to
-    ``stop − state.step`` calls of :func:`update` (tested) — on buffers owned by this loop, so that a
-    step costs what a bare NumPy loop of the update costs. :func:`solve` uses it between the steps
-    where it logs, certifies, checkpoints or calls back."""
-    diff, ref, groups = data.diff, data.ref_margin, data.groups
-    over = config.n_samples * config.pair_inv_size                  # N/N_g per pair
-    loss_fn, beta, chi = config.scalar_loss, config.beta, config.chi
-    theta, theta_sum, log_alpha, alpha_sum, alpha = _loop_buffers(state, config)
-    adaptive, k = config.adaptive_alpha, log_alpha.size
-    theta_set, theta_step, alpha_step = config.theta_set, config.theta_step, config.alpha_step
-    buf = np.empty_like(theta)
-    for t in range(state.step + 1, stop + 1):
-        i = int(sample_batch(config, t - 1, sampler_cache)[0])
-        row = diff[i]
-        value, deriv = loss_fn(float(row @ theta) - ref[i], beta)
-        g = groups[i]
-        scale = over[i]
-        if adaptive:
-            alpha = mirror_ascent(log_alpha, alpha_step.at(t) * chi * scale, value, alpha_step, t, group=g)
-        weight = mixing_weights(alpha[g], chi, k)
-        np.multiply(row, scale * weight * deriv, out=buf)
-        theta = projected_step(theta, buf, theta_step.at(t), theta_set, theta_step, t)
-        theta_sum += theta
-        alpha_sum += alpha
-    return SolverState(theta, log_alpha, theta_sum, alpha_sum, stop)
-
-
-def _stochastic_step(state, data, config, batch, t):
-    if batch.size == 1 and config.scalar_loss is not None and data.storage.dense_rows:
-        return _single_pair_step(state, data, config, int(batch[0]), t)
-    loss, beta = config.loss, config.beta
-    rows = data.rows(batch)
-    h = np.asarray(rows @ state.theta).ravel() - data.ref_margin[batch]
-    groups = data.groups[batch]
-    scale = config.n_samples * config.pair_inv_size[batch] / batch.size    # N/(N_g B)
-    values, dl = get_loss(loss).value_and_grad(h, beta)
-    losses = np.bincount(groups, weights=scale * values, minlength=config.group_sizes.size)
-    log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
-    u = scale * _theta_weights(alpha, config)[groups] * dl
-    grad = np.asarray(rows.T @ u).ravel()
-    theta = _projected_step(state.theta, grad, config, t)
-    return theta, log_alpha, alpha, losses
-
-
-def averaged_theta(state):
-    """:math:`\\bar\\theta_t = \\frac1t\\sum_{s=1}^t\\theta^{(s)}` (θ⁽⁰⁾ before the first step)."""
-    return state.theta_sum / state.step if state.step else state.theta.copy()
-
-
-def averaged_alpha(state):
-    """:math:`\\bar\\alpha_t = \\frac1t\\sum_{s=1}^t\\alpha^{(s)}`."""
-    return state.alpha_sum / state.step if state.step else np.exp(state.log_alpha)
-
-
 # ============================================================================ the certificate
 class Certificate(NamedTuple):
     """A point, its objective value, a certified lower bound on the optimum, and the dual weights
@@ -702,7 +300,7 @@ def certify(thetas, alphas, data, config, tol=None):
     inner_tol = max(1e-12, (tol if tol is not None else DEFAULT_TOL) * 1e-2)
     best = (0.0, next(iter(alphas.values())), "trivial (losses ≥ 0)")     # every loss is ≥ 0: L* ≥ 0
     for name, alpha in alphas.items():
-        weights = _theta_weights(alpha, config) if config.adaptive_alpha else config.alpha0
+        weights = mixing_weights(alpha, config.chi) if config.adaptive_alpha else config.alpha0
         res = certified_best_response(weights, data, config.loss, config.beta, config.theta_set,
                                       tol=inner_tol, theta0=thetas[best_theta])
         if res.lower_bound > best[0]:
