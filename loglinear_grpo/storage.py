@@ -126,6 +126,11 @@ class Rows(abc.ABC):
     shape: tuple
     dtype: np.dtype
 
+    def __init__(self, source, dtype=None):
+        self.source = source
+        self.shape = tuple(source.shape)
+        self.dtype = np.dtype(source.dtype if dtype is None else dtype)
+
     @classmethod
     @abc.abstractmethod
     def accepts(cls, diff):
@@ -255,9 +260,8 @@ class DenseRows(Rows):
     description = "in-memory"
 
     def __init__(self, array):
-        self.source = self.array = array
-        self.shape = array.shape
-        self.dtype = array.dtype
+        super().__init__(array)
+        self.array = array
 
     @classmethod
     def accepts(cls, diff):
@@ -416,9 +420,8 @@ class SparseRows(Rows):
     description = "sparse"
 
     def __init__(self, csr):
-        self.source = self.csr = csr
-        self.shape = csr.shape
-        self.dtype = csr.dtype
+        super().__init__(csr)
+        self.csr = csr
 
     @classmethod
     def accepts(cls, diff):
@@ -501,13 +504,13 @@ class OperatorRows(Rows):
     description = "implicit"
 
     def __init__(self, op):
-        self.source = self.op = op
-        self.shape = tuple(op.shape)
         kind = getattr(op, "dtype", None)
         try:
-            self.dtype = np.dtype(np.float64 if kind is None else kind)
+            dtype = np.dtype(np.float64 if kind is None else kind)
         except TypeError:
-            self.dtype = np.dtype(np.float64)
+            dtype = np.dtype(np.float64)
+        super().__init__(op, dtype)
+        self.op = op
 
     @classmethod
     def accepts(cls, diff):
