@@ -45,7 +45,8 @@ def plot_scenario(df, scenario, path=None, title=None):
         ax.legend(fontsize=7)
     n_seeds = sub["seed"].nunique()
     default = (f"{SCENARIO_FIGURES.get(scenario, '')} — scenario {SCENARIO_LABELS.get(scenario, scenario)} "
-               f"(mean ± s.e. over {n_seeds} seeds)")
+               f"(mean ± s.e. over {n_seeds} seed{'s' if n_seeds != 1 else ''}"
+               f"{'; one seed: no s.e.' if n_seeds == 1 else ''})")
     fig.suptitle(title or default)
     fig.tight_layout()
     if path is not None:
