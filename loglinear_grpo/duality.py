@@ -7,7 +7,7 @@ import numpy as np
 
 from ._validation import check_loss, check_positive_finite, check_vector
 from .certificate import check_consistent
-from .constraints import Unconstrained, make_constraint
+from .constraints import make_constraint
 from .hinge import hinge_program
 from .losses import get_loss
 from .objective import _check_data, _group_losses
@@ -29,19 +29,31 @@ def certified_best_response(alpha, data, loss, beta, theta_set, *, tol=1e-12, th
                           theta0=theta0, tol=tol, max_iter=max_iter)
 
 
-def best_response(alpha, data, *, loss="dpo", beta=0.1, theta_set=None):
+def best_response(alpha, data, *, loss="dpo", beta=0.1, radius=None, center=None, constraint=None,
+                  theta_set=None):
     r""":math:`\min_{\theta'\in\Theta}\sum_g \alpha_g L_g(\theta')`: ``(theta, value)``.
 
     Exact to a certified relative accuracy of 10⁻¹²: Newton's method with exact model steps over Θ
     (IPO: the closed form in one step; DPO: a weighted logistic regression; hinge: a linear or
     conic program); see :func:`certified_best_response`. ``loss`` takes
     TRL's names too (``"sigmoid"`` is DPO).
+
+    Θ is given as in :func:`loglinear_grpo.solve`, :func:`duality_gap` and
+    :func:`~loglinear_grpo.solve_exact`: ``radius`` (and ``center``) for an L2 ball, or ``constraint``
+    (a :class:`~loglinear_grpo.ThetaSet`); none of them: R^d. ``theta_set`` is a deprecated alias of
+    ``constraint`` (it still works, with a :class:`DeprecationWarning`; give one of the two).
     """
+    if theta_set is not None:
+        if constraint is not None:
+            raise ValueError("give either constraint or its deprecated alias theta_set, not both")
+        import warnings
+        warnings.warn("best_response(theta_set=...) is deprecated: use constraint=... (or radius=/center=), "
+                      "as in solve and duality_gap", DeprecationWarning, stacklevel=2)
+        constraint = theta_set
     loss = check_loss(loss)
     beta = check_positive_finite("beta", beta)
     _check_data(data)
-    theta_set = Unconstrained() if theta_set is None else theta_set
-    theta_set.check_dim(data.dim)
+    theta_set = make_constraint(radius, center, constraint).check_dim(data.dim)
     alpha = _check_simplex(alpha, data.n_groups)
     res = certified_best_response(alpha, data, loss, beta, theta_set)
     return res.theta, float(alpha @ _group_losses(res.theta, data, loss, beta))

@@ -25,10 +25,10 @@ import scipy.optimize
 import scipy.sparse as sp
 
 from ._cvxpy import _cvxpy_diff, _solve_cvxpy
-from ._validation import check_loss, check_positive_finite
+from ._validation import METHODS, check_choice, check_loss, check_positive_finite, check_unit_interval
 from .constraints import Box, Unconstrained, make_constraint
 from .losses import get_loss
-from .objective import _check_data, _group_losses
+from .objective import _check_data, _group_losses, minimax_value
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,23 @@ def _cvxpy_pair_losses(cp, data, theta_var, loss, beta):
     return get_loss(loss).cvxpy(cp, data.diff @ theta_var - data.ref_margin, beta)
 
 
-def solve_exact(data, *, loss="dpo", beta=0.1, radius=None, center=None, constraint=None, solver=None):
-    """Exact GRPO optimum :math:`\\min_{\\theta\\in\\Theta}\\max_g L_g(\\theta)` with cvxpy.
+def solve_exact(data, *, loss="dpo", beta=0.1, method="group_robust", chi=1.0, radius=None, center=None,
+                constraint=None, solver=None):
+    """Exact optimum of the training objective :func:`loglinear_grpo.solve` minimises, with cvxpy: by default
+    GRPO's :math:`\\min_{\\theta\\in\\Theta}\\max_g L_g(\\theta)`.
 
     Parameters
     ----------
     data : PreferenceData
     loss : {"dpo", "sigmoid", "ipo", "hinge"}
     beta : float > 0
+    method : {"group_robust", "importance_sampling", "vanilla"}
+        As in :func:`loglinear_grpo.solve`: ``"group_robust"`` minimises
+        :math:`(1-\\chi)\\,\\mathrm{mean}_g L_g + \\chi\\max_g L_g`; the other two minimise
+        :math:`\\sum_g w_g L_g` with solve's fixed weights, :math:`w_g = 1/K` (importance sampling) or
+        :math:`w_g = N_g/N` (vanilla, every pair alike).
+    chi : float in [0, 1], default 1
+        The worst-case/average trade-off (Appendix B.4), ``method="group_robust"`` only.
     radius, center, constraint
         Θ, as in :func:`loglinear_grpo.solve`.
     solver : str, optional
@@ -63,11 +72,18 @@ def solve_exact(data, *, loss="dpo", beta=0.1, radius=None, center=None, constra
     ExactResult
         ``theta`` (d,), ``value`` (the optimal worst-group loss, recomputed in NumPy at
         ``theta``), ``alpha`` (K,) the optimal group weights from the dual, on the simplex.
+        For ``chi < 1`` ``value`` is :math:`(1-\\chi)\\,\\mathrm{mean}_g L_g + \\chi\\max_g L_g` and
+        ``alpha`` the normalised duals of the max (uniform at χ = 0); for the fixed-weight methods
+        ``value`` is :math:`\\sum_g w_g L_g` and ``alpha`` the weights w.
     """
     import cvxpy as cp
     loss = check_loss(loss)
     beta = check_positive_finite("beta", beta)
     _check_data(data)
+    method = check_choice("method", method, METHODS)
+    chi = check_unit_interval("chi", chi)
+    if chi != 1.0 and method != "group_robust":
+        raise ValueError("chi trades worst-case for average loss in method='group_robust' only")
     theta_set = make_constraint(radius, center, constraint).check_dim(data.dim)
     if loss == "dpo" and _improving_direction(data, theta_set):
         raise ValueError("no minimiser: a direction of Θ improves a pair of every group and worsens none, so "
@@ -77,16 +93,27 @@ def solve_exact(data, *, loss="dpo", beta=0.1, radius=None, center=None, constra
     theta = cp.Variable(data.dim)
     t = cp.Variable()
     pair = _cvxpy_pair_losses(cp, data_cp, theta, loss, beta)
-    cons = []
-    for g in range(data.n_groups):
-        idx = np.flatnonzero(data.groups == g)
-        cons.append(cp.sum(pair[idx]) / len(idx) <= t)
-    problem = cp.Problem(cp.Minimize(t), cons + theta_set.cvxpy_constraints(theta))
+    group_loss = [cp.sum(pair[idx]) / len(idx) for idx in
+                  (np.flatnonzero(data.groups == g) for g in range(data.n_groups))]
+    k = data.n_groups
+    weights = None
+    if method == "group_robust":
+        cons = [lg <= t for lg in group_loss]
+        objective = chi * t + (1.0 - chi) * cp.sum(cp.hstack(group_loss)) / k if chi < 1.0 else t
+    else:                                       # solve's fixed weights (make_config's alpha0)
+        sizes = data.group_sizes
+        weights = sizes / sizes.sum() if method == "vanilla" else np.full(k, 1.0 / k)
+        cons = []
+        objective = cp.hstack(group_loss) @ weights
+    problem = cp.Problem(cp.Minimize(objective), cons + theta_set.cvxpy_constraints(theta))
     _solve_cvxpy(problem, solver)
     theta_star = np.asarray(theta.value, dtype=np.float64)
-    alpha = np.array([max(float(c.dual_value), 0.0) for c in cons])
-    alpha = alpha / alpha.sum() if alpha.sum() > 0 else np.full(data.n_groups, 1.0 / data.n_groups)
-    value = float(np.max(_group_losses(theta_star, data, loss, beta)))
+    if weights is not None:
+        alpha = np.asarray(weights, dtype=np.float64)
+    else:
+        alpha = np.array([max(float(c.dual_value), 0.0) for c in cons])
+        alpha = alpha / alpha.sum() if alpha.sum() > 0 else np.full(k, 1.0 / k)
+    value = minimax_value(_group_losses(theta_star, data, loss, beta), chi, weights)
     return ExactResult(theta=theta_star, value=value, alpha=alpha, status=problem.status)
 
 

@@ -52,3 +52,60 @@ def test_mainjob_help_tells_the_truth():
     assert run.returncode == 0
     assert "all its iterations" not in run.stdout
     assert "3000" in run.stdout and "20000" in run.stdout and "10000" in run.stdout
+
+
+def _data(seed=0, sizes=(120, 50, 20), d=5):
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    s = rng.normal(size=(sum(sizes), d)) / np.sqrt(d)
+    taste = 2.0 * rng.normal(size=(len(sizes), d))
+    first = rng.random(len(s)) < 1 / (1 + np.exp(-np.sum(s * taste[groups], axis=1)))
+    return lg.PreferenceData(np.where(first[:, None], s, -s), groups, group_names=["a", "b", "c"])
+
+
+def test_api_best_response_takes_the_same_theta_arguments_as_solve():
+    data = _data()
+    alpha = np.array([0.5, 0.3, 0.2])
+    theta, value = lg.best_response(alpha, data, loss="dpo", beta=1.0, radius=2.0)
+    assert np.linalg.norm(theta) <= 2.0 + 1e-9
+    center = np.full(data.dim, 0.1)
+    t_c, v_c = lg.best_response(alpha, data, loss="dpo", beta=1.0, radius=2.0, center=center)
+    assert np.linalg.norm(t_c - center) <= 2.0 + 1e-9
+    t2, v2 = lg.best_response(alpha, data, loss="dpo", beta=1.0, constraint=lg.L2Ball(2.0))
+    np.testing.assert_allclose(t2, theta, atol=1e-10)
+    with pytest.warns(DeprecationWarning, match="theta_set"):
+        t3, v3 = lg.best_response(alpha, data, loss="dpo", beta=1.0, theta_set=lg.L2Ball(2.0))
+    np.testing.assert_allclose(t3, theta, atol=1e-10)
+    assert value == pytest.approx(v2) == pytest.approx(v3)
+    with pytest.raises(ValueError, match="either radius or constraint"):
+        lg.best_response(alpha, data, radius=2.0, constraint=lg.L2Ball(2.0))
+    # the weighted best response at α* of a ball-constrained solve is that solve's value
+    res = lg.solve(data, loss="ipo", beta=0.1, radius=2.0)
+    assert lg.best_response(res.alpha, data, loss="ipo", beta=0.1, radius=2.0)[1] == pytest.approx(
+        res.value, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+@pytest.mark.parametrize("method,chi", [("group_robust", 1.0), ("group_robust", 0.5), ("group_robust", 0.0),
+                                        ("importance_sampling", 1.0), ("vanilla", 1.0)])
+def test_api_solve_exact_has_method_and_chi(loss, method, chi):
+    data = _data()
+    beta = 1.0 if loss == "dpo" else 0.1
+    ours = lg.solve(data, loss=loss, beta=beta, method=method, chi=chi, radius=2.0)
+    exact = lg.solve_exact(data, loss=loss, beta=beta, method=method, chi=chi, radius=2.0)
+    assert ours.converged
+    assert exact.value == pytest.approx(ours.value, abs=1e-5, rel=1e-5)
+    losses = lg.group_losses(exact.theta, data, loss, beta)
+    if method == "group_robust":
+        assert exact.value == pytest.approx((1 - chi) * losses.mean() + chi * losses.max(), rel=1e-12)
+    else:
+        w = data.group_sizes / data.group_sizes.sum() if method == "vanilla" else np.full(3, 1 / 3)
+        np.testing.assert_allclose(exact.alpha, w)
+        assert exact.value == pytest.approx(w @ losses, rel=1e-12)
+
+
+def test_api_solve_exact_refuses_chi_outside_group_robust():
+    with pytest.raises(ValueError, match="group_robust"):
+        lg.solve_exact(_data(), method="vanilla", chi=0.5, radius=2.0)
+    with pytest.raises(ValueError, match="method"):
+        lg.solve_exact(_data(), method="robust", radius=2.0)
