@@ -8,7 +8,8 @@
 * Context: every item is tokenised and its length checked against the model's context (or
   ``max_length``) before the first forward pass; an over-long item is refused, or its prompt cut
   from the left on request (``truncation="keep_end"``, as TRL's ``truncation_mode="keep_end"``).
-* Cache: shards of ``shard_items`` items, written atomically as safetensors with a SHA-256
+* Cache: shards of ``shard_items`` items (default by device, :func:`default_shard_items`: 2048 on
+  a GPU, 128 on a CPU, so that an interrupted CPU run loses about a minute of work), written atomically as safetensors with a SHA-256
   sidecar, in a folder named by the hash of (model, revision, weights fingerprint — a SHA-256 of
   every byte of every weight —, tokenizer, template, data, dtype, truncation). An interrupted run
   resumes at the first missing shard; a corrupt shard is detected and recomputed (with a warning);
@@ -42,6 +43,17 @@ CACHE_FORMAT = 2
 # padding low (GlobalOpinionQA prompts at batch 128: 512-item shards pad 1.45× the tokens of one global
 # sort, 2048-item shards 1.07×).
 DEFAULT_SHARD_ITEMS = 2048
+#: items per cache shard on a CPU: a shard is the unit of resumption, so an interrupted CPU run (a few
+#: prompts per second for a 2B model, tens for SmolLM2-135M) loses at most about a minute of work
+CPU_SHARD_ITEMS = 128
+
+
+def default_shard_items(device):
+    """Items per cache shard on ``device``: :data:`DEFAULT_SHARD_ITEMS` on a GPU (low padding), the
+    smaller :data:`CPU_SHARD_ITEMS` elsewhere (little work lost when interrupted). The shard size is part
+    of the cache key, so a run resumes with the same size it started with (same device, or pass
+    ``shard_items``)."""
+    return DEFAULT_SHARD_ITEMS if str(device).startswith("cuda") else CPU_SHARD_ITEMS
 
 
 # ============================================================================ model
@@ -193,13 +205,50 @@ def load_model(model_id=DEFAULT_MODEL, revision=None, gguf_file=None, device=Non
         kwargs["gguf_file"] = gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        if gguf_file:
+            print(f"de-quantising {gguf_file} …", flush=True)
+        with _quiet_gguf_progress(bool(gguf_file)):
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except OSError as exc:
         where = "a local folder or file" if os.path.exists(str(name)) else "not a local folder or file, and the hub"
         raise ValueError(f"model {model_id!r} could not be loaded ({where}: {str(exc).splitlines()[0][:160]}); give a "
                          "hub id, a model folder, a .gguf file or 'smollm2'") from None
     spec = {"model": str(model_id), "revision": revision, "gguf_file": gguf_file}
     return prepare_model(model, tokenizer, device, dtype, spec)
+
+
+class _quiet_gguf_progress:
+    """Silence the per-tensor progress bars of a GGUF load (transformers' own, and the de-quantisation
+    bar of ``transformers.modeling_gguf_pytorch_utils``, which calls ``tqdm`` directly) for the duration;
+    the caller prints one line instead."""
+
+    def __init__(self, active=True):
+        self.active = active
+
+    def __enter__(self):
+        self.restore = []
+        if not self.active:
+            return self
+        from transformers.utils import logging as hf_logging
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            self.restore.append(hf_logging.enable_progress_bar)
+        try:
+            import functools
+
+            from transformers import modeling_gguf_pytorch_utils as gguf_utils
+        except ImportError:   # pragma: no cover
+            return self
+        bar = getattr(gguf_utils, "tqdm", None)
+        if bar is not None:
+            gguf_utils.tqdm = functools.partial(bar, disable=True)
+            self.restore.append(lambda: setattr(gguf_utils, "tqdm", bar))
+        return self
+
+    def __exit__(self, *exc):
+        for undo in reversed(self.restore):
+            undo()
+        return False
 
 
 # ============================================================================ prompts & answers → tokens
@@ -490,8 +539,9 @@ def _pad_id(tokenizer):
             return int(tok_id)
 
 
-def run_plan(loaded, plan, batch_size=16, padding_side="right"):
-    """Hidden states (float32, one row per read, in sequence order) for every read of ``plan``."""
+def run_plan(loaded, plan, batch_size=16, padding_side="right", on_batch=None):
+    """Hidden states (float32, one row per read, in sequence order) for every read of ``plan``;
+    ``on_batch(n)`` is called after each forward pass with the number of sequences it ran."""
     import torch
     model = loaded.model
     backbone = model.base_model
@@ -515,6 +565,8 @@ def run_plan(loaded, plan, batch_size=16, padding_side="right"):
             # stays on the device: one copy to host per call, so the device never waits for the host
             picked.append(hidden[rows, cols])
             dest.append(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx]))
+            if on_batch is not None:
+                on_batch(len(idx))
         if picked:
             out[np.concatenate(dest), :d] = torch.cat(picked).float().cpu().numpy()
     return out
@@ -534,8 +586,8 @@ def bare_forward(loaded, plan, batch_size=16, padding_side="right"):
             torch.cuda.synchronize()
 
 
-def _features_for_items(loaded, plan, batch_size, padding_side):
-    hidden = run_plan(loaded, plan, batch_size, padding_side)
+def _features_for_items(loaded, plan, batch_size, padding_side, on_batch=None):
+    hidden = run_plan(loaded, plan, batch_size, padding_side, on_batch)
     return {"hidden": hidden, "entry_candidate": plan.entry_candidate, "entry_token": plan.entry_token,
             "entry_hidden": plan.entry_hidden}
 
@@ -637,7 +689,7 @@ def _barrier(world_size):
 
 
 def extract_features(loaded, prompts, candidates, cache_dir=None, template="", batch_size=16,
-                     shard_items=DEFAULT_SHARD_ITEMS, padding_side="right", progress=True, rank=None, world_size=None,
+                     shard_items=None, padding_side="right", progress=True, rank=None, world_size=None,
                      rendering=Rendering(), max_length=None, truncation="error"):
     """Final hidden states for every (prompt, candidate answer) as :class:`LastLayerFeatures`.
 
@@ -662,8 +714,9 @@ def extract_features(loaded, prompts, candidates, cache_dir=None, template="", b
         Part of the cache key (the prompt template the prompts were formatted with).
     batch_size : int
         Sequences per forward pass (sequences are sorted by length to limit padding).
-    shard_items : int
-        Items per cache shard (the unit of resumption and of distribution over ranks).
+    shard_items : int, optional
+        Items per cache shard (the unit of resumption and of distribution over ranks; part of the cache
+        key). Default: :func:`default_shard_items` of the model's device (2048 on a GPU, 128 on a CPU).
     padding_side : {"right", "left"}
     rank, world_size : int, optional
         Default: from ``torch.distributed`` when initialised, else ``RANK``/``WORLD_SIZE``.
@@ -681,6 +734,8 @@ def extract_features(loaded, prompts, candidates, cache_dir=None, template="", b
         raise ValueError("prompts is empty")
     if any(len(c) < 1 for c in candidates):
         raise ValueError("every prompt needs at least one candidate answer")
+    if shard_items is None:
+        shard_items = default_shard_items(loaded.device)
     if batch_size < 1 or shard_items < 1:
         raise ValueError("batch_size and shard_items must be positive")
     rank, world = _rank_and_world(rank, world_size)
@@ -725,10 +780,22 @@ def extract_features(loaded, prompts, candidates, cache_dir=None, template="", b
                 plan = pending.result()
                 if k + 1 < len(todo):
                     pending = pool.submit(plan_shard, todo[k + 1])
-                arrays = _features_for_items(loaded, plan, batch_size, padding_side)
+                a, b = shard_range(j)
+                on_batch = None
                 if bar is not None:
-                    a, b = shard_range(j)
-                    bar.update(b - a)
+                    # the bar advances with each batch: the shard's prompts in proportion to its sequences run
+                    done = {"sequences": 0, "prompts": 0}
+                    n_sequences = max(1, len(plan.sequences))
+
+                    def on_batch(n, done=done, n_sequences=n_sequences, n_prompts=b - a):
+                        done["sequences"] += n
+                        now = n_prompts * done["sequences"] // n_sequences
+                        if now > done["prompts"]:
+                            bar.update(now - done["prompts"])
+                            done["prompts"] = now
+                arrays = _features_for_items(loaded, plan, batch_size, padding_side, on_batch)
+                if bar is not None and done["prompts"] < b - a:
+                    bar.update(b - a - done["prompts"])
                 yield j, arrays
 
     try:

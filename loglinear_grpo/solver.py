@@ -369,8 +369,11 @@ class SolveResult:
     passes: int | None = None
 
     def metrics(self, data):
-        """:func:`~loglinear_grpo.group_metrics` of ``theta`` on ``data``."""
-        return group_metrics(self.theta, data, self.config.loss, self.config.beta, alpha=self.alpha)
+        """:func:`~loglinear_grpo.group_metrics` of ``theta`` on ``data``, with the training weights α of
+        this solve in a ``train_alpha`` column (α was fitted on the training data, whatever split ``data``
+        is; the ``worst`` row holds the largest)."""
+        table = group_metrics(self.theta, data, self.config.loss, self.config.beta, alpha=self.alpha)
+        return table.rename(columns={"weight": "train_alpha"})
 
     def worst_group_loss(self, data):
         return float(np.max(_group_losses(self.theta, data, self.config.loss, self.config.beta)))

@@ -79,7 +79,7 @@ def test_history_and_metrics(problem):
     assert list(m.loc["group"].index) == list(problem.group_names)
     assert list(m.loc["aggregate"].index) == ["worst"]
     assert m.loc[("aggregate", "worst"), "loss"] == pytest.approx(res.worst_group_loss(problem))
-    assert {"loss", "rewards/accuracies", "rewards/margins", "weight", "n_pairs"} <= set(m.columns)
+    assert {"loss", "rewards/accuracies", "rewards/margins", "train_alpha", "n_pairs"} <= set(m.columns)
     assert ((m["rewards/accuracies"] >= 0) & (m["rewards/accuracies"] <= 1)).all()
 
 

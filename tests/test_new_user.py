@@ -109,3 +109,13 @@ def test_api_solve_exact_refuses_chi_outside_group_robust():
         lg.solve_exact(_data(), method="vanilla", chi=0.5, radius=2.0)
     with pytest.raises(ValueError, match="method"):
         lg.solve_exact(_data(), method="robust", radius=2.0)
+
+
+def test_api_metrics_label_the_training_alpha():
+    train, val = _data(0), _data(1, sizes=(30, 30, 30))
+    res = lg.solve(train, loss="dpo", beta=1.0, radius=2.0)
+    m = res.metrics(val)
+    assert "weight" not in m.columns and "train_alpha" in m.columns
+    np.testing.assert_allclose(m.loc["group", "train_alpha"].to_numpy(), res.alpha)
+    assert m.loc[("aggregate", "worst"), "train_alpha"] == pytest.approx(res.alpha.max())
+    assert list(m.loc["group", "n_pairs"]) == [30, 30, 30]      # the table is of val; α is train's

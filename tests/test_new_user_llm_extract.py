@@ -1,0 +1,118 @@
+"""Issue 22, "What a new user hit" (llm_head extraction and export): a progress bar that moves with
+each batch and a shard size chosen by device; refusals before the model loads; ``export --delta-only``
+without the model; one line instead of the GGUF de-quantisation bars."""
+import json
+import os
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import llm_head as lh  # noqa: E402
+from llm_head import extract as ex  # noqa: E402
+from llm_head.__main__ import main as cli  # noqa: E402
+
+from conftest import SHARED  # noqa: E402
+
+PAIRS = SHARED / "data" / "global_opinions_pairs.jsonl"
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    folder, name = lh.smollm2_gguf()
+    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture(scope="module")
+def gemma_folder(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    cfg = transformers.GemmaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                   head_dim=8, max_position_embeddings=1024)
+    folder = tmp_path_factory.mktemp("tiny-gemma")
+    transformers.GemmaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def loaded(gemma_folder):
+    return lh.load_model(gemma_folder, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def shared_pairs():
+    frame = pd.read_json(PAIRS, lines=True)
+    keep = frame[frame["group"].isin(["Egypt", "Japan", "Brazil"])]
+    return keep.groupby("group", sort=False).head(14).reset_index(drop=True)
+
+
+def _extract(data, work, gemma_folder, *extra):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cli(["extract", "--data", str(data), "--model", gemma_folder, "--workdir", str(work),
+                    "--device", "cpu", "--shard-items", "8", *extra])
+
+
+# ============================================================================ 1. progress and shard size
+class _Bar:
+    """Stands in for tqdm: records each update in the shared event log."""
+
+    events = []
+
+    def __init__(self, *args, total=None, **kwargs):
+        self.total = total
+
+    def update(self, n=1):
+        _Bar.events.append(("update", n))
+
+    def close(self):
+        pass
+
+
+def test_progress_bar_advances_with_each_batch_before_the_first_shard_is_written(loaded, monkeypatch, tmp_path):
+    import tqdm.auto
+    monkeypatch.setattr(tqdm.auto, "tqdm", _Bar)
+    _Bar.events = []
+    write_shard = ex.FeatureCache.write_shard
+
+    def logged_write(self, j, arrays):
+        _Bar.events.append(("shard", j))
+        return write_shard(self, j, arrays)
+
+    monkeypatch.setattr(ex.FeatureCache, "write_shard", logged_write)
+    prompts = [f"Question {i}: is {i} a lucky number? Answer:" for i in range(40)]
+    candidates = [[" yes", " no"] for _ in prompts]
+    ex.extract_features(loaded, prompts, candidates, cache_dir=tmp_path / "cache", batch_size=4,
+                        shard_items=40, progress=True)
+    first_shard = _Bar.events.index(("shard", 0))
+    before = [n for kind, n in _Bar.events[:first_shard] if kind == "update"]
+    assert len(before) >= 5 and 0 < before[0] < 40               # moves batch by batch within the shard
+    assert sum(n for kind, n in _Bar.events if kind == "update") == 40
+
+
+def test_shard_size_is_chosen_by_device_and_a_cpu_run_resumes(loaded, monkeypatch, tmp_path):
+    assert ex.default_shard_items("cuda") == ex.DEFAULT_SHARD_ITEMS == 2048   # the GPU default is kept
+    assert ex.default_shard_items("cuda:1") == 2048
+    assert ex.default_shard_items("cpu") == ex.CPU_SHARD_ITEMS < 2048
+    prompts = [f"Item {i} is" for i in range(ex.CPU_SHARD_ITEMS + 5)]
+    candidates = [[" a", " b"] for _ in prompts]
+    first = ex.extract_features(loaded, prompts, candidates, cache_dir=tmp_path, batch_size=64, progress=False)
+    (folder,) = [d for d in os.listdir(tmp_path)]
+    with open(tmp_path / folder / "meta.json") as fh:
+        assert json.load(fh)["key"]["shard_items"] == ex.CPU_SHARD_ITEMS
+    assert sorted(f for f in os.listdir(tmp_path / folder) if f.endswith(".safetensors")) == \
+        ["shard-00000.safetensors", "shard-00001.safetensors"]
+    os.remove(tmp_path / folder / "shard-00001.safetensors")        # interrupted after the first shard
+    computed = []
+    features_for_items = ex._features_for_items
+    monkeypatch.setattr(ex, "_features_for_items",
+                        lambda *a, **k: computed.append(len(a[1].sequences)) or features_for_items(*a, **k))
+    again = ex.extract_features(loaded, prompts, candidates, cache_dir=tmp_path, batch_size=64, progress=False)
+    assert len(computed) == 1                                       # resumed: only the missing shard
+    np.testing.assert_array_equal(first.hidden, again.hidden)
