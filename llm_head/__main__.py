@@ -165,8 +165,10 @@ def build_parser():
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="GlobalOpinionQA prompt template")
     p.add_argument("--limit", type=_positive_int, help="use only the first N pairs (items) of each group")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward pass")
-    p.add_argument("--shard-items", type=_positive_int, default=ex.DEFAULT_SHARD_ITEMS,
-                   help="prompts per cache shard: the unit of resumption and of work per rank")
+    p.add_argument("--shard-items", type=_positive_int, default=None,
+                   help="prompts per cache shard: the unit of resumption and of work per rank (default: "
+                        f"{ex.DEFAULT_SHARD_ITEMS} on a GPU, {ex.CPU_SHARD_ITEMS} on a CPU, so that an interrupted "
+                        "CPU run loses about a minute; a run resumes with the size it started with)")
     p.add_argument("--padding-side", choices=("right", "left"), default="right",
                    help="pad batches on this side (the features do not depend on it)")
     p.add_argument("--max-length", type=_positive_int, default=None,
