@@ -152,6 +152,10 @@ def run_sweep(scenarios=tuple(SCENARIOS), methods=tuple(METHODS), seeds=20, sett
     if unknown:
         raise ValueError(f"scenarios: unknown {sorted(unknown)}; choose from {list(SCENARIOS)}")
     seeds = list(range(seeds)) if isinstance(seeds, (int, np.integer)) else list(seeds)
+    if not seeds:
+        raise ValueError("seeds: give at least one seed (a positive count or a non-empty list)")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     settings = dict(PAPER_SETTINGS if settings is None else settings)
     if steps is not None:
         settings = {k: ScenarioSettings(**{**asdict(v), "steps": int(steps)}) for k, v in settings.items()}

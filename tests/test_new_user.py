@@ -119,3 +119,11 @@ def test_api_metrics_label_the_training_alpha():
     np.testing.assert_allclose(m.loc["group", "train_alpha"].to_numpy(), res.alpha)
     assert m.loc[("aggregate", "worst"), "train_alpha"] == pytest.approx(res.alpha.max())
     assert list(m.loc["group", "n_pairs"]) == [30, 30, 30]      # the table is of val; α is train's
+
+
+def test_mainjob_run_sweep_refuses_no_seeds_and_bad_steps():
+    from loglinear_grpo.experiments import run_sweep
+    with pytest.raises(ValueError, match="seeds"):
+        run_sweep(scenarios=["imbalanced_both"], seeds=0, steps=10, n_jobs=1, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        run_sweep(scenarios=["imbalanced_both"], seeds=1, steps=-5, n_jobs=1, progress=False)
