@@ -141,8 +141,9 @@ def build_parser():
     p = sub.add_parser("extract", help="frozen-LLM features of every prompt and candidate answer (cached)",
                        formatter_class=_Formatter)
     _common(p)
-    p.add_argument("--data", help="preference pairs (.jsonl/.json/.csv/.parquet or a hub id) or a GlobalOpinionQA "
-                                  "table; default: the hub dataset Anthropic/llm_global_opinions")
+    p.add_argument("--data", help="preference pairs (.jsonl/.json/.csv/.parquet, a datasets save_to_disk folder or "
+                                  "a hub id) or a GlobalOpinionQA table; default: the hub dataset "
+                                  "Anthropic/llm_global_opinions")
     p.add_argument("--group-column", default="group", help="the column that names each pair's group")
     p.add_argument("--groups", "--countries", nargs="+", dest="groups", default=None,
                    help="keep these groups, in this order (GlobalOpinionQA default: the paper's five countries)")
@@ -156,6 +157,9 @@ def build_parser():
                    help="append EOS to every answer (auto: yes for TRL's standard format, as TRL does; no for "
                         "GlobalOpinionQA's one-letter answers)")
     p.add_argument("--hub-split", default=None, help="one split of a hub dataset (default: all of them)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a JSON Lines file with a malformed line (naming it) instead of skipping and "
+                        "reporting such lines")
     p.add_argument("--model", default=ex.DEFAULT_MODEL, help="hub id, local folder, .gguf file or 'smollm2'")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of the model")
     p.add_argument("--gguf-file", help="GGUF file name inside a model folder")
@@ -284,7 +288,7 @@ def cmd_extract(args):
         if torch.cuda.is_available() and args.device is None:
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     source = args.data if args.data is not None else "Anthropic/llm_global_opinions"
-    frame, name = read_table(source, split=args.hub_split)
+    frame, name = read_table(source, split=args.hub_split, strict=args.strict)
     kind = detect_format(frame, name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")              # the report below says what was skipped

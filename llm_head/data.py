@@ -21,9 +21,11 @@ and ``"1"`` stay two labels), parquet and ``datasets`` objects with their own ty
 empty text) or the caller asks for it (``na_values=``). A UTF-8 byte-order mark at the start of a
 file is ignored (``utf-8-sig``).
 
-Bad rows — a missing, empty or non-string text, chosen == rejected, a missing or empty group — are
-counted, reported (``skipped``, with the reason) and left out. A file that is neither format gives
-one ``ValueError`` naming the file and the columns it has.
+Bad rows — a missing, empty or non-string text, chosen == rejected, a missing or empty group, a
+JSON Lines line that is not a JSON object — are counted, reported (``skipped``, with the reason; a
+malformed line by its 1-based ``line`` number) and left out; ``strict=True`` refuses a malformed
+line instead, naming it. A file that is neither format gives one ``ValueError`` naming the file
+and the columns it has; an empty file is refused as empty.
 
 Group labels: a string label is the group's name as it is; a number is named by its decimal form
 (``3`` and ``3.0`` → ``"3"``, one JSON type). Labels of different types that would read as one
@@ -77,13 +79,23 @@ def _text_problem(value, conversational):
 def detect_format(frame, name="data"):
     """``"global_opinions"`` or ``"pairs"``; a ``ValueError`` naming the columns found otherwise."""
     cols = set(frame.columns)
+    if not cols:
+        raise ValueError(f"{name} is empty: no rows and no columns (expected preference pairs: prompt, chosen, "
+                         "rejected and a group column)")
     if {"question", "selections", "options"} <= cols:
         return "global_opinions"
     if {"chosen", "rejected"} <= cols:
         return "pairs"
+    hint = ""
+    if len(cols) == 1:                   # one column whose name holds a delimiter: a CSV read with the wrong one
+        (only,) = map(str, cols)
+        found = [d for d in (";", "\t", "|", ",") if d in only]
+        if found:
+            hint = (f" (one column named {only!r}: the file looks {found[0]!r}-separated; save it as a "
+                    "comma-separated CSV, or read it with pandas.read_csv(sep=...) and pass the frame)")
     raise ValueError(f"{name}: neither preference pairs (needs columns prompt, chosen, rejected and a group "
                      f"column) nor a GlobalOpinionQA table (question, selections, options); found columns "
-                     f"{sorted(map(str, cols))}")
+                     f"{sorted(map(str, cols))}{hint}")
 
 
 # ============================================================================ pairs
@@ -244,19 +256,35 @@ def assign_splits(pairs, seed=0, split=(0.8, 0.1, 0.1), split_by=None):
 
 
 def load_preference_pairs(data, *, group_column="group", groups=None, limit=None, countries=None,
-                          hub_split=None, answer=None, template=None, name=None, na_values=None):
-    """Grouped preference pairs from a path, a hub id, a ``datasets`` object or a DataFrame.
+                          hub_split=None, answer=None, template=None, name=None, na_values=None, strict=False):
+    """Grouped preference pairs from a path, a hub id, a ``datasets`` object (or a ``save_to_disk``
+    folder) or a DataFrame.
 
     GlobalOpinionQA's table is detected and converted (all options of a question become its
     candidates, with the country's survey distribution as the target); see
     :func:`llm_head.opinions.opinion_pairs`. ``limit`` keeps the first ``limit`` pairs of each group;
     ``name`` is how messages call the data (default: its path or hub id); ``na_values`` are the
     strings that mean "missing" (default none; see :func:`read_table`: files are read as they are).
+    A JSON Lines line that is not a JSON object is skipped and reported (``skipped`` rows with its
+    1-based ``line`` and the reason ``malformed JSON line``); ``strict=True`` refuses the data instead,
+    with the line number.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
-    frame, read_name = read_table(data, split=hub_split, na_values=na_values)
+    frame, read_name = read_table(data, split=hub_split, na_values=na_values, strict=strict)
+    bad_lines = frame.attrs.pop("bad_lines", [])
     name = name or read_name
+    pairs = _load_pairs(frame, name, group_column, groups, limit, countries, answer, template)
+    if bad_lines:
+        bad = pd.DataFrame({"row": pd.Series([None] * len(bad_lines), dtype=object),
+                            "line": [n for n, _ in bad_lines], "reason": "malformed JSON line",
+                            "detail": [r for _, r in bad_lines]})
+        rest = pairs.skipped.astype({"row": object}) if "row" in pairs.skipped.columns else pairs.skipped
+        pairs.skipped = pd.concat([bad, rest], ignore_index=True) if len(rest) else bad
+    return pairs
+
+
+def _load_pairs(frame, name, group_column, groups, limit, countries, answer, template):
     kind = detect_format(frame, name)
     if kind == "global_opinions":
         kwargs = {k: v for k, v in (("template", template), ("answer", answer)) if v is not None}

@@ -8,6 +8,7 @@ read (never re-typed) is described in :mod:`llm_head.data` and :func:`read_table
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class PreferencePairs:
             reasons = self.skipped["reason"].value_counts()
             text += f"; skipped {len(self.skipped)} bad rows (" + \
                 ", ".join(f"{r}: {n}" for r, n in reasons.items()) + ")"
+            if "line" in self.skipped.columns and self.skipped["line"].notna().any():
+                lines = [(int(n), None) for n in self.skipped["line"].dropna()]
+                text += f"; {describe_bad_lines(lines)} left out"
         return text
 
 
@@ -87,23 +91,31 @@ def _plain(value):
 
 
 # ============================================================================ reading
-def read_table(source, split=None, na_values=None):
-    """A DataFrame from a file path, a ``datasets.Dataset``/``DatasetDict`` or a hub id.
+def read_table(source, split=None, na_values=None, strict=False):
+    """A DataFrame from a file path, a ``datasets.Dataset``/``DatasetDict`` (or a folder written by
+    their ``save_to_disk``) or a hub id.
 
     Parameters
     ----------
     source : path, str, datasets.Dataset, datasets.DatasetDict or DataFrame
-        A ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, a hub id, or a table.
+        A ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, a ``save_to_disk`` folder (read with
+        ``datasets.load_from_disk``), a hub id, or a table.
     split : str, optional
         One hub split (``datasets.load_dataset(id, split=...)``).
     na_values : str or sequence of str, optional
         Cells (anywhere in the table) exactly equal to one of these strings are read as missing;
         default none: every string is text as it is (``"NA"``, ``"None"``, ``"N/A"`` included).
+    strict : bool
+        A JSON Lines line that is not a JSON object refuses the file (``ValueError`` with its line
+        number). Default: such lines are left out and listed in ``frame.attrs["bad_lines"]``
+        (``(line, reason)``, 1-based), which :func:`llm_head.data.load_preference_pairs` reports
+        among the skipped rows.
 
     Returns
     -------
     (frame, name)
-        A ``DatasetDict`` is concatenated with its split names in a ``split`` column.
+        A ``DatasetDict`` is concatenated with its split names in a ``split`` column (one with a
+        single split has no ``split`` column: the pairs get the seeded split).
 
     Notes
     -----
@@ -112,18 +124,24 @@ def read_table(source, split=None, na_values=None):
     with :mod:`json` into ``object`` columns (each cell the value the file holds: a string, a
     number, a list of messages, ``None`` for ``null``, missing where a key is absent), parquet and
     ``datasets`` objects with their own column types. Text files are decoded as ``utf-8-sig``: a
-    leading byte-order mark is dropped.
+    leading byte-order mark is dropped. A CSV's delimiter (``,``, ``;``, tab or ``|``) is detected
+    from its first lines. An empty file is refused as empty.
     """
-    frame, name = _read_source(source, split)
-    return _apply_na_values(frame, na_values), name
+    frame, name = _read_source(source, split, strict)
+    bad = frame.attrs.get("bad_lines", [])
+    frame = _apply_na_values(frame, na_values)
+    frame.attrs["bad_lines"] = bad
+    return frame, name
 
 
-def _read_source(source, split):
+def _read_source(source, split, strict=False):
     try:
         import datasets
     except ImportError:          # pragma: no cover - datasets is in the llm extra
         datasets = None
     if datasets is not None and isinstance(source, datasets.DatasetDict):
+        if len(source) == 1:             # one split (often "train" alone): no split given, draw one
+            return next(iter(source.values())).to_pandas(), "DatasetDict"
         frames = [ds.to_pandas().assign(split=name) for name, ds in source.items()]
         return pd.concat(frames, ignore_index=True), "DatasetDict"
     if datasets is not None and isinstance(source, datasets.Dataset):
@@ -137,19 +155,34 @@ def _read_source(source, split):
     ext = os.path.splitext(path)[1].lower()
     if os.path.exists(path):
         if os.path.isdir(path):
-            raise ValueError(f"{path} is a folder: give a .jsonl, .json, .csv or .parquet file")
+            if not _is_saved_dataset(path):
+                raise ValueError(f"{path} is a folder: give a .jsonl, .json, .csv or .parquet file, or a folder "
+                                 "written by datasets' save_to_disk")
+            if datasets is None:             # pragma: no cover
+                raise ImportError(f"{path} is a datasets folder; reading it needs `pip install datasets`")
+            try:
+                loaded = datasets.load_from_disk(path)
+            except Exception as exc:
+                raise ValueError(f"{path} could not be read with datasets.load_from_disk: {type(exc).__name__}: "
+                                 f"{str(exc)[:200]}") from None
+            return _read_source(loaded, None)[0], path
         if ext not in FILE_READERS:
             raise ValueError(f"{path}: unknown file type {ext!r}; use .jsonl, .json, .csv or .parquet")
+        if _is_empty_file(path, ext):
+            raise ValueError(f"{path} is empty: no rows (expected {FILE_READERS[ext]} preference pairs)")
+        if ext == ".jsonl":                  # its own messages: each names the (1-based) line
+            return _read_json_lines(path, strict, path), path
         try:
-            if ext == ".jsonl":
-                frame = _read_json_lines(path)
-            elif ext == ".json":
-                frame = _read_json(path)
+            if ext == ".json":
+                frame = _read_json(path, strict)
             elif ext == ".csv":
-                frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+                frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                                    sep=_csv_delimiter(path))
             else:
                 frame = pd.read_parquet(path)
         except Exception as exc:             # pandas/pyarrow/json raise many types: one clear message
+            if isinstance(exc, ValueError) and str(exc).startswith(path):
+                raise                        # already ours (a JSON Lines line, by number)
             raise ValueError(f"{path} could not be read as {FILE_READERS[ext]}: {type(exc).__name__}: "
                              f"{str(exc)[:200]}") from None
         return frame, path
@@ -170,29 +203,84 @@ def _records_frame(records):
     return pd.DataFrame.from_records(records) if not records else pd.DataFrame(records, dtype=object)
 
 
-def _json_lines(lines):
-    """Records from JSON Lines (blank lines skipped); a ``ValueError`` naming the first bad line."""
-    records = []
+def _json_lines(lines, strict=False, name="data"):
+    """Records from JSON Lines (blank lines skipped). A line that is not a JSON object raises a
+    ``ValueError`` naming its (1-based) line when ``strict``; otherwise it is left out and listed in
+    ``frame.attrs["bad_lines"]`` as ``(line, reason)``."""
+    records, bad = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"line {number}: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"line {number} is a JSON {type(value).__name__}, not an object")
-        records.append(value)
-    return _records_frame(records)
+            reason = f"not valid JSON ({exc.msg} at column {exc.colno})"
+        else:
+            if isinstance(value, dict):
+                records.append(value)
+                continue
+            reason = f"a JSON {type(value).__name__}, not an object"
+        if strict:
+            raise ValueError(f"{name}: line {number} is {reason} (strict: without it, bad lines are skipped "
+                             "and reported)")
+        bad.append((number, reason))
+    if bad and not records:
+        raise ValueError(f"{name} could not be read as jsonl: no line is a JSON object ({describe_bad_lines(bad)}; "
+                         f"line {bad[0][0]} is {bad[0][1]})")
+    frame = _records_frame(records)
+    frame.attrs["bad_lines"] = bad
+    return frame
 
 
-def _read_json_lines(path):
+def describe_bad_lines(bad, shown=5):
+    """``"2 malformed JSON lines (3, 7)"``: the count and the first few (1-based) line numbers."""
+    numbers = ", ".join(str(n) for n, _ in bad[:shown]) + (", …" if len(bad) > shown else "")
+    return f"{len(bad)} malformed JSON line{'' if len(bad) == 1 else 's'} ({numbers})"
+
+
+def _read_json_lines(path, strict=False, name=None):
     """A JSON Lines file, one object per line, parsed by :mod:`json` (nothing re-typed)."""
-    with open(path, encoding="utf-8-sig") as fh:
-        return _json_lines(fh)
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            return _json_lines(fh, strict, name or path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} could not be read as jsonl: not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start})") from None
 
 
-def _read_json(path):
+def _is_saved_dataset(path):
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
+    return has("dataset_dict.json") or (has("dataset_info.json") and has("state.json"))
+
+
+def _is_empty_file(path, ext):
+    """No bytes, or (a text file) only white space."""
+    size = os.path.getsize(path)
+    if size == 0 or ext == ".parquet" or size > 4096:
+        return size == 0
+    with open(path, "rb") as fh:
+        return not fh.read().decode("utf-8-sig", errors="replace").strip()
+
+
+CSV_DELIMITERS = ",;\t|"
+
+
+def _csv_delimiter(path):
+    """The delimiter of a CSV (``,``, ``;``, tab or ``|``) by :class:`csv.Sniffer` on its first lines;
+    another than ``,`` only where it splits the header into more columns than ``,`` does."""
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        sample = "".join(line for _, line in zip(range(20), fh))
+    try:
+        found = csv.Sniffer().sniff(sample, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+    header = sample.splitlines()[0] if sample else ""
+    count = lambda d: len(next(csv.reader([header], delimiter=d), []))  # noqa: E731
+    return found if found != "," and count(found) > count(",") else ","
+
+
+def _read_json(path, strict=False):
     """A JSON file: an array of records, an object of columns (lists, or ``{row: value}`` as pandas'
     ``to_json`` writes them), or JSON Lines under a ``.json`` name; parsed by :mod:`json`."""
     with open(path, encoding="utf-8-sig") as fh:
@@ -202,7 +290,7 @@ def _read_json(path):
     except json.JSONDecodeError as exc:
         if exc.msg != "Extra data":        # more than one JSON value: JSON Lines
             raise
-        return _json_lines(text.split("\n"))      # not splitlines(): U+2028 may sit inside a string
+        return _json_lines(text.split("\n"), strict, path)  # not splitlines(): U+2028 may sit in a string
     if isinstance(value, list) and all(isinstance(v, dict) for v in value):
         return _records_frame(value)
     if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
