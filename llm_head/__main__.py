@@ -275,6 +275,17 @@ def _config_value(parser, config, action, value):
 
 
 # ============================================================================ commands
+def _requested_spec(args):
+    """What of the model spec ``extract`` will record is known before the model loads."""
+    spec = {"model": str(args.model), "revision": args.revision}
+    try:
+        spec["gguf_file"] = ex.resolve_model_id(args.model, args.gguf_file)[1]
+        spec["dtype"] = str(ex.resolve_dtype(args.device or ex.default_device(), args.dtype)).replace("torch.", "")
+    except (OSError, ValueError, ImportError):
+        pass                                        # load_model says what is wrong
+    return spec
+
+
 def cmd_extract(args):
     wd.check_output_folder(args.workdir, "--workdir")           # before the model loads: one line, not a traceback
     if args.cache_dir:
@@ -295,9 +306,14 @@ def cmd_extract(args):
         pairs = load_preference_pairs(frame, group_column=args.group_column, groups=args.groups,
                                       countries=args.groups or (PAPER_COUNTRIES if kind == "global_opinions" else None),
                                       limit=args.limit, template=args.template, name=name)
+    wd.check_split_by(kind, pairs, args.split_by)                # a typo refused now, not by `train`
     items = items_from_pairs(pairs)
     add_eos = {"yes": True, "no": False}.get(args.add_eos, kind == "pairs" and not pairs.conversational)
     rendering = ex.Rendering(chat_template=bool(args.chat_template or pairs.conversational), add_eos=add_eos)
+    record = wd.dataset_record(pairs, items, rendering, kind, pairs.opinion_items)
+    record["split_by"] = args.split_by
+    record["truncation"] = {"max_length": args.max_length, "mode": args.truncation}
+    wd.check_extract_target(args.workdir, record, _requested_spec(args), force=args.force)   # before the model
     print(f"{name}: {pairs.report()}; {len(items)} distinct prompts, "
           f"{int(items['candidates'].map(len).sum())} candidate answers; rendering {rendering.describe()}")
     loaded = ex.load_model(args.model, revision=args.revision, gguf_file=args.gguf_file, device=args.device,
@@ -312,10 +328,7 @@ def cmd_extract(args):
     seconds = time.perf_counter() - tic
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
-        record = wd.dataset_record(pairs, items, rendering, kind, pairs.opinion_items)
-        record["split_by"] = args.split_by
         record["extraction_seconds"] = seconds
-        record["truncation"] = {"max_length": args.max_length, "mode": args.truncation}
         sha = wd.save_workdir(args.workdir, features, reference_theta(loaded.model, features), record,
                               loaded.spec, force=args.force)
         print(f"features: {features.hidden.shape[0]} hidden states of size {features.hidden_size}, "

@@ -513,6 +513,86 @@ def _versioned_runs_folder(workdir, old_sha, old_data, changed):
     return target
 
 
+#: what of the model spec is known before the model loads (the rest, e.g. the weights' fingerprint, after)
+EARLY_SPEC_KEYS = ("model", "revision", "gguf_file", "dtype")
+
+
+def check_extract_target(workdir, record, spec=None, force=False):
+    """Refuse, before the model loads, an extraction that :func:`save_workdir` would refuse after it:
+    ``workdir`` holds runs and the new dataset record (:func:`dataset_sha`) or a known part of the model
+    spec (:data:`EARLY_SPEC_KEYS`: model, revision, GGUF file, dtype — all in the features file's
+    metadata, hence in its SHA-256) differs from the recorded one; with ``force``, refuse while runs are
+    being trained. Whatever is not known before the extraction (the weights) is checked by
+    :func:`save_workdir`, which stays the guard.
+
+    Raises
+    ------
+    ValueError
+        The message :func:`save_workdir` would give, before minutes of work.
+    """
+    p = paths(workdir)
+    runs = existing_runs(workdir)
+    if not (os.path.exists(p["features"]) and runs):
+        return
+    try:
+        old_record = read_dataset(workdir)
+        old_data, old_groups = dataset_sha(old_record), old_record.get("groups")
+    except ValueError:
+        old_record, old_data, old_groups = None, None, None
+    try:
+        with open(p["features_meta"]) as fh:
+            old_spec = json.load(fh).get("model") or {}
+    except (OSError, ValueError):
+        old_spec = {}
+    spec = spec or {}
+    changed_model = [k for k in EARLY_SPEC_KEYS if k in spec and k in old_spec and spec[k] != old_spec[k]]
+    changed_data = old_data != dataset_sha(record)
+    if not (changed_model or changed_data):
+        return
+    if force:
+        running = trains_running(workdir)
+        if running:
+            raise ValueError(f"{workdir}: run(s) {sorted(running)} are being trained now "
+                             f"({'; '.join(running.values())}); wait for them before --force moves the runs")
+        return
+    # other prompts, candidates, rendering or truncation: other features too (as save_workdir would say)
+    feature_keys = ("items", "rendering", "truncation")
+    other_data = old_record is None or any(old_record.get(k) != json.loads(json.dumps(record.get(k), default=str))
+                                           for k in feature_keys)
+    if changed_model:
+        what = "other features (another model: " + ", ".join(
+            f"{k} {old_spec[k]!r} then, {spec[k]!r} now" for k in changed_model) + ")"
+    elif other_data:
+        what = "other features (another model or data: other prompts, candidates, rendering or truncation)"
+    else:
+        groups = "" if old_groups == list(record["groups"]) else \
+            f": groups {old_groups} then, {list(record['groups'])} now"
+        what = (f"another dataset record (dataset.json sha {str(old_data)[:12]}…, new "
+                f"{dataset_sha(record)[:12]}…{groups})")
+    raise ValueError(f"{workdir} holds {len(runs)} run(s) trained on {what}; extract into another "
+                     "--workdir, or pass --force to keep the old runs in a runs-<sha>/ folder and start afresh")
+
+
+def check_split_by(kind, pairs, split_by):
+    """Check, right after the data are read, that ``--split-by`` names a column of the pairs
+    (GlobalOpinionQA: ``"item"`` or ``"question"``), so a typo is refused before the model loads.
+
+    Raises
+    ------
+    ValueError
+        Naming the value and what is available.
+    """
+    if split_by is None:
+        return
+    if kind == "global_opinions":
+        if split_by not in ("item", "question"):
+            raise ValueError(f"--split-by {split_by!r}: GlobalOpinionQA splits by 'item' or 'question'")
+        return
+    columns = [str(c) for c in pairs.table.columns if c != "split"]
+    if split_by not in pairs.table.columns:
+        raise ValueError(f"--split-by {split_by!r}: no such column in the data; columns: {columns}")
+
+
 def save_workdir(workdir, features, theta_ref, record, spec, force=False):
     """Write features (atomically, with their SHA-256) and the dataset; refuse to replace the features
     or the dataset record that runs were trained on (:func:`dataset_sha`: other pairs, or the same

@@ -116,3 +116,38 @@ def test_shard_size_is_chosen_by_device_and_a_cpu_run_resumes(loaded, monkeypatc
     again = ex.extract_features(loaded, prompts, candidates, cache_dir=tmp_path, batch_size=64, progress=False)
     assert len(computed) == 1                                       # resumed: only the missing shard
     np.testing.assert_array_equal(first.hidden, again.hidden)
+
+
+# ============================================================================ 2. refusals before the model loads
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the refusal")
+
+
+def test_extract_into_a_folder_with_runs_is_refused_before_the_model_loads(tmp_path, shared_pairs, gemma_folder,
+                                                                           monkeypatch):
+    data = tmp_path / "pairs.jsonl"
+    shared_pairs.to_json(data, orient="records", lines=True)
+    work = tmp_path / "work"
+    assert _extract(data, work, gemma_folder) == 0
+    assert cli(["train", "--workdir", str(work), "--radius", "0.5", "--run", "r"]) == 0
+    other = tmp_path / "other.jsonl"
+    shared_pairs.iloc[:20].to_json(other, orient="records", lines=True)
+    load_model = ex.load_model
+    monkeypatch.setattr(ex, "load_model", _no_model)
+    with pytest.raises(SystemExit, match="1 run.* trained on other features .another model or data"):
+        _extract(other, work, gemma_folder)                               # other data
+    with pytest.raises(SystemExit, match="trained on other features .another model"):
+        _extract(data, work, gemma_folder, "--dtype", "bfloat16")         # another dtype
+    monkeypatch.setattr(ex, "load_model", load_model)
+    assert _extract(data, work, gemma_folder) == 0                        # the same extraction again: allowed
+    assert _extract(other, work, gemma_folder, "--force") == 0            # --force still works
+
+
+def test_a_mistyped_split_by_column_is_refused_before_the_model_loads(tmp_path, shared_pairs, gemma_folder,
+                                                                      monkeypatch):
+    data = tmp_path / "pairs.jsonl"
+    shared_pairs.to_json(data, orient="records", lines=True)
+    monkeypatch.setattr(ex, "load_model", _no_model)
+    with pytest.raises(SystemExit, match=r"--split-by 'questionid': no such column.*'question_id'"):
+        _extract(data, tmp_path / "work", gemma_folder, "--split-by", "questionid")
+    assert not os.path.exists(tmp_path / "work" / "features.safetensors")
