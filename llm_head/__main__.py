@@ -36,7 +36,7 @@ from . import extract as ex
 from . import workdir as wd
 from .data import detect_format, items_from_pairs, load_preference_pairs, read_table
 from .features import CSR_LIMIT_BYTES
-from .head import export_model, reference_theta
+from .head import export_delta, export_model, reference_theta
 from .opinions import DEFAULT_TEMPLATE, PAPER_COUNTRIES
 from .train import alpha_history, evaluate, solver_config, train
 
@@ -510,14 +510,17 @@ def cmd_export(args):
     out = args.out or os.path.join(wd.run_dir(args.workdir, args.run), "model")
     features, theta_ref, _, spec, _ = wd.load_workdir(args.workdir)
     theta = np.load(os.path.join(wd.run_dir(args.workdir, args.run), "theta.npy"))
+    if args.delta_only:             # token ids, θ and θ_ref are in the work folder: no model to load
+        export_delta(features, theta, out, theta_ref=theta_ref, model_spec=spec)
+        print(f"exported -> {out} (head_delta.safetensors)")
+        return 0
     model_id = args.model or spec.get("model")
     if not model_id or model_id.startswith("random "):
         raise SystemExit("export: the work folder records no loadable model; give --model")
     gguf_file = args.gguf_file or (spec.get("gguf_file") if args.model is None and model_id != "smollm2" else None)
     loaded = ex.load_model(model_id, revision=args.revision or spec.get("revision"), gguf_file=gguf_file,
                            device="cpu")
-    export_model(loaded.model, loaded.tokenizer, features, theta, out, theta_ref=theta_ref, model_spec=loaded.spec,
-                 save_full=not args.delta_only)
+    export_model(loaded.model, loaded.tokenizer, features, theta, out, theta_ref=theta_ref, model_spec=loaded.spec)
     print(f"exported -> {out}")
     return 0
 

@@ -110,15 +110,23 @@ def _dequantized(model):
     return model
 
 
+def export_delta(features, theta, out_dir, theta_ref=None, model_spec=None):
+    """Write ``head_delta.safetensors`` only: the token ids, the tuned rows θ and the reference rows
+    θ_ref (all from the work folder), so no model is loaded (``export --delta-only``)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "head_delta.safetensors")
+    ref_rows = None if theta_ref is None else features.rows_from_theta(theta_ref)
+    save_head_delta(path, features.vocab, features.rows_from_theta(theta), ref_rows, model_spec)
+    return out_dir
+
+
 def export_model(model, tokenizer, features, theta, out_dir, theta_ref=None, model_spec=None,
                  save_full=True):
     """Write θ into a copy of the output layer and save: ``head_delta.safetensors`` always, and the
     whole model + tokenizer with ``save_pretrained`` when ``save_full``."""
     import copy
-    os.makedirs(out_dir, exist_ok=True)
+    export_delta(features, theta, out_dir, theta_ref, model_spec)
     rows = features.rows_from_theta(theta)
-    ref_rows = None if theta_ref is None else features.rows_from_theta(theta_ref)
-    save_head_delta(os.path.join(out_dir, "head_delta.safetensors"), features.vocab, rows, ref_rows, model_spec)
     if save_full:
         tuned = _dequantized(write_rows(copy.deepcopy(model), features.vocab, rows))
         tuned.save_pretrained(out_dir)

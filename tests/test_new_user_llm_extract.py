@@ -120,7 +120,7 @@ def test_shard_size_is_chosen_by_device_and_a_cpu_run_resumes(loaded, monkeypatc
 
 # ============================================================================ 2. refusals before the model loads
 def _no_model(*args, **kwargs):
-    raise AssertionError("the model was loaded before the refusal")
+    raise AssertionError("the model was loaded (it must not be, here)")
 
 
 def test_extract_into_a_folder_with_runs_is_refused_before_the_model_loads(tmp_path, shared_pairs, gemma_folder,
@@ -151,3 +151,48 @@ def test_a_mistyped_split_by_column_is_refused_before_the_model_loads(tmp_path, 
     with pytest.raises(SystemExit, match=r"--split-by 'questionid': no such column.*'question_id'"):
         _extract(data, tmp_path / "work", gemma_folder, "--split-by", "questionid")
     assert not os.path.exists(tmp_path / "work" / "features.safetensors")
+
+
+# ============================================================================ 3. export --delta-only; GGUF bars
+def test_export_delta_only_loads_no_model_and_writes_the_same_delta(tmp_path, shared_pairs, gemma_folder,
+                                                                     monkeypatch):
+    from safetensors.numpy import load_file
+    data = tmp_path / "pairs.jsonl"
+    shared_pairs.to_json(data, orient="records", lines=True)
+    work = tmp_path / "work"
+    assert _extract(data, work, gemma_folder) == 0
+    assert cli(["train", "--workdir", str(work), "--radius", "0.5", "--run", "r"]) == 0
+    assert cli(["export", "--workdir", str(work), "--run", "r", "--out", str(tmp_path / "full")]) == 0
+    monkeypatch.setattr(ex, "load_model", _no_model)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_model)
+    assert cli(["export", "--workdir", str(work), "--run", "r", "--delta-only"]) == 0
+    delta = work / "runs" / "r" / "model"
+    assert os.listdir(delta) == ["head_delta.safetensors"]
+    fast, full = load_file(delta / "head_delta.safetensors"), load_file(tmp_path / "full" / "head_delta.safetensors")
+    assert sorted(fast) == sorted(full) == ["reference_rows", "rows", "vocab"]
+    for k in fast:
+        np.testing.assert_array_equal(fast[k], full[k])
+
+
+def test_a_gguf_load_prints_one_line_instead_of_per_tensor_bars(gemma_folder, monkeypatch, capsys):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+    seen = {}
+    real_model, real_tokenizer = transformers.AutoModelForCausalLM.from_pretrained, \
+        transformers.AutoTokenizer.from_pretrained
+
+    def model_from_pretrained(name, gguf_file=None, **kwargs):
+        seen["hf_bars"] = hf_logging.is_progress_bar_enabled()
+        seen["gguf_bar_disabled"] = gguf_utils.tqdm([1], desc="probe").disable
+        return real_model(gemma_folder, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda name, gguf_file=None, **kw: real_tokenizer(gemma_folder, **kw))
+    bars_before = hf_logging.is_progress_bar_enabled()
+    lh.load_model(gemma_folder, gguf_file="tiny.gguf", device="cpu", dtype=torch.float32)
+    assert seen == {"hf_bars": False, "gguf_bar_disabled": True}          # no per-tensor bars during the load
+    assert hf_logging.is_progress_bar_enabled() == bars_before          # restored afterwards
+    assert not getattr(gguf_utils.tqdm([1], desc="probe"), "disable", False)
+    out = capsys.readouterr().out
+    assert out.count("de-quantising tiny.gguf") == 1
