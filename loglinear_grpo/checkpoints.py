@@ -64,13 +64,43 @@ def data_fingerprint(data):
     return h.hexdigest()
 
 
+class Fingerprint(str):
+    """The run's SHA-256 (a str), carrying the settings it hashes (``settings``), so that a mismatch can
+    be explained setting by setting."""
+
+    settings: dict
+
+
 def run_fingerprint(data, config):
     """What a checkpoint must match: the settings that change the iterates, θ⁽⁰⁾ and the data."""
     settings = {k: v for k, v in config.describe().items() if k not in STOPPING}
     h = hashlib.sha256(json.dumps({"format": FORMAT, **settings}, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(config.theta0, dtype=np.float64).tobytes())
-    h.update(data_fingerprint(data).encode())
-    return h.hexdigest()
+    theta0 = np.ascontiguousarray(config.theta0, dtype=np.float64)
+    h.update(theta0.tobytes())
+    data_digest = data_fingerprint(data)
+    h.update(data_digest.encode())
+    out = Fingerprint(h.hexdigest())
+    out.settings = {**settings, "theta0": hashlib.sha256(theta0.tobytes()).hexdigest()[:16], "data": data_digest[:16],
+                    "theory_steps": bool(config.theory)}
+    return out
+
+
+def explain_mismatch(stored, current):
+    """Which settings differ between a checkpoint's run and this one, and why it cannot continue."""
+    if not stored or not current:
+        return ("the data, Θ, θ⁽⁰⁾, the loss, β, the method, the seed or the step sizes differ (the checkpoint "
+                "predates the record that would say which)")
+    names = {"data": "the data (S, r or the group labels)", "theta0": "θ⁽⁰⁾", "constraint": "Θ"}
+    diff = [f"{names.get(k, k)}: {stored.get(k)!r} then, {current.get(k)!r} now"
+            for k in sorted(set(stored) | set(current)) if k != "theory_steps" and stored.get(k) != current.get(k)]
+    text = "; ".join(diff) if diff else "the settings' record matches, the hash does not (a different format)"
+    steps_differ = any(k in ("step_size", "alpha_step_size") and stored.get(k) != current.get(k)
+                       for k in set(stored) | set(current))
+    if steps_differ and (stored.get("theory_steps") or current.get("theory_steps")):
+        text += (". The 'theory' step sizes depend on T = steps (Proposition 3's η ∝ 1/√T), so a run that uses "
+                 "them cannot be extended by a larger steps: give step_size and alpha_step_size as numbers (or "
+                 "schedules) to make a run extendable")
+    return text
 
 
 class CheckpointFile:
@@ -258,7 +288,8 @@ class CheckpointFile:
             with open(tmp, "wb") as fh:
                 np.savez(fh, theta=state.theta, log_alpha=state.log_alpha, theta_sum=state.theta_sum,
                          alpha_sum=state.alpha_sum, step=np.int64(state.step), fingerprint=np.array(fingerprint),
-                         history=np.array(json.dumps(history_rows)), format=np.int64(FORMAT))
+                         history=np.array(json.dumps(history_rows)), format=np.int64(FORMAT),
+                         settings=np.array(json.dumps(getattr(fingerprint, "settings", {}))))
         atomic_write(self.path, write, prefix=self.temp_prefix, suffix=".npz")
 
     def load(self, fingerprint, state_type):
@@ -274,13 +305,14 @@ class CheckpointFile:
                                    theta_sum=z["theta_sum"].copy(), alpha_sum=z["alpha_sum"].copy(),
                                    step=int(z["step"]))
                 rows = json.loads(str(z["history"]))
+                stored_settings = json.loads(str(z["settings"])) if "settings" in z.files else None
         except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile,
                 json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"checkpoint {self.path} is damaged or not a checkpoint ({type(exc).__name__}: "
                              f"{str(exc)[:80]}); delete it to start afresh") from None
         if stored != fingerprint:
-            raise ValueError(f"checkpoint {self.path} was written for other data or settings (the data, Θ, θ⁽⁰⁾, "
-                             "the loss, β, the method, the seed or the step sizes differ); delete it or choose "
+            why = explain_mismatch(stored_settings, getattr(fingerprint, "settings", None))
+            raise ValueError(f"checkpoint {self.path} was written for another run ({why}); delete it or choose "
                              "another path")
         if not all(np.all(np.isfinite(a)) for a in (state.theta, state.theta_sum, state.alpha_sum)):
             raise ValueError(f"checkpoint {self.path} holds non-finite numbers; delete it to start afresh")

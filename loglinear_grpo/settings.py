@@ -23,8 +23,15 @@ from ._validation import METHODS, check_choice, check_loss, check_positive_finit
     check_unit_interval
 
 ESTIMATOR_CHOICES = ("auto", "newton", "full", "stochastic", "closed_form")
-#: ``tol="default"``: 10⁻⁶ for the deterministic estimators, ``None`` (all T steps) for ``stochastic``
-DEFAULT = "default"
+class _DefaultTol(str):
+    """``tol``'s default: 10⁻⁶ for the deterministic estimators, ``None`` (all T steps, Algorithm 1 as
+    written) for ``stochastic``. Equal to the string ``"default"`` (accepted too); shown as what it means."""
+
+    def __repr__(self):
+        return "1e-6 (None for estimator='stochastic')"
+
+
+DEFAULT = _DefaultTol("default")
 
 
 def _steps(name, value):

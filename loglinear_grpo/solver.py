@@ -423,6 +423,19 @@ def _next_check(t, config):
     return t + max(10, t // 10)
 
 
+def _check_schedule(step, config):
+    """``(on, next)``: whether a run's certificate schedule (10, then :func:`_next_check` onwards — a
+    function of t alone) certifies at ``step``, and its first check after ``step``. A resumed run
+    checks where a fresh run would, so that extending a run stops where a fresh run with the larger
+    budget stops."""
+    check = config.check_every if config.check_every is not None else 10
+    on = False
+    while check <= step:
+        on = check == step
+        check = _next_check(check, config)
+    return on, check
+
+
 @with_settings_signature
 def solve(data, config=None, *, log_every=None, duality_gap=False, checkpoint=None, checkpoint_every=None,
           progress=False, callback: Callable | None = None, **settings):
@@ -667,13 +680,17 @@ def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, f
     sampler_cache = {}
     workspace = Workspace(data) if config.estimator == "full" else None
     certified = config.tol is not None
-    next_check = _next_check(state.step, config) if state.step else 10
+    resumed_on_check, next_check = _check_schedule(state.step, config)
     cert, cert_step = None, -1
+    done = False
+    if certified and state.step and resumed_on_check:     # a fresh run certifies here too: stop if it would
+        cert, cert_step = certify(*_candidates(state, config), data, config, config.tol), state.step
+        done = is_converged(cert.value, cert.lower_bound, config.tol)
     try:
         single = (config.estimator == "stochastic" and config.batch_size == 1 and config.scalar_loss is not None
                   and data.storage.dense_rows)
         fast = callback is None and (single or config.estimator == "full")
-        while state.step < config.steps:
+        while not done and state.step < config.steps:
             if fast:                     # run in place up to the next step that logs, certifies or saves
                 events = [config.steps, (state.step // log_every + 1) * log_every]
                 if certified:

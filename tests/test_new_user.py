@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 import sys
 
 import numpy as np
@@ -127,3 +128,48 @@ def test_mainjob_run_sweep_refuses_no_seeds_and_bad_steps():
         run_sweep(scenarios=["imbalanced_both"], seeds=0, steps=10, n_jobs=1, progress=False)
     with pytest.raises(ValueError, match="steps"):
         run_sweep(scenarios=["imbalanced_both"], seeds=1, steps=-5, n_jobs=1, progress=False)
+
+
+# ---------------------------------------------------------------- extending a finished run (checkpoints)
+def test_api_extending_a_theory_step_run_says_exactly_why_it_cannot(tmp_path):
+    """Old message: "written for other data or settings"; the theory steps depend on T, and the error says so."""
+    from conftest import make_problem
+    data = make_problem()
+    path = tmp_path / "run.npz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lg.solve(data, estimator="stochastic", steps=200, radius=1.0, checkpoint=path)
+        with pytest.raises(ValueError, match=r"step_size: .* then, .* now.*depend on T = steps"):
+            lg.solve(data, estimator="stochastic", steps=400, radius=1.0, checkpoint=path)
+        lg.solve(data, estimator="stochastic", steps=200, radius=1.0, checkpoint=tmp_path / "b.npz", step_size=0.01,
+                 alpha_step_size=0.01)
+        with pytest.raises(ValueError, match=r"step_size: '0\.01' then, '0\.02' now"):
+            lg.solve(data, estimator="stochastic", steps=400, radius=1.0, checkpoint=tmp_path / "b.npz",
+                     step_size=0.02, alpha_step_size=0.01)
+
+
+@pytest.mark.parametrize("first", [57, 100, 150])
+def test_api_extended_full_run_stops_where_a_fresh_run_stops(tmp_path, first):
+    """Old code: a run extended from a checkpoint certified on another schedule and stopped elsewhere
+    (154 or 165 iterations against a fresh run's 160). Now the schedule is a function of t alone."""
+    from conftest import make_problem
+    data = make_problem()
+    kw = dict(estimator="full", radius=2.0, tol=1e-4)
+    fresh = lg.solve(data, steps=20000, **kw)
+    path = tmp_path / "run.npz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lg.ConvergenceWarning)
+        lg.solve(data, steps=first, checkpoint=path, **kw)
+    extended = lg.solve(data, steps=20000, checkpoint=path, **kw)
+    assert fresh.converged and extended.converged
+    assert extended.n_iter == fresh.n_iter
+    np.testing.assert_array_equal(extended.theta, fresh.theta)
+    again = lg.solve(data, steps=30000, checkpoint=path, **kw)        # extending a converged run: no more steps
+    assert again.n_iter == fresh.n_iter
+
+
+def test_api_signature_shows_what_the_tol_default_means():
+    """Old: the signature showed tol='default' while the docs said 1e-6."""
+    import inspect
+    shown = str(inspect.signature(lg.solve).parameters["tol"])
+    assert "1e-6" in shown and "stochastic" in shown and "'default'" not in shown
