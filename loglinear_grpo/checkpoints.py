@@ -312,8 +312,8 @@ class CheckpointFile:
                              f"{str(exc)[:80]}); delete it to start afresh") from None
         if stored != fingerprint:
             why = explain_mismatch(stored_settings, getattr(fingerprint, "settings", None))
-            raise ValueError(f"checkpoint {self.path} was written for another run ({why}); delete it or choose "
-                             "another path")
+            raise ValueError(f"checkpoint {self.path} was written for other data or settings ({why}); delete it or "
+                             "choose another path")
         if not all(np.all(np.isfinite(a)) for a in (state.theta, state.theta_sum, state.alpha_sum)):
             raise ValueError(f"checkpoint {self.path} holds non-finite numbers; delete it to start afresh")
         return state, rows
