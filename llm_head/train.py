@@ -99,7 +99,7 @@ class HeadProblem:
         return self._cache[split]
 
 
-def solver_config(problem, loss="ipo", beta=0.1, method="group_robust", estimator="auto", radius=1.0,
+def solver_config(problem, loss="dpo", beta=0.1, method="group_robust", estimator="auto", radius=1.0,
                   split="train", **config_kwargs):
     """:func:`loglinear_grpo.make_config` of :func:`train`: every setting validated (and the step sizes
     resolved) before anything is solved or written. Extra keywords (``steps``, ``tol``, ``chi``,
@@ -108,7 +108,7 @@ def solver_config(problem, loss="ipo", beta=0.1, method="group_robust", estimato
                           radius=radius, center=problem.theta_ref, **config_kwargs)
 
 
-def train(problem, loss="ipo", beta=0.1, method="group_robust", estimator="auto", radius=1.0, split="train",
+def train(problem, loss="dpo", beta=0.1, method="group_robust", estimator="auto", radius=1.0, split="train",
           config=None, **solve_kwargs):
     """:func:`loglinear_grpo.solve` on the split's pairs, Θ = ball(θ_ref, ``radius``), θ⁽⁰⁾ = θ_ref; the
     result carries its certificate (``converged``, ``gap``). ``config`` (from :func:`solver_config`):
@@ -120,7 +120,7 @@ def train(problem, loss="ipo", beta=0.1, method="group_robust", estimator="auto"
                     radius=radius, center=problem.theta_ref, **solve_kwargs)
 
 
-def evaluate(problem, theta, loss="ipo", beta=0.1, split="test"):
+def evaluate(problem, theta, loss="dpo", beta=0.1, split="test"):
     """Per-group metrics of θ on a split, and their ``worst`` and ``mean`` over the groups.
 
     Columns (TRL's names): ``loss`` (the IPO/DPO/hinge group loss), ``rewards/accuracies`` (share of

@@ -173,3 +173,17 @@ def test_api_signature_shows_what_the_tol_default_means():
     import inspect
     shown = str(inspect.signature(lg.solve).parameters["tol"])
     assert "1e-6" in shown and "stochastic" in shown and "'default'" not in shown
+
+
+def test_api_one_default_loss_everywhere():
+    """Old: llm_head.train/evaluate defaulted to IPO, lg.solve to DPO, the CLI to 'sigmoid' (= DPO)."""
+    import inspect
+
+    import llm_head
+    from llm_head.__main__ import build_parser
+    from loglinear_grpo.losses import get_loss
+    defaults = {inspect.signature(f).parameters["loss"].default
+                for f in (lg.solve, lg.make_config, lg.solve_exact, llm_head.train, llm_head.evaluate)}
+    train_args = build_parser().parse_args(["train", "--workdir", "w"])
+    defaults.add(train_args.loss)
+    assert {get_loss(d).name for d in defaults} == {"dpo"}
