@@ -377,6 +377,16 @@ def plot_scaling(table, path):
     plt.close(fig)
 
 
+def print_and_save(rows, path):
+    """Print the table of ``rows`` and write it as CSV to ``path``; 0 (the exit status)."""
+    table = pd.DataFrame(rows)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_colwidth", 90)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    table.to_csv(path, index=False)
+    return 0
+
+
 def run_items(args):
     """Only the items asked for (``--items``), into ``speed_items.csv``."""
     n = 10**5 if args.quick else 10**6
@@ -397,12 +407,7 @@ def run_items(args):
             print(scaling(args.quick).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         else:
             items[item](rows)
-    table = pd.DataFrame(rows)
-    pd.set_option("display.width", 200)
-    pd.set_option("display.max_colwidth", 90)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    table.to_csv(os.path.join(args.out, "speed_items.csv"), index=False)
-    return 0
+    return print_and_save(rows, os.path.join(args.out, "speed_items.csv"))
 
 
 def main(argv=None):
@@ -447,12 +452,7 @@ def main(argv=None):
               clarabel_sizes=(3000, 10_000) if args.quick else (10_000, 30_000, 100_000))
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         memmap(rows, 10**6 if args.quick else 2 * 10**7, 32, 500 if args.quick else 5000, tmp)
-    table = pd.DataFrame(rows)
-    pd.set_option("display.width", 200)
-    pd.set_option("display.max_colwidth", 90)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    table.to_csv(os.path.join(args.out, "speed.csv"), index=False)
-    return 0
+    return print_and_save(rows, os.path.join(args.out, "speed.csv"))
 
 
 if __name__ == "__main__":

@@ -517,6 +517,13 @@ def _versioned_runs_folder(workdir, old_sha, old_data, changed):
 EARLY_SPEC_KEYS = ("model", "revision", "gguf_file", "dtype")
 
 
+
+def _other_record(old_groups, old_data, record, new_sha, note=""):
+    """The refusal's words for a work folder whose runs were trained on another dataset record."""
+    groups = "" if old_groups == list(record["groups"]) else f": groups {old_groups} then, {list(record['groups'])} now"
+    return (f"another dataset record (dataset.json sha {str(old_data)[:12]}…, new {new_sha[:12]}…{groups}"
+            f"{';' + note.rstrip(';') if note else ''})")
+
 def check_extract_target(workdir, record, spec=None, force=False):
     """Refuse, before the model loads, an extraction that :func:`save_workdir` would refuse after it:
     ``workdir`` holds runs and the new dataset record (:func:`dataset_sha`) or a known part of the model
@@ -565,10 +572,7 @@ def check_extract_target(workdir, record, spec=None, force=False):
     elif other_data:
         what = "other features (another model or data: other prompts, candidates, rendering or truncation)"
     else:
-        groups = "" if old_groups == list(record["groups"]) else \
-            f": groups {old_groups} then, {list(record['groups'])} now"
-        what = (f"another dataset record (dataset.json sha {str(old_data)[:12]}…, new "
-                f"{dataset_sha(record)[:12]}…{groups})")
+        what = _other_record(old_groups, old_data, record, dataset_sha(record))
     raise ValueError(f"{workdir} holds {len(runs)} run(s) trained on {what}; extract into another "
                      "--workdir, or pass --force to keep the old runs in a runs-<sha>/ folder and start afresh")
 
@@ -622,10 +626,7 @@ def save_workdir(workdir, features, theta_ref, record, spec, force=False):
                 if "features" in changed:
                     what = "other features (another model or data)"
                 else:
-                    groups = "" if old_groups == list(record["groups"]) else \
-                        f": groups {old_groups} then, {list(record['groups'])} now"
-                    what = (f"another dataset record (dataset.json sha {str(old_data)[:12]}…, new "
-                            f"{data_hash[:12]}…{groups}; the features are the same)")
+                    what = _other_record(old_groups, old_data, record, data_hash, " the features are the same;")
                 target = os.path.basename(_versioned_runs_folder(workdir, old_sha, old_data, changed))
                 raise ValueError(f"{workdir} holds {len(runs)} run(s) trained on {what}; extract into another "
                                  f"--workdir, or pass --force to keep them as {target}/ and start afresh")

@@ -22,7 +22,7 @@ import loglinear_grpo as lg  # noqa: E402
 from llm_head.__main__ import main as cli  # noqa: E402
 from llm_head.extract import FeatureCache, cache_key, plan_sequences  # noqa: E402
 
-from conftest import GLOBAL_OPINIONS, ROOT  # noqa: E402
+from conftest import GLOBAL_OPINIONS, ROOT, tiny_gemma  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 # LLM_HEAD_TEST_DEVICE=cuda runs the same tests on a GPU (in float32, so the tolerances hold)
@@ -37,27 +37,6 @@ def items():
         return lh.load_global_opinions(GLOBAL_OPINIONS)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    folder, name = lh.smollm2_gguf()
-    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-
-
-def tiny_gemma(vocab_size, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.GemmaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                                   head_dim=8, max_position_embeddings=1024)
-    return transformers.GemmaForCausalLM(cfg)
-
-
-@pytest.fixture(scope="module")
-def gemma_folder(tmp_path_factory, tokenizer):
-    """A tiny Gemma + SmolLM2's tokenizer saved with save_pretrained (loaded back by from_pretrained)."""
-    folder = tmp_path_factory.mktemp("tiny-gemma")
-    tiny_gemma(len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -32,19 +32,6 @@ def real_pairs():
     return keep.groupby("group", sort=False).head(10).reset_index(drop=True)[COLUMNS]
 
 
-@pytest.fixture(scope="module")
-def gemma_folder(tmp_path_factory):
-    """A tiny random Gemma with SmolLM2's tokenizer (as in tests/test_llm_data.py)."""
-    folder, name = lh.smollm2_gguf()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    torch.manual_seed(0)
-    cfg = transformers.GemmaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                                   head_dim=8, max_position_embeddings=1024)
-    out = tmp_path_factory.mktemp("tiny-gemma")
-    transformers.GemmaForCausalLM(cfg).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
 
 
 def write_jsonl_with_bad_lines(frame, path):

@@ -22,22 +22,6 @@ PAIRS = SHARED / "data" / "global_opinions_pairs.jsonl"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    folder, name = lh.smollm2_gguf()
-    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-
-
-@pytest.fixture(scope="module")
-def gemma_folder(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    cfg = transformers.GemmaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                                   head_dim=8, max_position_embeddings=1024)
-    folder = tmp_path_factory.mktemp("tiny-gemma")
-    transformers.GemmaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

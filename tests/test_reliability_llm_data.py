@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import llm_head as lh  # noqa: E402
 
-from conftest import SHARED  # noqa: E402
+from conftest import SHARED, tiny_gemma  # noqa: E402
 
 PAIRS = SHARED / "data" / "global_opinions_pairs.jsonl"
 OPINIONS = SHARED / "data" / "global_opinions_partial.csv"
@@ -195,22 +195,8 @@ def test_item15_bom_csv_and_json_read(tmp_path):
 
 
 # ============================================================================ models for items 4 and 7
-@pytest.fixture(scope="module")
-def tokenizer():
-    folder, name = lh.smollm2_gguf()
-    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-
-
-def tiny_gemma(tokenizer, max_positions=1024, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.GemmaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                                   head_dim=8, max_position_embeddings=max_positions)
-    return transformers.GemmaForCausalLM(cfg)
-
-
 def tiny_loaded(tokenizer, max_positions=1024):
-    return lh.prepare_model(tiny_gemma(tokenizer, max_positions), tokenizer, device=DEVICE, dtype=torch.float32)
+    return lh.prepare_model(tiny_gemma(len(tokenizer), max_positions), tokenizer, device=DEVICE, dtype=torch.float32)
 
 
 PROMPTS = ["Opinion of people in Japan on: is tea better than coffee?\nAnswer:",
@@ -311,7 +297,7 @@ def test_item7_context_length_sources(tokenizer):
 
     from llm_head.extract import context_length
     assert tokenizer.model_max_length > 10 ** 20                   # SmolLM2's GGUF tokenizer: "unset"
-    assert context_length(tiny_gemma(tokenizer, 77), tokenizer) == (77, "the model's config.max_position_embeddings")
+    assert context_length(tiny_gemma(len(tokenizer), 77), tokenizer) == (77, "the model's config.max_position_embeddings")
     bare = SimpleNamespace(config=SimpleNamespace())
     assert context_length(bare, tokenizer) == (None, None)
     assert context_length(bare, SimpleNamespace(model_max_length=512)) == (512, "tokenizer.model_max_length")
@@ -330,7 +316,7 @@ def test_item7_batched_tokenisation_matches_one_by_one(tokenizer):
 def test_item7_cli_max_length_and_truncation(tokenizer, tmp_path):
     from llm_head.__main__ import main as cli
     folder = tmp_path / "tiny"
-    tiny_gemma(tokenizer).save_pretrained(folder)
+    tiny_gemma(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     data = write_jsonl(tmp_path / "pairs.jsonl", [pair(p, c[0], c[1], group=g)
                                                   for p, c, g in zip(PROMPTS * 2, CANDIDATES * 2, "abab")])

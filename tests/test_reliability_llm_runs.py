@@ -32,7 +32,7 @@ from llm_head import workdir as wd  # noqa: E402
 from llm_head.__main__ import main as cli  # noqa: E402
 
 from conftest import ROOT, make_problem  # noqa: E402
-from test_llm_data import _extract, gemma_folder, shared_pairs, tokenizer  # noqa: E402,F401  (fixtures)
+from test_llm_data import _extract, shared_pairs  # noqa: E402,F401  (fixtures; tokenizer and gemma_folder are in conftest)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
