@@ -85,15 +85,18 @@ HINGE_BYTES_PER_ENTRY = 256
 HINGE_BYTES_PER_PAIR = 4096
 
 
-def hinge_program_nbytes(data):
+def hinge_program_nbytes(data, theta_set=None):
     """Predicted peak memory (bytes) of :func:`hinge_program` on ``data``: ``HINGE_BYTES_PER_ENTRY`` per
     stored entry of S (N·d for a dense or memory-mapped S, its nonzeros for a sparse one, the explicit
     CSR's entries for an implicit one) plus ``HINGE_BYTES_PER_PAIR`` per pair (the slack variables,
-    their constraints and the K group rows) and a little per coordinate of θ (its bounds and costs).
-    Computed from the shapes alone: nothing is read."""
+    their constraints and the K group rows), a little per coordinate of θ (its bounds and costs), and, when
+    ``theta_set`` is unbounded (R^d, an open box), the d × d matrix the certificate builds to make the duals
+    feasible (:func:`~loglinear_grpo.certificate.hinge_dual_bound`). Computed from the shapes alone: nothing is read."""
     n, d = data.n_samples, data.dim
     entries = data.storage.explicit_entries()
-    return HINGE_BYTES_PER_ENTRY * entries + HINGE_BYTES_PER_PAIR * n + 256 * d + 8 * data.n_groups * n
+    unbounded = theta_set is not None and not np.isfinite(theta_set.bounding_ball(d)[1])
+    return (HINGE_BYTES_PER_ENTRY * entries + HINGE_BYTES_PER_PAIR * n + 256 * d + 8 * data.n_groups * n
+            + (8 * d * d if unbounded else 0))
 
 
 def hinge_memory_budget():
@@ -114,7 +117,7 @@ def _nbytes_text(nbytes):
 
 def _check_hinge_memory(data, theta_set):
     """``MemoryError`` when the hinge program would need more than the budget (nothing allocated yet)."""
-    need, budget = hinge_program_nbytes(data), hinge_memory_budget()
+    need, budget = hinge_program_nbytes(data, theta_set), hinge_memory_budget()
     if need > budget:
         program = "linear program (HiGHS)" if isinstance(theta_set, (Box, Unconstrained)) else \
             "conic program (cvxpy + Clarabel)"

@@ -103,17 +103,23 @@ def test_shard_size_is_chosen_by_device_and_a_cpu_run_resumes(loaded, monkeypatc
 
 
 # ============================================================================ 2. refusals before the model loads
+def _trained_workdir(tmp_path, shared_pairs, gemma_folder):
+    """The shared pairs extracted into ``tmp_path/work`` with one trained run ``r``: (data file, work folder)."""
+    data = tmp_path / "pairs.jsonl"
+    shared_pairs.to_json(data, orient="records", lines=True)
+    work = tmp_path / "work"
+    assert _extract(data, work, gemma_folder) == 0
+    assert cli(["train", "--workdir", str(work), "--radius", "0.5", "--run", "r"]) == 0
+    return data, work
+
+
 def _no_model(*args, **kwargs):
     raise AssertionError("the model was loaded (it must not be, here)")
 
 
 def test_extract_into_a_folder_with_runs_is_refused_before_the_model_loads(tmp_path, shared_pairs, gemma_folder,
                                                                            monkeypatch):
-    data = tmp_path / "pairs.jsonl"
-    shared_pairs.to_json(data, orient="records", lines=True)
-    work = tmp_path / "work"
-    assert _extract(data, work, gemma_folder) == 0
-    assert cli(["train", "--workdir", str(work), "--radius", "0.5", "--run", "r"]) == 0
+    data, work = _trained_workdir(tmp_path, shared_pairs, gemma_folder)
     other = tmp_path / "other.jsonl"
     shared_pairs.iloc[:20].to_json(other, orient="records", lines=True)
     load_model = ex.load_model
@@ -141,11 +147,7 @@ def test_a_mistyped_split_by_column_is_refused_before_the_model_loads(tmp_path, 
 def test_export_delta_only_loads_no_model_and_writes_the_same_delta(tmp_path, shared_pairs, gemma_folder,
                                                                      monkeypatch):
     from safetensors.numpy import load_file
-    data = tmp_path / "pairs.jsonl"
-    shared_pairs.to_json(data, orient="records", lines=True)
-    work = tmp_path / "work"
-    assert _extract(data, work, gemma_folder) == 0
-    assert cli(["train", "--workdir", str(work), "--radius", "0.5", "--run", "r"]) == 0
+    data, work = _trained_workdir(tmp_path, shared_pairs, gemma_folder)
     assert cli(["export", "--workdir", str(work), "--run", "r", "--out", str(tmp_path / "full")]) == 0
     monkeypatch.setattr(ex, "load_model", _no_model)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_model)
