@@ -80,6 +80,14 @@ def _projected_step(theta, grad, config, t):
                           config.theta_step, t)
 
 
+def _adjusted(losses, config):
+    """The group losses the α step ascends: :math:`L_g + c_g` under a group adjustment (Sagawa et al.
+    2020; :func:`~loglinear_grpo.objective.group_adjustment`), else :math:`L_g`. Stochastic estimates
+    adjust each drawn pair instead, :math:`\\hat L = (N/N_g)(\\ell_i + c_g)e_g`, still unbiased for
+    :math:`L + c`."""
+    return losses if config.shift is None else losses + config.shift
+
+
 def _theta_weights(alpha, config):
     """λ = (1−χ)/K + χα, the group weights of the θ step (χ = 1: λ = α)."""
     return mixing_weights(alpha, config.chi)
@@ -113,7 +121,7 @@ def update(state, data, config, batch=None, workspace=None):
     elif config.estimator == "full":
         theta, log_alpha, alpha, losses = _full_step(state, data, config, t, workspace)
     elif config.estimator == "closed_form":
-        losses = _group_losses(state.theta, data, config.loss, config.beta)
+        losses = _adjusted(_group_losses(state.theta, data, config.loss, config.beta), config)
         log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
         if not config.adaptive_alpha and state.step > 0:
             theta = state.theta          # fixed weights: the same regression, the same answer
@@ -132,7 +140,7 @@ def _full_step(state, data, config, t, workspace=None):
     """Losses and group gradients in one pass over S (:mod:`loglinear_grpo.kernels`), then the α
     step, then the θ step with the gradient :math:`\\sum_g (\\lambda_g/N_g)\\,G_g`."""
     result = full_pass(state.theta, data, config.loss, config.beta, workspace)
-    losses = result.loss_sums / config.group_sizes
+    losses = _adjusted(result.loss_sums / config.group_sizes, config)
     log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
     grad = result.gradient(_theta_weights(alpha, config) / config.group_sizes, data)
     theta = _projected_step(state.theta, grad, config, t)
@@ -148,6 +156,8 @@ def _single_pair_step(state, data, config, i, t):
     g = data.groups[i]
     scale = config.n_samples * config.pair_inv_size[i]                  # N/N_g
     value, deriv = config.scalar_loss(h, config.beta)
+    if config.shift is not None:
+        value = value + config.shift[g]             # the adjusted pair loss ℓ_i + c_g
     if config.adaptive_alpha:
         log_alpha = state.log_alpha.copy()
         alpha = mirror_ascent(log_alpha, config.alpha_step.at(t) * config.chi * scale, value, config.alpha_step, t,
@@ -178,7 +188,7 @@ def _full_batch_run(state, data, config, stop, workspace):
     one_pass = make_pass(data, config.loss, config.beta, workspace)
     for t in range(state.step + 1, stop + 1):
         result = one_pass(theta)
-        losses = result.loss_sums / sizes
+        losses = _adjusted(result.loss_sums / sizes, config)
         if config.adaptive_alpha:
             alpha = mirror_ascent(log_alpha, alpha_step.at(t) * chi, losses, alpha_step, t)
         weights = mixing_weights(alpha, chi)
@@ -204,11 +214,14 @@ def _single_pair_run(state, data, config, stop, sampler_cache):
     adaptive, k = config.adaptive_alpha, log_alpha.size
     theta_set, theta_step, alpha_step = config.theta_set, config.theta_step, config.alpha_step
     buf = np.empty_like(theta)
+    shift = config.shift
     for t in range(state.step + 1, stop + 1):
         i = int(sample_batch(config, t - 1, sampler_cache)[0])
         row = diff[i]
         value, deriv = loss_fn(float(row @ theta) - ref[i], beta)
         g = groups[i]
+        if shift is not None:
+            value = value + shift[g]
         scale = over[i]
         if adaptive:
             alpha = mirror_ascent(log_alpha, alpha_step.at(t) * chi * scale, value, alpha_step, t, group=g)
@@ -229,7 +242,8 @@ def _stochastic_step(state, data, config, batch, t):
     groups = data.groups[batch]
     scale = config.n_samples * config.pair_inv_size[batch] / batch.size    # N/(N_g B)
     values, dl = get_loss(loss).value_and_grad(h, beta)
-    losses = np.bincount(groups, weights=scale * values, minlength=config.group_sizes.size)
+    adjusted = values if config.shift is None else values + config.shift[groups]
+    losses = np.bincount(groups, weights=scale * adjusted, minlength=config.group_sizes.size)
     log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
     u = scale * _theta_weights(alpha, config)[groups] * dl
     grad = np.asarray(rows.T @ u).ravel()

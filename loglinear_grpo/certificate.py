@@ -60,12 +60,15 @@ class CertificateWarning(UserWarning):
 
 @dataclass(frozen=True)
 class DualPoint:
-    """A dual point of (⋆): pair weights w, per-pair values u, and the bound they certified."""
+    """A dual point of (⋆): pair weights w, per-pair values u, and the bound they certified.
+    ``offset`` = :math:`\\sum_i w_i c_{g_i}` under a group adjustment c (the conjugate of ℓ + c is
+    ℓ* − c), included in ``bound``."""
 
     weights: np.ndarray
     u: np.ndarray
     bound: float
     kind: str
+    offset: float = 0.0
 
 
 def rounding_tolerance(n_terms):
@@ -189,7 +192,7 @@ def original_space_bound(data, spec, beta, theta, theta_set, h, dual):
         return -np.inf
     terms = dual.weights * dual.u
     scale = _Scale(lambda v: abs_rmatvec(data, v), terms, data.n_samples)
-    return value + residual_term(theta, theta_set, data.rmatvec(terms), scale)
+    return value + dual.offset + residual_term(theta, theta_set, data.rmatvec(terms), scale)
 
 
 def convergence_target(value, tol):
@@ -208,7 +211,7 @@ def linear_bound(weighted, theta, theta_set, grad):
     return weighted + theta_set.min_linear(theta, grad)
 
 
-def refined_dual_bound(losses, grads, hess, theta, theta_set, data, chi, pair_d1, best_response):
+def refined_dual_bound(losses, grads, hess, theta, theta_set, data, chi, pair_d1, best_response, shift=None):
     """A better certificate from the same first-order information, for the group-robust problem.
 
     Near the optimum the softmax weights :math:`\\mathrm{softmax}(L/\\mu)` are a noisy estimate
@@ -227,7 +230,8 @@ def refined_dual_bound(losses, grads, hess, theta, theta_set, data, chi, pair_d1
     :math:`\\alpha^\\top L - \\frac12\\alpha^\\top G H^{+} G^\\top\\alpha` and the bound is the certified
     best response to α̂: ``best_response(λ)`` returns a result with ``lower_bound``, ``bound_kind`` and
     ``dual`` (the Newton solver with fixed weights, warm-started at θ).
-    ``pair_d1`` is ℓ'(h) at θ. Returns ``(lower_bound, alpha, kind, dual)``; ``(-inf, None, ..., None)``
+    ``pair_d1`` is ℓ'(h) at θ. Under a group adjustment ``losses`` are the adjusted :math:`L_g + c_g`
+    (``shift`` = c, for the dual point's offset) and ``best_response`` solves the adjusted problem. Returns ``(lower_bound, alpha, kind, dual)``; ``(-inf, None, ..., None)``
     if no bound was found.
     """
     import cvxpy as cp
@@ -264,8 +268,9 @@ def refined_dual_bound(losses, grads, hess, theta, theta_set, data, chi, pair_d1
     lam = mixing_weights(alpha, chi)
     if bounded:
         lower = float(lam @ losses) + theta_set.min_linear(theta, lam @ grads)
+        offset = 0.0 if shift is None else float(lam @ shift)
         return lower, alpha, "rigorous", DualPoint(lam[data.groups] / data.group_sizes[data.groups], pair_d1,
-                                                   lower, "rigorous")
+                                                   lower, "rigorous", offset)
     res = best_response(lam)
     return res.lower_bound, alpha, res.bound_kind, res.dual
 

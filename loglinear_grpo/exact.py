@@ -28,7 +28,7 @@ from ._cvxpy import _cvxpy_diff, _solve_cvxpy
 from ._validation import METHODS, check_choice, check_loss, check_positive_finite, check_unit_interval
 from .constraints import Box, Unconstrained, make_constraint
 from .losses import get_loss
-from .objective import _check_data, _group_losses, minimax_value
+from .objective import _check_data, _group_losses, group_adjustment, minimax_value
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _cvxpy_pair_losses(cp, data, theta_var, loss, beta):
 
 
 def solve_exact(data, *, loss="dpo", beta=0.1, method="group_robust", chi=1.0, radius=None, center=None,
-                constraint=None, solver=None):
+                constraint=None, solver=None, adjustment=None):
     """Exact optimum of the training objective :func:`loglinear_grpo.solve` minimises, with cvxpy: by default
     GRPO's :math:`\\min_{\\theta\\in\\Theta}\\max_g L_g(\\theta)`.
 
@@ -66,6 +66,9 @@ def solve_exact(data, *, loss="dpo", beta=0.1, method="group_robust", chi=1.0, r
         Θ, as in :func:`loglinear_grpo.solve`.
     solver : str, optional
         cvxpy solver (default: Clarabel, SCS as fall-back).
+    adjustment : float, array_like, dict or None
+        The group adjustment of :func:`loglinear_grpo.solve`: every :math:`L_g` becomes
+        :math:`L_g + C_g/\\sqrt{N_g}` (:func:`~loglinear_grpo.objective.group_adjustment`).
 
     Returns
     -------
@@ -85,6 +88,7 @@ def solve_exact(data, *, loss="dpo", beta=0.1, method="group_robust", chi=1.0, r
     if chi != 1.0 and method != "group_robust":
         raise ValueError("chi trades worst-case for average loss in method='group_robust' only")
     theta_set = make_constraint(radius, center, constraint).check_dim(data.dim)
+    shift = group_adjustment(adjustment, data.group_sizes, data.group_names)
     if loss == "dpo" and _improving_direction(data, theta_set):
         raise ValueError("no minimiser: a direction of Θ improves a pair of every group and worsens none, so "
                          "every group's DPO loss decreases towards its infimum without reaching it (separable "
@@ -93,8 +97,8 @@ def solve_exact(data, *, loss="dpo", beta=0.1, method="group_robust", chi=1.0, r
     theta = cp.Variable(data.dim)
     t = cp.Variable()
     pair = _cvxpy_pair_losses(cp, data_cp, theta, loss, beta)
-    group_loss = [cp.sum(pair[idx]) / len(idx) for idx in
-                  (np.flatnonzero(data.groups == g) for g in range(data.n_groups))]
+    group_loss = [cp.sum(pair[idx]) / len(idx) + (0.0 if shift is None else float(shift[g])) for g, idx in
+                  enumerate(np.flatnonzero(data.groups == g) for g in range(data.n_groups))]
     k = data.n_groups
     weights = None
     if method == "group_robust":
@@ -113,7 +117,7 @@ def solve_exact(data, *, loss="dpo", beta=0.1, method="group_robust", chi=1.0, r
     else:
         alpha = np.array([max(float(c.dual_value), 0.0) for c in cons])
         alpha = alpha / alpha.sum() if alpha.sum() > 0 else np.full(k, 1.0 / k)
-    value = minimax_value(_group_losses(theta_star, data, loss, beta), chi, weights)
+    value = minimax_value(_group_losses(theta_star, data, loss, beta), chi, weights, shift)
     return ExactResult(theta=theta_star, value=value, alpha=alpha, status=problem.status)
 
 

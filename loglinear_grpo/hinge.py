@@ -14,13 +14,13 @@ from .objective import _group_losses, minimax_value
 from .steps import mixing_weights
 
 
-def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
+def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0, shift=None):
     r"""The hinge problem solved as one linear (or conic) program, with its certificate.
 
     Variables (θ, ξ, t): minimise :math:`\chi t + \frac{1-\chi}{K}\sum_g \bar\xi_g` (group robust)
     or :math:`\sum_g w_g\bar\xi_g` (fixed weights), :math:`\bar\xi_g = \frac{1}{N_g}\sum_{i\in D_g}\xi_i`,
     subject to :math:`\xi_i \ge 1 - \beta(s_i^\top\theta - r_i)` (dual :math:`y_i`), ξ ≥ 0,
-    :math:`\bar\xi_g \le t` (dual α_g) and θ ∈ Θ. On a box or R^d this is a linear program, solved by
+    :math:`\bar\xi_g + c_g \le t` (dual α_g; c the group adjustment ``shift``, 0 by default) and θ ∈ Θ. On a box or R^d this is a linear program, solved by
     HiGHS (``scipy.optimize.linprog``, tolerances 10⁻¹⁰); on a ball or a general convex set a conic
     program, solved by cvxpy (Clarabel). Either needs S in memory, whatever its storage (a
     memory-mapped or implicit S too), and much more besides: the memory is predicted first
@@ -54,20 +54,22 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0):
                          "(a linear program cannot resolve it); rescale diff, beta or the constraint")
     try:
         if isinstance(theta_set, (Box, Unconstrained)):
-            theta, alpha, y, reported = _hinge_highs(data, beta, theta_set, robust, w, chi, inv)
+            theta, alpha, y, reported = _hinge_highs(data, beta, theta_set, robust, w, chi, inv, shift)
         else:
-            theta, alpha, y, reported = _hinge_conic(data, beta, theta_set, robust, w, chi, inv)
+            theta, alpha, y, reported = _hinge_conic(data, beta, theta_set, robust, w, chi, inv, shift)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"the hinge program could not be solved ({str(exc)[:160]}); it is probably badly scaled: "
                          "rescale diff, beta or the constraint") from None
     theta = theta_set.project(theta)
     losses = _group_losses(theta, data, "hinge", beta)
     lam = mixing_weights(alpha, chi) if robust else w
-    value = minimax_value(losses, chi, None if robust else w)
+    value = minimax_value(losses, chi, None if robust else w, shift)
     h = data.matvec(theta) - data.ref_margin
     lower, kind = hinge_dual_bound(PairOracle(data, "hinge", beta), beta, theta, theta_set, h, lam[data.groups] * inv,
                                    y)
     lower = max(lower, 0.0)                                   # the hinge is ≥ 0
+    if shift is not None:                                     # the adjusted problem's dual gains λᵀc
+        lower += float(lam @ shift)
     converged = check_consistent(value, lower, "hinge_program") and is_converged(value, lower, HINGE_TOL)
     return NewtonResult(theta=theta, alpha=np.asarray(alpha if robust else w, dtype=np.float64), value=value,
                         lower_bound=lower, converged=converged, n_iter=1, passes=2, bound_kind=kind)
@@ -131,7 +133,7 @@ def _check_hinge_memory(data, theta_set):
             "really there")
 
 
-def _hinge_highs(data, beta, theta_set, robust, w, chi, inv):
+def _hinge_highs(data, beta, theta_set, robust, w, chi, inv, shift=None):
     n, d, k = data.n_samples, data.dim, data.n_groups
     diff = sp.csr_matrix(data.explicit_diff(), dtype=np.float64)
     rows = [sp.hstack([-beta * diff, -sp.identity(n, format="csr"), sp.csr_matrix((n, 1))])]
@@ -139,7 +141,7 @@ def _hinge_highs(data, beta, theta_set, robust, w, chi, inv):
     if robust:
         indicator = sp.csr_matrix((inv, (data.groups, np.arange(n))), shape=(k, n))
         rows.append(sp.hstack([sp.csr_matrix((k, d)), indicator, -np.ones((k, 1))]))
-        rhs.append(np.zeros(k))
+        rhs.append(np.zeros(k) if shift is None else -np.asarray(shift, dtype=np.float64))
         cost = np.concatenate([np.zeros(d), (1.0 - chi) / k * inv, [chi]])
     else:
         cost = np.concatenate([np.zeros(d), w[data.groups] * inv, [0.0]])
@@ -162,7 +164,7 @@ def _hinge_highs(data, beta, theta_set, robust, w, chi, inv):
     return res.x[:d], alpha, duals[:n], float(res.fun)
 
 
-def _hinge_conic(data, beta, theta_set, robust, w, chi, inv):
+def _hinge_conic(data, beta, theta_set, robust, w, chi, inv, shift=None):
     import cvxpy as cp
     n, d, k = data.n_samples, data.dim, data.n_groups
     theta, xi, t = cp.Variable(d), cp.Variable(n, nonneg=True), cp.Variable()
@@ -170,7 +172,7 @@ def _hinge_conic(data, beta, theta_set, robust, w, chi, inv):
     indicator = sp.csr_matrix((inv, (data.groups, np.arange(n))), shape=(k, n))
     cons = [pair] + theta_set.cvxpy_constraints(theta)
     if robust:
-        group = indicator @ xi <= t
+        group = (indicator @ xi if shift is None else indicator @ xi + shift) <= t
         cons.append(group)
         objective = chi * t + (1.0 - chi) / k * cp.sum(indicator @ xi)
     else:

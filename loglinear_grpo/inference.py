@@ -227,7 +227,8 @@ def paired_interval(differences, *, level=0.95, method="t", n_boot=10_000, seed=
     if np.all(d == d[0]):  # zero spread: the point (exactly, not up to the mean's rounding)
         estimate = float(d[0])
     else:
-        estimate = float(d.mean())
+        with np.errstate(over="ignore", invalid="ignore"):
+            estimate = float(d.mean())
     if not np.isfinite(estimate):
         raise ValueError("differences are too large in magnitude: their mean overflows")
 
@@ -235,7 +236,8 @@ def paired_interval(differences, *, level=0.95, method="t", n_boot=10_000, seed=
         if np.all(d == d[0]):
             half = 0.0
         else:
-            sd = float(d.std(ddof=1))
+            with np.errstate(over="ignore", invalid="ignore"):
+                sd = float(d.std(ddof=1))
             half = float(stats.t.ppf(0.5 * (1.0 + level), n - 1)) * sd / np.sqrt(n)
             if not np.isfinite(half):
                 raise ValueError("differences are too large in magnitude: their spread overflows")
@@ -245,7 +247,8 @@ def paired_interval(differences, *, level=0.95, method="t", n_boot=10_000, seed=
             low = high = estimate
         else:
             rng = np.random.default_rng(seed)
-            means = _bootstrap_means(d, n_boot, rng)
+            with np.errstate(over="ignore", invalid="ignore"):
+                means = _bootstrap_means(d, n_boot, rng)
             alpha = 1.0 - level
             low, high = np.quantile(means, [0.5 * alpha, 1.0 - 0.5 * alpha])
             # a resample's mean lies in [min d, max d]; keep it so despite rounding

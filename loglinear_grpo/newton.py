@@ -81,6 +81,7 @@ class NewtonResult:
     bound_kind: str
     history: list = field(default_factory=list)
     dual: DualPoint | None = None
+    temperature: float | None = None        # the last temperature μ (a warm start's temperature0)
 
     @property
     def gap(self):
@@ -207,7 +208,7 @@ def row_space_reduction(data, theta_set, origin=None):
 
 
 def newton_minimax(data, loss, beta, theta_set, *, weights=None, chi=1.0, theta0=None, tol=1e-6,
-                   max_iter=200, callback=None, reduce=True):
+                   max_iter=200, callback=None, reduce=True, shift=None, temperature0=None):
     """Certified solution of :math:`\\min_{\\theta\\in\\Theta}\\max_{\\alpha}\\sum_g
     ((1-\\chi)/K + \\chi\\alpha_g) L_g(\\theta)` (``weights=None``) or of
     :math:`\\min_{\\theta\\in\\Theta}\\sum_g w_g L_g(\\theta)` (fixed ``weights``: a best response),
@@ -231,6 +232,14 @@ def newton_minimax(data, loss, beta, theta_set, *, weights=None, chi=1.0, theta0
         Newton iterations at most (each costs about two passes over S).
     callback : callable, optional
         ``callback(row)`` with the iteration's record (a dict).
+    shift : ndarray (K,), optional
+        The group adjustment c (:func:`~loglinear_grpo.objective.group_adjustment`): every :math:`L_g`
+        becomes :math:`L_g + c_g`, and every bound gains :math:`\\sum_g\\lambda_g c_g` (the conjugate of
+        :math:`\\ell + c` is :math:`\\ell^* - c`).
+    temperature0 : float, optional
+        The first temperature μ (default: from the spread of the group losses at θ⁰). A warm start
+        near the solution of a neighbouring problem (:func:`~loglinear_grpo.solve_path`) may start
+        colder; the path to μ → 0, the certificate and the stopping test are the same.
 
     Returns
     -------
@@ -238,17 +247,18 @@ def newton_minimax(data, loss, beta, theta_set, *, weights=None, chi=1.0, theta0
     """
     theta_set = Unconstrained() if theta_set is None else theta_set
     reduction = row_space_reduction(data, theta_set) if reduce else None
+    options = {"shift": shift, "temperature0": temperature0}
     if reduction is not None:
         return _newton_row_space(data, loss, beta, theta_set, reduction, weights, chi, theta0, tol, max_iter,
-                                 callback)
-    return _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, callback)
+                                 callback, options)
+    return _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, callback, options)
 
 
 #: on R^d, a lifted row-space solution that does not certify on the original S is refined this many times
 REFINE_ROUNDS = 2
 
 
-def _newton_row_space(data, loss, beta, theta_set, reduction, weights, chi, theta0, tol, max_iter, callback):
+def _newton_row_space(data, loss, beta, theta_set, reduction, weights, chi, theta0, tol, max_iter, callback, options):
     """Newton in the row space (:func:`row_space_reduction`), the answer lifted and certified on the
     original S. The kernel squares S's condition number, so a lifted point can lose accuracy in
     directions of tiny singular value (near-duplicate rows); on R^d the solve is then repeated for
@@ -258,11 +268,12 @@ def _newton_row_space(data, loss, beta, theta_set, reduction, weights, chi, thet
     best, passes, n_iter, history = None, 0, 0, []
     for round_ in range(1 + REFINE_ROUNDS):
         res = newton_minimax(reduction.data, loss, beta, reduction.theta_set, weights=weights, chi=chi,
-                             theta0=start, tol=tol, max_iter=max_iter, callback=callback, reduce=False)
+                             theta0=start, tol=tol, max_iter=max_iter, callback=callback, reduce=False,
+                             **(options if round_ == 0 else {**options, "temperature0": None}))
         theta = theta_set.project(reduction.lift(res.theta, data))
         oracle = PairOracle(data, loss, beta)
         h = oracle.margins(theta)
-        res.value = minimax_value(oracle.group_means(oracle.spec.value(h, beta)), chi, fixed)
+        res.value = minimax_value(oracle.group_means(oracle.spec.value(h, beta)), chi, fixed, options["shift"])
         # the reduced problem's bound holds for the original only if no dropped direction of S
         # matters: re-certify its dual point on the original S (loglinear_grpo.certificate)
         if res.dual is not None:
@@ -287,9 +298,9 @@ def _newton_row_space(data, loss, beta, theta_set, reduction, weights, chi, thet
     return best
 
 
-def _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, callback):
+def _newton(data, loss, beta, theta_set, weights, chi, theta0, tol, max_iter, callback, options):
     return NewtonMinimax(data, loss, beta, theta_set, weights=weights, chi=chi, tol=tol, max_iter=max_iter,
-                         callback=callback).solve(theta0)
+                         callback=callback, **options).solve(theta0)
 
 
 class NewtonMinimax:
@@ -316,13 +327,17 @@ class NewtonMinimax:
         Stop when the certified gap ≤ tol · max(1, |value|) (:func:`~loglinear_grpo.certificate.is_converged`).
     max_iter : int
     callback : callable, optional
-        ``callback(row)`` with each iteration's record.
+        ``callback(row)`` with each iteration's record (``losses``: the unadjusted L_g).
+    shift, temperature0
+        As in :func:`newton_minimax`.
     """
 
     def __init__(self, data, loss, beta, theta_set, *, weights=None, chi=1.0, tol=1e-6, max_iter=200,
-                 callback=None):
+                 callback=None, shift=None, temperature0=None):
         self.data, self.loss, self.beta, self.theta_set = data, loss, beta, theta_set
         self.chi, self.tol, self.max_iter, self.callback = chi, tol, max_iter, callback
+        self.shift = np.zeros(data.n_groups) if shift is None else np.asarray(shift, dtype=np.float64)
+        self.temperature0 = temperature0
         self.oracle = PairOracle(data, loss, beta)
         if not self.oracle.spec.smooth:
             raise ValueError(f"the Newton solver needs a smooth loss, got {loss!r} (see loglinear_grpo.hinge.hinge_program)")
@@ -335,6 +350,10 @@ class NewtonMinimax:
         self.log_k = np.log(max(k, 2))
 
     # ------------------------------------------------------------------ steps
+    def group_losses(self, h):
+        """The (adjusted) group losses :math:`L_g + c_g` at margins h."""
+        return self.oracle.group_means(self.oracle.spec.value(h, self.beta)) + self.shift
+
     def setup(self, theta0):
         """θ⁰ projected onto Θ (default: Θ's centre, else 0), its margins, the first temperature (the
         spread of the group losses, or a tenth of their size) and the trivial bound L* ≥ 0."""
@@ -344,9 +363,11 @@ class NewtonMinimax:
             theta0 = np.zeros(data.dim) if center is None else np.asarray(center, dtype=np.float64)
         self.theta = self.theta_set.project(np.array(theta0, dtype=np.float64))
         self.h = oracle.margins(self.theta)
-        losses0 = oracle.group_means(oracle.spec.value(self.h, self.beta))
+        losses0 = self.group_losses(self.h)
         self.temp = max(float(np.ptp(losses0)), 0.1 * max(float(np.max(np.abs(losses0))), 1e-300)) \
             if self.robust else 0.0
+        if self.robust and self.temperature0 is not None:
+            self.temp = min(self.temp, float(self.temperature0))
         self.best = {"value": np.inf, "lower": 0.0, "theta": self.theta, "alpha": None, "dual": None}
         self.bound_kind = "trivial (losses ≥ 0)"
         self.history, self.converged, self.it = [], False, 0
@@ -357,7 +378,7 @@ class NewtonMinimax:
         part of the Hessian, H₁ = Sᵀ diag(λ_g ℓ''_i / N_g) S."""
         oracle, data = self.oracle, self.data
         self.values, self.d1, self.d2 = oracle.terms(self.h)
-        self.losses = oracle.group_means(self.values)
+        self.losses = oracle.group_means(self.values) + self.shift
         if self.robust:
             self.soft = softmax(self.losses / self.temp)
             self.lam = mixing_weights(self.soft, self.chi)
@@ -378,6 +399,7 @@ class NewtonMinimax:
             best.update(value=self.upper, theta=self.theta.copy())
         self.target = convergence_target(best["value"], self.tol)
         weighted = float(self.lam @ self.losses)
+        offset = float(self.lam @ self.shift)                  # Σ_g λ_g c_g = Σ_i w_i c_{g_i}
         lower, kind, dual_u = linear_bound(weighted, self.theta, theta_set, self.grad), "rigorous", self.d1
         if not np.isfinite(lower):
             kind = "feasible dual"
@@ -387,14 +409,17 @@ class NewtonMinimax:
                 lower, dual_u = feasible_dual(self.oracle, self.oracle.spec, self.beta, self.theta, theta_set,
                                               self.h, self.pair_w, self.d1, np.maximum(self.d2, 0.0), self.hess1,
                                               self.grad, z=z)
-        self._keep_bound(lower, np.array(self.soft, dtype=np.float64), DualPoint(self.pair_w, dual_u, lower, kind),
-                         kind)
+                lower += offset
+        self._keep_bound(lower, np.array(self.soft, dtype=np.float64),
+                         DualPoint(self.pair_w, dual_u, lower, kind, offset), kind)
         self.temp_floor = 0.1 * self.target / self.log_k
         if self.robust and not self.check_convergence() and self.temp <= self.temp_floor:
             lower_r, alpha_hat, kind_r, dual = refined_dual_bound(
                 self.losses, self.grads, self.hess1, self.theta, theta_set, self.data, self.chi, self.d1,
                 best_response=lambda lam: newton_minimax(self.data, self.loss, self.beta, theta_set, weights=lam,
-                                                         theta0=self.theta, tol=1e-3 * self.tol, max_iter=50))
+                                                         theta0=self.theta, tol=1e-3 * self.tol, max_iter=50,
+                                                         shift=self.shift),
+                shift=self.shift)
             self._keep_bound(lower_r, alpha_hat, dual, kind_r)
             lower = lower_r
         self.row = {"iteration": self.it, "value": self.upper, "lower_bound": lower, "gap": self.gap,
@@ -443,8 +468,7 @@ class NewtonMinimax:
         f0 = _objective(self.losses, self.fixed, self.chi, self.temp)
         t, accepted = 1.0, False
         for _ in range(60):
-            f_try = _objective(oracle.group_means(oracle.spec.value(self.h + t * sp_dir, beta)), self.fixed,
-                               self.chi, self.temp)
+            f_try = _objective(self.group_losses(self.h + t * sp_dir), self.fixed, self.chi, self.temp)
             if np.isfinite(f_try) and f_try <= f0 - 1e-4 * t * self.decrement:
                 accepted = True
                 break
@@ -458,7 +482,7 @@ class NewtonMinimax:
     def emit(self):
         self.history.append(self.row)
         if self.callback is not None:
-            self.callback({**self.row, "losses": self.losses, "alpha": np.array(self.soft, dtype=np.float64),
+            self.callback({**self.row, "losses": self.losses - self.shift, "alpha": np.array(self.soft, dtype=np.float64),
                            "theta": self.theta_at_row})
 
     def finalize(self):
@@ -469,7 +493,7 @@ class NewtonMinimax:
         return NewtonResult(theta=best["theta"], alpha=np.asarray(alpha, dtype=np.float64), value=best["value"],
                             lower_bound=best["lower"], converged=self.converged, n_iter=self.it,
                             passes=self.oracle.passes, bound_kind=self.bound_kind, history=self.history,
-                            dual=best["dual"])
+                            dual=best["dual"], temperature=self.temp if self.robust else None)
 
     # ------------------------------------------------------------------ the loop
     def solve(self, theta0=None):

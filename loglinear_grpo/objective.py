@@ -62,14 +62,72 @@ def weighted_gradient(theta, weights, data, loss, beta):
     return data.rmatvec(pair_w * get_loss(loss).derivative(h, beta))
 
 
-def minimax_value(losses, chi=1.0, weights=None):
+def minimax_value(losses, chi=1.0, weights=None, shift=None):
     """The objective at θ from its group losses L_g(θ): Eq. (9)'s inner max,
     :math:`\\max_{\\alpha\\in\\Delta}\\sum_g((1-\\chi)/K + \\chi\\alpha_g)L_g = (1-\\chi)\\,\\mathrm{mean}_g L_g + \\chi\\max_g L_g`
     (χ = 1: the worst-group loss, Eq. (7); Appendix B.4 for χ), or :math:`\\sum_g w_g L_g` for fixed
-    weights (importance sampling, vanilla)."""
+    weights (importance sampling, vanilla). With a group adjustment (``shift`` = c, from
+    :func:`group_adjustment`) every :math:`L_g` is replaced by the adjusted :math:`L_g + c_g`."""
+    if shift is not None:
+        losses = losses + shift
     if weights is not None:
         return float(weights @ losses)
     return float((1.0 - chi) * losses.mean() + chi * losses.max())
+
+
+def group_adjustment(adjustment, group_sizes, group_names=None):
+    """The group adjustment of Sagawa et al. (2020, "group adjustments"): the shifts
+    :math:`c_g = C_g/\\sqrt{N_g}` that make the objective
+
+    .. math:: \\min_{\\theta\\in\\Theta}\\max_g\\;\\big(L_g(\\theta) + C_g/\\sqrt{N_g}\\big),
+
+    so that a small group, whose empirical loss underestimates its expected loss by more (the gap of
+    a mean over N_g pairs shrinks as :math:`1/\\sqrt{N_g}`), is weighted as if its loss were higher.
+    ``group_DRO``'s ``--generalization_adjustment`` and the GRPO authors' ``adj`` are the same shift.
+
+    Parameters
+    ----------
+    adjustment : None, float ≥ 0, array_like (K,) of floats ≥ 0, or dict {group name: float ≥ 0}
+        C: one value for every group, one per group (in the order of ``group_names``), or by name
+        (groups not named get 0). ``None`` or 0: no adjustment.
+    group_sizes : array_like (K,)
+        N_g, the training pairs of each group.
+    group_names : sequence of str, optional
+        Needed for a dict.
+
+    Returns
+    -------
+    ndarray (K,) or None
+        c, or ``None`` when every C_g is 0 (the unadjusted objective, on the same code path).
+
+    References
+    ----------
+    S. Sagawa, P. W. Koh, T. B. Hashimoto, P. Liang, "Distributionally robust neural networks for group
+    shifts: on the importance of regularization for worst-case generalization", ICLR 2020.
+    """
+    sizes = np.asarray(group_sizes, dtype=np.float64)
+    k = sizes.size
+    if adjustment is None:
+        return None
+    if isinstance(adjustment, dict):
+        names = [str(n) for n in (group_names if group_names is not None else range(k))]
+        unknown = sorted(set(map(str, adjustment)) - set(names))
+        if unknown:
+            raise ValueError(f"adjustment names group(s) {unknown} that the data does not have (its groups: {names})")
+        by_name = {str(n): v for n, v in adjustment.items()}
+        values = np.array([float(by_name.get(n, 0.0)) for n in names])
+    else:
+        values = np.asarray(adjustment, dtype=np.float64)
+        if values.ndim == 0:
+            values = np.full(k, float(values))
+        elif values.shape != (k,):
+            raise ValueError(f"adjustment must be one number or one per group ({k}), got shape {values.shape}")
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError(f"adjustment C must be finite and >= 0 (a negative C would favour small groups), got "
+                         f"{values.tolist()}")
+    if not np.any(values):
+        return None
+    return values / np.sqrt(sizes)
 
 
 def _checked(theta, data, loss, beta):

@@ -48,7 +48,7 @@ class StepSize:
 _DECAY = re.compile(r"^\s*([0-9.eE+-]*)\s*/\s*sqrt\(t\)\s*$")
 
 
-def theory_constants(data, loss, beta, theta_set, estimator="stochastic"):
+def theory_constants(data, loss, beta, theta_set, estimator="stochastic", shift=None):
     """Constants of Proposition 3's bound for this data set and Θ.
 
     With Θ ⊆ {‖θ − c‖ ≤ ρ} (the set's bounding ball):
@@ -67,6 +67,10 @@ def theory_constants(data, loss, beta, theta_set, estimator="stochastic"):
       (λ on the simplex, so :math:`\\sum_g c_g\\lambda_g^2 \\le \\max_g c_g`; averaging a batch can
       only lower a second moment). For full batches :math:`M_\\theta = \\max_g B_{\\nabla,g}` and
       :math:`M_\\alpha = \\max_g B_{l,g}`.
+
+    With a group adjustment (``shift`` = c ≥ 0, :func:`~loglinear_grpo.objective.group_adjustment`) the
+    loss of a pair of group g is :math:`\\ell_i + c_g`, so :math:`B_{l,g}` grows by :math:`c_g`; the
+    gradients, and :math:`M_\\theta`, are unchanged.
     """
     center, rho = theta_set.bounding_ball(data.dim)
     if not np.isfinite(rho):
@@ -82,6 +86,8 @@ def theory_constants(data, loss, beta, theta_set, estimator="stochastic"):
     np.maximum.at(norm_group, data.groups, norms)
     bounds = np.array([spec.bounds(hg, beta) for hg in h_group])
     b_loss, b_grad = bounds[:, 0], bounds[:, 1] * norm_group
+    if shift is not None:
+        b_loss = b_loss + shift
     ratio = data.n_samples / data.group_sizes
     if estimator == "stochastic":
         m_theta = float(np.sqrt(np.max(ratio * b_grad ** 2)))

@@ -61,6 +61,34 @@ def _optional_positive_int(name, value):
     return None if value is None else check_positive_int(name, value)
 
 
+def _adjustment(name, value):
+    """C of the group adjustment c_g = C_g/√N_g: ``None``, a number ≥ 0, one per group, or {group: C}
+    (checked against the data by :func:`~loglinear_grpo.objective.group_adjustment`)."""
+    def number(v, where=""):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v < 0:
+            raise ValueError(f"{name}{where} must be a finite number >= 0, got {v!r}")
+        return float(v)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be None, a number >= 0, one number per group or a dict {{group: C}}, "
+                         f"got {value!r}")
+    if isinstance(value, dict):
+        if not value:
+            raise ValueError(f"{name}: an empty dict names no group; give None for no adjustment")
+        return {str(k): number(v, f"[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (numbers.Real, np.generic)) and not isinstance(value, bool):
+        return number(value)
+    try:
+        values = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be None, a number >= 0, one number per group or a dict "
+                         f"{{group: C}}, got {value!r}") from None
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"{name} must be one number or a 1-D sequence of one per group, got shape {values.shape}")
+    return tuple(number(float(v), f"[{i}]") for i, v in enumerate(values))
+
+
 def _as_is(name, value):
     return value
 
@@ -77,6 +105,7 @@ CONSTRAINTS = {
     "center": _as_is,
     "constraint": _as_is,
     "chi": check_unit_interval,
+    "adjustment": _adjustment,
     "seed": _seed,
     "batch_size": check_positive_int,
     "step_size": _as_is,        # resolved against the data by make_config ("theory", "auto", c/sqrt(t))
@@ -118,6 +147,7 @@ class Settings:
     center: Any = None
     constraint: Any = None
     chi: float = 1.0
+    adjustment: Any = None
     seed: int = 0
     batch_size: int = 1
     step_size: Any = None

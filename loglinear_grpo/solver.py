@@ -62,7 +62,7 @@ from .duality import certified_best_response
 from .hinge import hinge_program
 from .losses import get_loss
 from .kernels import Workspace
-from .objective import _check_data, _group_losses, group_metrics, minimax_value
+from .objective import _check_data, _group_losses, group_adjustment, group_metrics, minimax_value
 from .settings import ESTIMATOR_CHOICES, Settings, with_settings_signature  # noqa: F401 (re-exported)
 from .algorithm1 import (SAMPLE_BLOCK, SolverState, _full_batch_run, _single_pair_run, averaged_alpha,  # noqa: F401
                          averaged_theta, init, sample_batch, update)
@@ -98,6 +98,7 @@ class DerivedState:
     scalar_loss: Callable | None = field(default=None, repr=False)  # (h, β) -> (ℓ, ℓ') for one float
     normal_equations: object = field(default=None, repr=False)     # closed form: (H_g, q_g) or RowSpaceForm
     theory: dict = field(default_factory=dict)          # Proposition 3's constants, when computed
+    shift: np.ndarray | None = None                     # the group adjustment c_g = C_g/√N_g (None: none)
 
 
 def _derived(name):
@@ -143,10 +144,26 @@ class SolverConfig:
     scalar_loss = _derived("scalar_loss")
     normal_equations = _derived("normal_equations")
     theory = _derived("theory")
+    shift = _derived("shift")
 
     @property
     def adaptive_alpha(self):
         return self.method == "group_robust"
+
+    @property
+    def objective_name(self):
+        """What ``value`` is, in words: ``"worst-group loss"`` (GR, χ = 1), ``"mean loss over pairs"``
+        (vanilla), ``"mean loss over groups"`` (importance sampling), the χ mixture, each of the
+        adjusted losses :math:`L_g + c_g` under a group adjustment."""
+        if self.method == "vanilla":
+            name = "mean loss over pairs"
+        elif self.method == "importance_sampling":
+            name = "mean loss over groups"
+        elif self.chi == 1.0:
+            name = "worst-group loss"
+        else:
+            name = f"{1 - self.chi:g}·mean-over-groups + {self.chi:g}·worst-group loss"
+        return name if self.shift is None else name.replace(" loss", " adjusted loss", 1)
 
     def replace(self, **changes):
         """A copy with some settings changed (e.g. scaled step sizes), like ``dataclasses.replace``."""
@@ -157,6 +174,7 @@ class SolverConfig:
         return {"loss": self.loss, "beta": self.beta, "method": self.method, "estimator": self.estimator,
                 "steps": self.steps, "tol": self.tol, "check_every": self.check_every, "chi": self.chi,
                 "seed": self.seed, "batch_size": self.batch_size,
+                "adjustment": None if self.shift is None else [float(c) for c in self.shift],
                 "step_size": None if self.theta_step is None else self.theta_step.describe(),
                 "alpha_step_size": None if self.alpha_step is None else self.alpha_step.describe(),
                 "constraint": self.theta_set.fingerprint()}
@@ -196,6 +214,7 @@ def make_config(data, settings=None, **options):
     step_size, alpha_step_size, theta0 = settings.step_size, settings.alpha_step_size, settings.theta0
     radius, center, constraint = settings.radius, settings.center, settings.constraint
     estimator = "newton" if settings.estimator == "auto" else settings.estimator
+    shift = group_adjustment(settings.adjustment, data.group_sizes, data.group_names)
     steps = DEFAULT_STEPS[estimator] if steps is None else steps
     if isinstance(tol, str):                            # Settings' DEFAULT
         tol = None if estimator == "stochastic" else DEFAULT_TOL
@@ -215,13 +234,14 @@ def make_config(data, settings=None, **options):
 
     def theory(which):
         if "eta_theta" not in cache:
-            const = theory_constants(data, loss, beta, theta_set, estimator)
+            const = theory_constants(data, loss, beta, theta_set, estimator, shift=shift)
             eta_t, eta_a, bound = theory_step_sizes(const, steps)
             cache.update(const, eta_theta=eta_t, eta_alpha=eta_a, gap_bound=bound, steps=steps)
         return cache[which]
 
     def auto_alpha():
-        start = float(np.max(np.abs(_group_losses(theta0, data, loss, beta))))
+        losses0 = _group_losses(theta0, data, loss, beta)
+        start = float(np.max(np.abs(losses0 if shift is None else losses0 + shift)))
         return ALPHA_GAIN / max(start, 1e-12)
 
     theta_step = alpha_step = None
@@ -253,7 +273,7 @@ def make_config(data, settings=None, **options):
     derived = DerivedState(
         n_samples=data.n_samples, group_sizes=sizes.astype(np.float64), pair_inv_size=(1.0 / sizes)[data.groups],
         group_cum=np.cumsum(sizes) / sizes.sum(), group_offsets=offsets, members=members,
-        streamed=data.storage.out_of_core, theory=dict(cache), scalar_loss=get_loss(loss).scalar,
+        streamed=data.storage.out_of_core, theory=dict(cache), scalar_loss=get_loss(loss).scalar, shift=shift,
         normal_equations=(group_normal_equations(data, 0.5 / beta, theta_set)
                           if estimator == "closed_form" else None))
     return SolverConfig(
@@ -282,9 +302,9 @@ class Certificate(NamedTuple):
 def objective_value(theta, data, config):
     """The objective the method minimises at θ: :math:`(1-\\chi)\\,\\mathrm{mean}_g L_g + \\chi\\max_g L_g`
     for ``group_robust`` (χ = 1: the worst-group loss, Eq. (7)); :math:`\\sum_g \\alpha_g L_g` with
-    the method's fixed α otherwise."""
+    the method's fixed α otherwise; with a group adjustment, of the adjusted :math:`L_g + c_g`."""
     losses = _group_losses(theta, data, config.loss, config.beta)
-    return minimax_value(losses, config.chi, None if config.adaptive_alpha else config.alpha0)
+    return minimax_value(losses, config.chi, None if config.adaptive_alpha else config.alpha0, config.shift)
 
 
 def certify(thetas, alphas, data, config, tol=None):
@@ -303,8 +323,10 @@ def certify(thetas, alphas, data, config, tol=None):
         weights = mixing_weights(alpha, config.chi) if config.adaptive_alpha else config.alpha0
         res = certified_best_response(weights, data, config.loss, config.beta, config.theta_set,
                                       tol=inner_tol, theta0=thetas[best_theta])
-        if res.lower_bound > best[0]:
-            best = (res.lower_bound, alpha, res.bound_kind)
+        # the adjusted problem's bound: Σ_g λ_g (L_g + c_g) ≥ (the best response's bound) + λᵀc
+        lower = res.lower_bound + (0.0 if config.shift is None else float(weights @ config.shift))
+        if lower > best[0]:
+            best = (lower, alpha, res.bound_kind)
     return Certificate(theta=thetas[best_theta], value=values[best_theta], lower_bound=best[0],
                        alpha=np.asarray(best[1], dtype=np.float64), candidate=best_theta, bound_kind=best[2])
 
@@ -371,9 +393,13 @@ class SolveResult:
     def metrics(self, data):
         """:func:`~loglinear_grpo.group_metrics` of ``theta`` on ``data``, with the training weights α of
         this solve in a ``train_alpha`` column (α was fitted on the training data, whatever split ``data``
-        is; the ``worst`` row holds the largest)."""
+        is; the ``worst`` row holds the largest) and, under a group adjustment, its training shifts
+        :math:`c_g = C_g/\\sqrt{N_g}` in ``train_adjustment``."""
         table = group_metrics(self.theta, data, self.config.loss, self.config.beta, alpha=self.alpha)
-        return table.rename(columns={"weight": "train_alpha"})
+        table = table.rename(columns={"weight": "train_alpha"})
+        if self.config.shift is not None and len(self.config.shift) == data.n_groups:
+            table["train_adjustment"] = np.r_[self.config.shift, self.config.shift.max()]
+        return table
 
     def worst_group_loss(self, data):
         return float(np.max(_group_losses(self.theta, data, self.config.loss, self.config.beta)))
@@ -383,8 +409,9 @@ class SolveResult:
         return self.gap / max(1.0, abs(self.value))
 
     def summary(self):
-        """One line: converged, value, certified gap, iterations."""
-        return (f"converged={self.converged} value={self.value:.10g} gap={self.gap:.3e} "
+        """One line: converged, the value with its meaning (:attr:`SolverConfig.objective_name`), the
+        certified gap, iterations."""
+        return (f"converged={self.converged} {self.config.objective_name}={self.value:.10g} gap={self.gap:.3e} "
                 f"(relative {self.relative_gap:.2e}, {self.bound_kind}) iterations={self.n_iter}")
 
 
@@ -471,6 +498,16 @@ def solve(data, config=None, *, log_every=None, duality_gap=False, checkpoint=No
         :class:`~loglinear_grpo.Box`, :class:`~loglinear_grpo.ConvexSet`, ... (instead of radius).
     chi : float in [0, 1], default 1
         Worst-case/average trade-off (Appendix B.4): the objective is (1−χ)·mean + χ·max.
+    adjustment : float ≥ 0, array_like (K,), dict {group: C} or None
+        The group adjustment of Sagawa et al. (2020): every group loss :math:`L_g` is replaced by
+        :math:`L_g + C_g/\\sqrt{N_g}` (N_g the group's pairs in ``data``), so that
+        ``group_robust`` minimises :math:`\\max_g (L_g + C_g/\\sqrt{N_g})`: a small group, whose
+        empirical loss is the noisier estimate, counts as if its loss were higher. One C for all
+        groups, one per group, or by group name (others 0). It enters every estimator, the
+        certificate (the dual gains :math:`\\sum_g\\lambda_g c_g`), ``value`` and the checkpoint's
+        fingerprint. With α fixed (``vanilla``, ``importance_sampling``) it only shifts ``value`` by
+        :math:`\\sum_g w_g c_g`: the minimiser is the same. Choose C (and R) on validation data:
+        :func:`~loglinear_grpo.solve_path`.
     seed : int
         Seed of the counter-based sampler (stochastic estimator).
     batch_size : int
@@ -613,10 +650,12 @@ def _solve_newton(data, config, *, progress, callback, **_first_order_only):
     tol = config.tol if config.tol is not None else DEFAULT_TOL
     try:
         if get_loss(config.loss).name == "hinge":
-            res = hinge_program(data, config.beta, config.theta_set, weights=weights, chi=config.chi)
+            res = hinge_program(data, config.beta, config.theta_set, weights=weights, chi=config.chi,
+                                shift=config.shift)
         else:
             res = newton_minimax(data, config.loss, config.beta, config.theta_set, weights=weights, chi=config.chi,
-                                 theta0=config.theta0, tol=tol, max_iter=config.steps, callback=record)
+                                 theta0=config.theta0, tol=tol, max_iter=config.steps, callback=record,
+                                 shift=config.shift)
     finally:
         if bar is not None:
             bar.close()
