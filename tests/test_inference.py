@@ -110,7 +110,8 @@ def test_describe_and_excludes_zero():
     assert not ci.excludes_zero
     assert PairedInterval(0.2, 0.1, 0.3, 5, 0.9, "bootstrap").excludes_zero
     assert PairedInterval(-0.2, -0.3, -0.1, 5, 0.9, "t").excludes_zero
-    assert "90% CI" in PairedInterval(-0.2, -0.3, -0.1, 5, 0.9, "bootstrap").describe()
+    assert PairedInterval(-0.2, -0.3, -0.1, 5, 0.9, "bootstrap").describe() == (
+        "\u22120.2000 (90% CI \u22120.3000 to \u22120.1000, bootstrap over 5 seeds)")
     with pytest.raises(Exception):  # frozen
         ci.low = 0.0
 
@@ -133,6 +134,15 @@ def test_paired_interval_errors(kwargs, match):
     d = kwargs.pop("differences")
     with pytest.raises(ValueError, match=match):
         paired_interval(d, **kwargs)
+
+
+@pytest.mark.parametrize("values, match", [
+    ([1e308, 1e308, -1e308], "mean overflows"),
+    ([1.7e308, -1.7e308], "spread overflows"),
+])
+def test_paired_interval_overflow_is_a_clear_error(values, match):
+    with pytest.raises(ValueError, match=match):
+        paired_interval(values)
 
 
 @settings(max_examples=200, deadline=None)
@@ -226,11 +236,14 @@ def test_paired_comparison_duplicates_raise():
     (dict(seed_column="run"), "no column"),
     (dict(level=1.5), "level"),
     (dict(interval="normal"), "method"),
+    (dict(higher_is_better=True), "higher_is_better"),
+    (dict(table=[1, 2]), "DataFrame"),
 ])
 def test_paired_comparison_errors(kwargs, match):
     table, _, _ = _table()
-    args = dict(metrics=["worst-group loss"], treatment="grpo", baseline="vanilla")
+    args = dict(table=table, metrics=["worst-group loss"], treatment="grpo", baseline="vanilla")
     args.update(kwargs)
+    table = args.pop("table")
     with pytest.raises(ValueError, match=match):
         paired_comparison(table, **args)
 
