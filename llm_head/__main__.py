@@ -32,13 +32,16 @@ import warnings
 import numpy as np
 import pandas as pd
 
+import loglinear_grpo as lg
+from loglinear_grpo.inference import MIN_GROUP_PAIRS, proportion_interval, small_group_note
+
 from . import extract as ex
 from . import workdir as wd
 from .data import detect_format, items_from_pairs, load_preference_pairs, read_table
 from .features import CSR_LIMIT_BYTES
 from .head import export_delta, export_model, reference_theta
 from .opinions import DEFAULT_TEMPLATE, PAPER_COUNTRIES
-from .train import alpha_history, evaluate, solver_config, train
+from .train import AGGREGATES, alpha_history, evaluate, objective_meaning, solver_config, train
 
 LOSSES = ("ipo", "dpo", "sigmoid", "hinge")
 
@@ -87,6 +90,14 @@ def _positive_float(text):
     value = _finite(text, "a finite number > 0")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text):
+    """A finite number >= 0."""
+    value = _finite(text, "a finite number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
     return value
 
 
@@ -206,6 +217,9 @@ def build_parser():
                    help="first-order estimators only: number, 'theory', 'auto' or 'c/sqrt(t)'")
     p.add_argument("--chi", type=_unit_interval, default=1.0,
                    help="worst-case/average trade-off in [0, 1] (Appendix B.4)")
+    p.add_argument("--adjustment", type=_non_negative_float, default=0.0,
+                   help="group adjustment C (Sagawa et al. 2020): group g's loss counts as L_g + C/sqrt(N_g), "
+                        "favouring small groups; 0: none")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="split (and GlobalOpinionQA's rejected answers) and sampler seed")
     p.add_argument("--split-by", default=None, help="override the split chosen at extraction")
@@ -353,7 +367,7 @@ def _step(value):
 #: solver argument names, as their flags (for errors of loglinear_grpo.make_config)
 _SOLVER_FLAGS = {name: "--" + name.replace("_", "-") for name in
                  ("beta", "method", "estimator", "steps", "tol", "radius", "chi", "seed", "step_size",
-                  "alpha_step_size", "loss")}
+                  "alpha_step_size", "loss", "adjustment")}
 _SOLVER_NAME = re.compile(r"\b(" + "|".join(sorted(_SOLVER_FLAGS, key=len, reverse=True)) + r")\b(?=\s*[=:]| must)")
 
 
@@ -388,7 +402,7 @@ def cmd_train(args):
                                estimator=args.estimator, steps=args.steps,
                                tol=args.tol if args.tol and args.tol > 0 else None, radius=args.radius,
                                step_size=_step(args.step_size), alpha_step_size=_step(args.alpha_step_size),
-                               chi=args.chi, seed=args.seed)
+                               chi=args.chi, seed=args.seed, adjustment=args.adjustment or None)
     except ValueError as exc:
         raise ValueError(_as_flags(str(exc))) from None
     settings = {k: v for k, v in vars(args).items() if k not in ("config",)}
@@ -405,8 +419,11 @@ def cmd_train(args):
             storage_used = "implicit" if problem.data("train").is_operator else "csr"
             settings["storage_used"] = storage_used              # what --storage auto chose
             settings["solver"] = result.config.describe()
+            train_names = [str(g) for g in problem.data("train").group_names]
+            settings["alpha_star"] = dict(zip(train_names, (float(a) for a in result.alpha)))
             settings["certificate"] = {"converged": bool(result.converged), "gap": _finite_or_none(result.gap),
                                        "relative_gap": _finite_or_none(result.relative_gap),
+                                       "objective": objective_meaning(args.method, args.chi, args.adjustment),
                                        "value": _finite_or_none(result.value),
                                        "lower_bound": _finite_or_none(result.lower_bound),
                                        "iterations": int(result.n_iter), "bound_kind": result.bound_kind}
@@ -418,8 +435,7 @@ def cmd_train(args):
     shown = next((s for s in ("test", "val", "train") if s in tables), None)
     if shown is not None:
         _print_table(tables[shown], shown, problem)
-    print(f"training objective ({args.method}, {args.loss}) on the train split, S stored as {storage_used} "
-          f"(--storage {args.storage}): {result.summary()}")
+    print(_train_summary(problem, result, args, storage_used))
     print(f"run -> {final}")
     return 0
 
@@ -433,10 +449,47 @@ def record_split(args):
         return None
 
 
+def _train_summary(problem, result, args, storage_used):
+    """The line ``train`` ends with: what the objective's value means, the worst training group and its
+    loss (for every method), and the certificate."""
+    data = problem.data("train")
+    losses = lg.group_losses(result.theta, data, args.loss, args.beta)
+    worst = int(np.argmax(losses))
+    meaning = objective_meaning(args.method, args.chi, args.adjustment)
+    return (f"training objective ({args.method}, {args.loss}) on the train split, S stored as {storage_used} "
+            f"(--storage {args.storage}): {meaning} = {result.value:.6g}; "
+            f"worst train group: {data.group_names[worst]} {losses[worst]:.4f}; converged={result.converged}, "
+            f"certified gap {result.gap:.3e} (relative {result.relative_gap:.2e}, {result.bound_kind}), "
+            f"{result.n_iter} iterations")
+
+
 def _print_table(table, split, problem):
+    """The metrics table, with what its aggregate rows are, and a flag on every group too small for its
+    rewards/accuracies to say much (with the interval its size allows)."""
     absent = [g for g in problem.group_names if g not in set(problem.data(split).group_names)]
-    print(f"metrics on the {split} split ({int(table.loc[('aggregate', 'mean'), 'n_pairs'])} pairs):")
-    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    groups = table.loc["group"]
+    notes, flags = {}, {}
+    for name, row in groups.iterrows():
+        if pd.notna(row["n_pairs"]):
+            n, accuracy = int(row["n_pairs"]), float(row["rewards/accuracies"])
+            note = small_group_note(n, accuracy, minimum=MIN_GROUP_PAIRS)
+            if note:
+                notes[name] = note.replace(" test pairs", f" {split} pairs")
+                low, high = proportion_interval(accuracy * n, n)
+                flags[name] = f"< {MIN_GROUP_PAIRS} pairs, {low:.2f} to {high:.2f}"
+    shown = table.copy()
+    shown["worst_group"] = shown["worst_group"].fillna("")
+    if flags:                                      # a flag in the table itself, the full notes below it
+        shown["small group: accuracy 95% CI"] = [
+            flags.get(name, "") if kind == "group" else "" for kind, name in shown.index]
+    total = int(table.loc[("aggregate", "mean over pairs"), "n_pairs"])
+    print(f"metrics on the {split} split ({total} pairs):")
+    print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
+    print("aggregate rows:")
+    for key, what in AGGREGATES.items():
+        print(f"  {key}: {what}")
+    for name, note in notes.items():
+        print(f"note: group {name}: {note}")
     if absent:
         print(f"note: no {split} pairs for {len(absent)} group(s): {', '.join(absent)} (NaN rows)")
 
@@ -456,30 +509,84 @@ def _evaluate_splits(problem, theta, loss, beta, out):
     return tables
 
 
-def plot_run(metrics, alpha, path, title, split):
+def _wrapped(name, width=14):
+    import textwrap
+    return "\n".join(textwrap.wrap(str(name), width)) or str(name)
+
+
+def plot_run(heads, alpha_star, path, title, split):
+    """``groups.png``: per group, the ``split``'s loss and rewards/accuracies of every head (grouped
+    bars, one colour a head), and the certificate's optimal group weights α* (train split) as a third
+    panel.
+
+    Parameters
+    ----------
+    heads : dict
+        ``{label: metrics table of evaluate}``, in the order to draw them (e.g. ``{"reference (θ_ref)":
+        …, "this run": …}``; a ``compare`` can pass reference, vanilla and GR heads together). The
+        groups are the first table's.
+    alpha_star : Mapping or Series or None
+        {training group: weight}; None draws no α* panel.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import textwrap
-    groups = metrics.loc["group"]                     # the groups' rows, whatever the groups are called
-    labels = ["\n".join(textwrap.wrap(str(g), 14)) for g in groups.index]
-    fig, axes = plt.subplots(1, 3, figsize=(max(13, 0.9 * len(groups) + 6), 4.2))
-    axes[0].bar(labels, groups["loss"], color="C0")
-    axes[0].set_title(f"{split} loss per group")
-    axes[1].bar(labels, groups["rewards/accuracies"], color="C1")
-    axes[1].set_title(f"{split} rewards/accuracies per group")
-    for ax in axes[:2]:
-        ax.tick_params(axis="x", rotation=45, labelsize=7)
-        for lab in ax.get_xticklabels():
-            lab.set_horizontalalignment("right")
-    alpha.plot(ax=axes[2], legend=False)
-    axes[2].set_title("α over the solver's iterations (train split)")
-    axes[2].set_xlabel("iteration")
-    axes[2].legend([textwrap.shorten(str(c), 24) for c in alpha.columns], fontsize=6, ncol=2)
+    if not heads:
+        raise ValueError("plot_run needs at least one head")
+    names = list(next(iter(heads.values())).loc["group"].index)  # the groups' rows, whatever they are called
+    labels = [_wrapped(g) for g in names]
+    x = np.arange(len(names))
+    width = 0.8 / len(heads)
+    rotate = len(names) > 4
+    panels = 3 if alpha_star is not None else 2
+    if len(names) <= 6:                               # side by side; many groups: one panel a row
+        fig, axes = plt.subplots(1, panels, figsize=(13, 4.8))
+    else:
+        fig, axes = plt.subplots(panels, 1, figsize=(max(10, (0.25 + 0.18 * len(heads)) * len(names) + 2),
+                                                     3.6 * panels))
+
+    def ticks(ax):
+        ax.set_xticks(x, labels, fontsize=7, rotation=45 if rotate else 0, ha="right" if rotate else "center",
+                      rotation_mode="anchor" if rotate else "default")
+
+    for ax, column in zip(axes[:2], ("loss", "rewards/accuracies")):
+        for k, (label, table) in enumerate(heads.items()):
+            values = table.loc["group"].reindex(names)[column].to_numpy(dtype=float)
+            ax.bar(x + (k - (len(heads) - 1) / 2) * width, values, width, color=f"C{k}", label=str(label))
+        empty = next(iter(heads.values())).loc["group"].reindex(names)["n_pairs"].isna().to_numpy()
+        for position in x[empty]:                  # a group without pairs in the split: say so, not a gap
+            ax.text(position, 0, f"no {split}\npairs", ha="center", va="bottom", fontsize=6, color="0.4")
+        ticks(ax)
+        ax.set_title(f"{split} {column} per group", fontsize=10)
+    handles, names_of = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names_of, loc="lower center", ncol=len(heads), fontsize=8, frameon=False)
+    if alpha_star is not None:
+        weights = pd.Series(dict(alpha_star), dtype=float)
+        ax = axes[2]
+        ax.bar(x, weights.reindex([str(g) for g in names]).to_numpy(dtype=float), 0.6, color="C2")
+        if len(weights):
+            ax.axhline(1.0 / len(weights), color="k", linewidth=0.8, linestyle=":", label="uniform 1/K")
+            ax.legend(fontsize=7)
+        ticks(ax)
+        top = float(np.nanmax(weights.to_numpy())) if len(weights) else 1.0
+        ax.set_ylim(0, min(1.0, 1.15 * top) if top > 0 else 1.0)
+        ax.set_title("α*: the certificate's optimal group weights (train split)", fontsize=10)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 if len(names) <= 6 else 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _alpha_star(settings, out):
+    """α* of a run: ``settings.json``'s ``alpha_star``, or (a run from before it was recorded) the last
+    row of ``history.csv``."""
+    if settings.get("alpha_star"):
+        return settings["alpha_star"]
+    try:
+        alpha = alpha_history(pd.read_csv(os.path.join(out, "history.csv")))
+    except (OSError, ValueError, KeyError):
+        return None
+    return alpha.iloc[-1].to_dict() if len(alpha) else None
 
 
 def cmd_evaluate(args):
@@ -492,13 +599,14 @@ def cmd_evaluate(args):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")          # absent groups are listed below
             table = evaluate(problem, theta, settings["loss"], settings["beta"], args.split)
+            reference = evaluate(problem, problem.theta_ref, settings["loss"], settings["beta"], args.split)
     except ValueError as exc:
         raise SystemExit(f"{exc}: nothing to evaluate (splits with pairs: "
                          f"{sorted(problem.pairs['split'].unique())})") from None
     table.to_csv(os.path.join(out, f"metrics_{args.split}.csv"))
-    alpha = alpha_history(pd.read_csv(os.path.join(out, "history.csv")))
-    plot_run(table, alpha, os.path.join(out, "groups.png"), f"{args.run} — evaluated on the {args.split} split",
-             args.split)
+    heads = {"reference head (θ_ref, frozen)": reference, f"this run ({args.run})": table}
+    plot_run(heads, _alpha_star(settings, out), os.path.join(out, "groups.png"),
+             f"{args.run} — evaluated on the {args.split} split", args.split)
     _print_table(table, args.split, problem)
     return 0
 

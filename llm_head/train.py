@@ -22,9 +22,17 @@ from loglinear_grpo.objective import with_aggregates
 
 from .features import LastLayerFeatures, PairDifferenceOperator, pair_rows
 
-#: per-group metrics, and how the ``("aggregate", "worst")`` row aggregates each over groups
+#: per-group metrics, and how the ``("aggregate", "extreme")`` row takes each one's worst over groups
 METRICS = {"loss": "max", "rewards/accuracies": "min", "rewards/margins": "min", "logps/accuracies": "min",
            "js_distance": "max"}
+
+#: the aggregate rows of :func:`evaluate`, in order, and what each one is
+AGGREGATES = {
+    "worst": "the worst group (largest loss): its whole row, named in worst_group",
+    "extreme": "each column's worst over groups (max loss/distance, min accuracies/margins): mixes groups",
+    "mean over groups": "unweighted mean of the group rows (every group counts once)",
+    "mean over pairs": "pair-weighted mean (every pair counts once): the whole split",
+}
 
 
 @dataclass
@@ -121,24 +129,32 @@ def train(problem, loss="dpo", beta=0.1, method="group_robust", estimator="auto"
 
 
 def evaluate(problem, theta, loss="dpo", beta=0.1, split="test"):
-    """Per-group metrics of θ on a split, and their ``worst`` and ``mean`` over the groups.
+    """Per-group metrics of θ on a split, and four aggregates over the groups.
 
     Columns (TRL's names): ``loss`` (the IPO/DPO/hinge group loss), ``rewards/accuracies`` (share of
     pairs with :math:`h_i = s_i^\\top\\theta - r_i > 0`), ``rewards/margins`` (mean β·h),
     ``logps/accuracies`` (share with :math:`\\pi_\\theta(y_w|x) > \\pi_\\theta(y_l|x)`, i.e.
     :math:`s_i^\\top\\theta > 0`) and, when the items carry target distributions, ``js_distance``:
     the Jensen–Shannon distance (base 2) between the policy's distribution over the candidates and
-    the target, and ``n_pairs``.
+    the target; then ``n_pairs`` and ``worst_group`` (a string, set in the ``worst`` row only).
 
     Returns
     -------
     DataFrame
         Indexed by ``(kind, group)`` as :func:`loglinear_grpo.group_metrics`: one row ``("group",
         name)`` per group of ``problem.group_names`` (a group without pairs in the split gets a row of
-        NaN), then ``("aggregate", "worst")`` — the max of the losses and distances, the min of the
-        others, no pair count — and ``("aggregate", "mean")`` — the unweighted mean over groups, with
-        all the split's pairs. A group named ``"worst"`` or ``"mean"`` keeps its own row;
-        ``table.loc["group"]`` is the per-group table.
+        NaN), then the rows ``("aggregate", key)`` of :data:`AGGREGATES`:
+
+        * ``"worst"`` — the worst group, the one with the largest loss: *its* row (every column, its
+          ``n_pairs`` included, is that one group's), and its name in ``worst_group``;
+        * ``"extreme"`` — each column's worst over the groups (max ``loss`` and ``js_distance``, min
+          of the others), so it mixes groups; ``n_pairs`` empty;
+        * ``"mean over groups"`` — the unweighted mean of the group rows; ``n_pairs`` empty;
+        * ``"mean over pairs"`` — the pair-weighted mean (Σ_g n_g·m_g / Σ_g n_g, i.e. the metric over
+          all the split's pairs at once); ``n_pairs`` = all the split's pairs.
+
+        A group named like an aggregate keeps its own row; ``table.loc["group"]`` is the per-group
+        table, ``table.loc["aggregate"]`` the aggregates.
     """
     data = problem.data(split)
     theta = np.asarray(theta, dtype=np.float64)
@@ -153,15 +169,42 @@ def evaluate(problem, theta, loss="dpo", beta=0.1, split="test"):
         table["js_distance"] = np.bincount(data.groups, weights=js, minlength=data.n_groups) / counts
     table = table.reindex(pd.Index(list(problem.group_names), name="group"))
     columns = [c for c in METRICS if c in table.columns]
-    worst = {c: getattr(table[c], METRICS[c])() for c in columns}
-    worst["n_pairs"] = pd.NA                          # a per-group worst has no pair count of its own
-    mean = table[columns].mean().to_dict()
-    mean["n_pairs"] = int(counts.sum())
-    groups = table[columns + ["n_pairs"]].astype({"n_pairs": "Int64"})
-    aggregates = pd.DataFrame([worst, mean], index=pd.Index(["worst", "mean"], name="group"),
-                              columns=columns + ["n_pairs"])
+    groups = table[columns + ["n_pairs"]].astype({c: "float64" for c in columns} | {"n_pairs": "Int64"})
+    present = groups[groups["n_pairs"].notna()]               # the groups with pairs in the split
+    worst_name = present["loss"].idxmax()
+    worst = groups.loc[worst_name].to_dict() | {"worst_group": str(worst_name)}
+    extreme = {c: getattr(present[c], METRICS[c])() for c in columns} | {"n_pairs": pd.NA}
+    by_group = present[columns].mean().to_dict() | {"n_pairs": pd.NA}
+    weights = present["n_pairs"].to_numpy(dtype=np.float64)
+    by_pair = {c: float(weights @ present[c].to_numpy(dtype=np.float64) / weights.sum()) for c in columns}
+    by_pair["n_pairs"] = int(counts.sum())
+    aggregates = pd.DataFrame([worst, extreme, by_group, by_pair], index=pd.Index(list(AGGREGATES), name="group"),
+                              columns=columns + ["n_pairs", "worst_group"])
     aggregates = aggregates.astype({c: "float64" for c in columns} | {"n_pairs": "Int64"})
+    groups["worst_group"] = pd.Series(pd.NA, index=groups.index, dtype=object)
+    aggregates["worst_group"] = aggregates["worst_group"].astype(object).where(aggregates["worst_group"].notna(), pd.NA)
     return with_aggregates(groups, aggregates)
+
+
+def objective_meaning(method, chi=1.0, adjustment=0.0):
+    """What :attr:`loglinear_grpo.SolveResult.value` of a ``train`` run is, in words (the words of
+    :attr:`loglinear_grpo.SolverConfig.objective_name`, on the train split): ``"worst-group loss
+    (train)"`` (group robust, χ = 1), the χ mixture ``"(1−χ)·mean-over-groups + χ·worst-group loss"``,
+    ``"mean loss over pairs (train)"`` (vanilla), ``"mean loss over groups (train)"`` (importance
+    sampling: unweighted over groups); each of them of the adjusted losses L_g + C/√N_g when
+    ``adjustment`` C > 0."""
+    chi = float(chi)
+    if method == "vanilla":
+        name = "mean loss over pairs"
+    elif method == "importance_sampling":
+        name = "mean loss over groups"
+    elif method == "group_robust":
+        name = "worst-group loss" if chi == 1.0 else f"{1 - chi:g}·mean-over-groups + {chi:g}·worst-group loss"
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    if adjustment:
+        name = name.replace(" loss", " adjusted loss", 1)
+    return f"{name} (train)"
 
 
 def js_distances(features, theta, targets):

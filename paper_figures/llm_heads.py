@@ -134,15 +134,51 @@ def mean_se(values):
     return values.mean(), values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
+#: the aggregate rows of files written before ``llm_head.evaluate`` had four: their ``worst`` row held
+#: each column's worst over groups (now ``extreme``) and ``mean`` the unweighted mean over groups
+OLD_AGGREGATES = {"extreme": "worst", "mean over groups": "mean"}
+KEYS = ["objective", "method", "seed", "split"]
+
+
 def rows_of(frame, kind, name=None):
-    """The rows of ``metrics.csv`` of one kind (``"group"`` or ``"aggregate"``), and of one name. Files
-    written before the ``kind`` column held the aggregates as groups named ``worst`` and ``mean``."""
+    """The rows of ``metrics.csv`` of one kind (``"group"`` or ``"aggregate"``), and of one name
+    (``llm_head.train.AGGREGATES``: ``worst`` — the worst group's own row —, ``extreme``, ``mean over
+    groups``, ``mean over pairs``). Older files are read too: those written before the ``kind`` column
+    held the aggregates as groups named ``worst`` and ``mean``, and before the four aggregates a
+    ``worst`` row of per-column extremes and an unweighted ``mean``: their ``extreme`` and ``mean over
+    groups`` are those rows, ``mean over pairs`` is computed from the group rows, and ``worst`` is the
+    group row of the largest loss."""
     kinds = frame["kind"] if "kind" in frame else \
         pd.Series(np.where(frame["group"].isin(["worst", "mean"]), "aggregate", "group"), index=frame.index)
+    old = kind == "aggregate" and not (frame["group"][kinds == "aggregate"] == "extreme").any()
+    if old and name in ("worst", "mean over pairs"):
+        return _from_groups(frame[kinds == "group"], name)
+    if old and name in OLD_AGGREGATES:
+        name = OLD_AGGREGATES[name]
     keep = kinds == kind
     if name is not None:
         keep &= frame["group"] == name
     return frame[keep]
+
+
+def _from_groups(groups, name):
+    """``worst`` or ``mean over pairs`` of an old file, from its group rows (one row per fit)."""
+    keys = [k for k in KEYS if k in groups]
+    groups = groups[groups["n_pairs"].notna() & (groups["n_pairs"] > 0)]
+    out = []
+    for _, sub in groups.groupby(keys, sort=False):
+        if name == "worst":
+            row = sub.loc[sub["loss"].idxmax()].copy()
+            row["worst_group"], row["group"] = row["group"], "worst"
+        else:
+            row = sub.iloc[0].copy()
+            w = sub["n_pairs"].to_numpy(dtype=float)
+            for col in ("loss", "rewards/accuracies", "rewards/margins", "logps/accuracies", "js_distance"):
+                if col in sub:
+                    row[col] = float(w @ sub[col].to_numpy(dtype=float) / w.sum())
+            row["n_pairs"], row["group"] = w.sum(), name
+        out.append(row)
+    return pd.DataFrame(out, columns=list(groups.columns) + (["worst_group"] if name == "worst" else []))
 
 
 def summarise(metrics):
@@ -156,18 +192,22 @@ def summarise(metrics):
     for loss in test["objective"].unique():
         for method in METHODS:
             sub = test[(test.objective == loss) & (test.method == method)]
-            w, m = rows_of(sub, "aggregate", "worst"), rows_of(sub, "aggregate", "mean")
-            cells = [mean_se(w["loss"]), mean_se(w["rewards/accuracies"]), mean_se(m["loss"]),
-                     mean_se(w["logps/accuracies"])] + ([mean_se(w["js_distance"])] if has_js else [])
+            w, e = rows_of(sub, "aggregate", "worst"), rows_of(sub, "aggregate", "extreme")
+            m = rows_of(sub, "aggregate", "mean over pairs")
+            cells = [mean_se(w["loss"]), mean_se(e["rewards/accuracies"]), mean_se(m["loss"]),
+                     mean_se(e["logps/accuracies"])] + ([mean_se(e["js_distance"])] if has_js else [])
             lines.append(f"| {loss} | {LABEL[(loss, method)]} | {w['radius'].iloc[0]:g} | " +
                          " | ".join(f"{a:.4f} ± {b:.4f}" for a, b in cells) +
                          f" | {bool(w['converged'].all())} | {w['relative_gap'].max():.1e} | "
                          f"{w['train_seconds'].mean():.1f} |")
         w = rows_of(test[test.objective == loss], "aggregate", "worst").set_index(["method", "seed"])
-        for col, better in (("loss", np.less), ("rewards/accuracies", np.greater), ("logps/accuracies", np.greater)):
-            diff = (w.loc["group_robust", col] - w.loc["vanilla", col]).to_numpy()
+        e = rows_of(test[test.objective == loss], "aggregate", "extreme").set_index(["method", "seed"])
+        for col, better, rows, what in (("loss", np.less, w, "worst-group"),
+                                        ("rewards/accuracies", np.greater, e, "min-group"),
+                                        ("logps/accuracies", np.greater, e, "min-group")):
+            diff = (rows.loc["group_robust", col] - rows.loc["vanilla", col]).to_numpy()
             a, b = mean_se(diff)
-            paired.append(f"- {loss.upper()}: GR − vanilla, worst-group test {col}: {a:+.4f} ± {b:.4f} "
+            paired.append(f"- {loss.upper()}: GR − vanilla, {what} test {col}: {a:+.4f} ± {b:.4f} "
                           f"(paired over {len(diff)} seeds; GR better in {int(np.sum(better(diff, 0)))}/{len(diff)})")
     return "\n".join(lines) + "\n\n" + "\n".join(paired) + "\n"
 
@@ -191,7 +231,8 @@ def draw(metrics, out, loss, title):
     fig, axes = plt.subplots(2, 3, figsize=(width, 8.5))
     for ax, col, what in ((axes[0, 0], "loss", "worst-group test loss"),
                           (axes[0, 1], "rewards/accuracies", "min-group test rewards/accuracies")):
-        stats = [mean_se(rows_of(test[test.method == m], "aggregate", "worst")[col]) for m in METHODS]
+        row = "worst" if col == "loss" else "extreme"            # the worst group's loss; the min accuracy
+        stats = [mean_se(rows_of(test[test.method == m], "aggregate", row)[col]) for m in METHODS]
         ax.bar(names, [s[0] for s in stats], yerr=[s[1] for s in stats], color=colors, capsize=6)
         lo = min(s[0] - 3 * s[1] for s in stats)
         ax.set_ylim(max(0.0, lo - 0.05 * abs(lo)), None)

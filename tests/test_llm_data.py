@@ -166,7 +166,8 @@ def test_cli_end_to_end_on_trl_pairs(tmp_path, shared_pairs, gemma_folder, fmt):
     assert cli(["evaluate", "--workdir", str(work), "--run", "gr", "--split", "train"]) == 0
     metrics = pd.read_csv(work / "runs" / "gr" / "metrics_train.csv", index_col=["kind", "group"])
     assert {"loss", "rewards/accuracies", "rewards/margins", "logps/accuracies"} <= set(metrics.columns)
-    assert list(metrics.index[-2:]) == [("aggregate", "worst"), ("aggregate", "mean")]
+    assert list(metrics.index[-4:]) == [("aggregate", "worst"), ("aggregate", "extreme"),
+                                        ("aggregate", "mean over groups"), ("aggregate", "mean over pairs")]
     problem, _ = lh.load_problem(str(work), seed=0, split_by="question_id")
     by_question = problem.pairs.assign(q=shared_pairs["question_id"].to_numpy()).groupby("q")["split"].nunique()
     assert (by_question == 1).all()                                   # no question in two splits

@@ -284,8 +284,10 @@ def test_problem_is_the_core_log_linear_problem(tiny_problem):
     np.testing.assert_allclose(lg.margins(tiny_problem.theta_ref, data), 0.0, atol=1e-9)   # h(θ_ref) = 0
     table = lh.evaluate(tiny_problem, tiny_problem.theta_ref, "ipo", 0.1, "train")
     assert np.allclose(table.loc["group"].loc[list(tiny_problem.group_names), "loss"], (0.5 / 0.1) ** 2)
-    assert table.loc[("aggregate", "worst"), "rewards/accuracies"] == 0.0
-    assert 0.0 <= table.loc[("aggregate", "worst"), "js_distance"] <= 1.0
+    assert table.loc[("aggregate", "extreme"), "rewards/accuracies"] == 0.0
+    assert 0.0 <= table.loc[("aggregate", "extreme"), "js_distance"] <= 1.0
+    worst = table.loc[("aggregate", "worst")]                       # the worst group's own row
+    assert worst["js_distance"] == table.loc[("group", worst["worst_group"]), "js_distance"]
 
 
 def test_training_estimators_agree_with_exact_optimum(tiny_problem):
@@ -355,7 +357,8 @@ def test_cli_end_to_end(gemma_folder, tmp_path):
     run = os.path.join(work, "runs", "r")
     metrics = pd.read_csv(os.path.join(run, "metrics_test.csv"), index_col=["kind", "group"])
     assert list(metrics.index) == [("group", "Egypt"), ("group", "Japan"), ("aggregate", "worst"),
-                                   ("aggregate", "mean")]
+                                   ("aggregate", "extreme"), ("aggregate", "mean over groups"),
+                                   ("aggregate", "mean over pairs")]
     with open(os.path.join(run, "settings.json")) as fh:
         certificate = json.load(fh)["certificate"]
     assert certificate["converged"] and certificate["relative_gap"] <= 1e-6
@@ -389,4 +392,4 @@ def test_real_smollm2_on_real_data(subset):
     ipo = lh.train(problem, "ipo", method="vanilla", steps=300, radius=0.2)
     assert gr.worst_group_loss(data) <= ipo.worst_group_loss(data) + 1e-6
     assert gr.worst_group_loss(data) < (0.5 / 0.1) ** 2                       # it learned something
-    assert lh.evaluate(problem, gr.theta, "ipo", 0.1, "train").loc[("aggregate", "mean"), "rewards/accuracies"] > 0.5
+    assert lh.evaluate(problem, gr.theta, "ipo", 0.1, "train").loc[("aggregate", "mean over pairs"), "rewards/accuracies"] > 0.5

@@ -136,24 +136,26 @@ def test_item6_groups_named_worst_and_mean_keep_their_rows(tmp_path, shared_pair
     assert _train(work, "r") == 0
     drawn = []
     import matplotlib.axes
-    real_bar = matplotlib.axes.Axes.bar
+    real_ticks = matplotlib.axes.Axes.set_xticks
 
-    def bar(self, x, *args, **kwargs):
-        drawn.append([str(v) for v in x])
-        return real_bar(self, x, *args, **kwargs)
-    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    def set_xticks(self, ticks, labels=None, **kwargs):
+        drawn.append([str(v) for v in labels])
+        return real_ticks(self, ticks, labels, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks", set_xticks)
     assert cli(["evaluate", "--workdir", str(work), "--run", "r", "--split", "train"]) == 0
-    assert drawn and all(labels == ["worst", "mean", "other"] for labels in drawn)
+    assert len(drawn) == 3 and all(labels == ["worst", "mean", "other"] for labels in drawn)
     metrics = pd.read_csv(work / "runs" / "r" / "metrics_train.csv", index_col=["kind", "group"])
     assert list(metrics.index) == [("group", "worst"), ("group", "mean"), ("group", "other"),
-                                   ("aggregate", "worst"), ("aggregate", "mean")]
+                                   ("aggregate", "worst"), ("aggregate", "extreme"),
+                                   ("aggregate", "mean over groups"), ("aggregate", "mean over pairs")]
     problem, _ = lh.load_problem(str(work))
     theta = np.load(work / "runs" / "r" / "theta.npy")
     per_group = lg.group_losses(theta, problem.data("train"), "sigmoid", 0.1)
     train_names = list(problem.data("train").group_names)
     np.testing.assert_allclose(metrics.loc["group"].loc[train_names, "loss"], per_group, rtol=1e-9)
     assert metrics.loc[("aggregate", "worst"), "loss"] == pytest.approx(per_group.max(), rel=1e-9)
-    assert metrics.loc[("aggregate", "mean"), "n_pairs"] == problem.data("train").n_samples
+    assert metrics.loc[("aggregate", "mean over pairs"), "n_pairs"] == problem.data("train").n_samples
+    assert metrics.loc[("aggregate", "worst"), "worst_group"] == train_names[int(np.argmax(per_group))]
 
 
 # ============================================================================ item 10

@@ -1,0 +1,221 @@
+"""Tables and figures of ``llm_head train``/``evaluate`` a user can read: the worst row is one named
+group, the extremes and the two means are labelled rows of their own, small test groups are flagged
+with the interval their size allows, the run folder records α* and what the objective's value means,
+and ``groups.png`` shows the reference head beside the run and α* (not α over the iterations)."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+import llm_head as lh  # noqa: E402
+import llm_head.__main__ as cli_module  # noqa: E402
+import loglinear_grpo as lg  # noqa: E402
+from llm_head.__main__ import main as cli  # noqa: E402
+from llm_head.train import AGGREGATES, objective_meaning  # noqa: E402
+from loglinear_grpo.inference import proportion_interval, small_group_note  # noqa: E402
+
+from conftest import ROOT, make_problem  # noqa: E402
+from test_llm_data import _extract, shared_pairs  # noqa: E402,F401  (fixture; gemma_folder is in conftest)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+COLUMNS = ["loss", "rewards/accuracies", "rewards/margins", "logps/accuracies"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, shared_pairs, gemma_folder):
+    """The shared pairs (3 groups, a few test pairs each) extracted once into a work folder."""
+    tmp = tmp_path_factory.mktemp("tables")
+    data = tmp / "pairs.jsonl"
+    shared_pairs.to_json(data, orient="records", lines=True)
+    folder = tmp / "work"
+    assert _extract(data, folder, gemma_folder) == 0
+    return folder
+
+
+def _train(work, run, capsys, *extra):
+    capsys.readouterr()
+    assert cli(["train", "--workdir", str(work), "--radius", "0.5", "--run", run, *extra]) == 0
+    return capsys.readouterr().out
+
+
+def _settings(work, run):
+    with open(work / "runs" / run / "settings.json") as fh:
+        return json.load(fh)
+
+
+def _check_aggregates(table):
+    groups = table.loc["group"].dropna(subset=["loss"])
+    agg = table.loc["aggregate"]
+    assert list(agg.index) == list(AGGREGATES) == ["worst", "extreme", "mean over groups", "mean over pairs"]
+    # the worst row is one group's row, every column of it, and names that group
+    worst = agg.loc["worst"]
+    name = worst["worst_group"]
+    assert name == groups["loss"].idxmax()
+    for col in COLUMNS + ["n_pairs"]:
+        assert worst[col] == pytest.approx(groups.loc[name, col], rel=1e-12)
+    # the per-column extremes, apart, with no pair count of their own
+    extreme = agg.loc["extreme"]
+    assert extreme["loss"] == pytest.approx(groups["loss"].max())
+    for col in ("rewards/accuracies", "rewards/margins", "logps/accuracies"):
+        assert extreme[col] == pytest.approx(groups[col].min())
+    assert pd.isna(extreme["n_pairs"]) and pd.isna(extreme["worst_group"])
+    # two labelled means: unweighted over groups (no pair count) and pair-weighted (all the pairs)
+    n = groups["n_pairs"].astype(float)
+    for col in COLUMNS:
+        assert agg.loc["mean over groups", col] == pytest.approx(groups[col].mean())
+        assert agg.loc["mean over pairs", col] == pytest.approx(float((n * groups[col]).sum() / n.sum()))
+    assert pd.isna(agg.loc["mean over groups", "n_pairs"])
+    assert agg.loc["mean over pairs", "n_pairs"] == n.sum()
+
+
+@pytest.mark.parametrize("settings", [{}, {"method": "vanilla"}, {"method": "importance_sampling"}, {"chi": 0.5},
+                                      {"adjustment": 1.0}, {"method": "vanilla", "adjustment": 2.0},
+                                      {"chi": 0.25, "adjustment": 1.0}])
+def test_objective_meaning_is_the_solvers(settings):
+    """The words of settings.json's certificate are the solver's own (SolverConfig.objective_name)."""
+    config = lg.make_config(make_problem(), **settings)
+    meaning = objective_meaning(settings.get("method", "group_robust"), settings.get("chi", 1.0),
+                                settings.get("adjustment", 0.0))
+    assert meaning == f"{config.objective_name} (train)"
+    assert objective_meaning("group_robust") == "worst-group loss (train)"
+    assert objective_meaning("vanilla") == "mean loss over pairs (train)"
+
+
+def test_tables_settings_and_figure(work, capsys, monkeypatch):
+    out = _train(work, "gr", capsys)
+    settings = _settings(work, "gr")
+    problem, _ = lh.load_problem(str(work))
+    train_names = list(problem.data("train").group_names)
+    # α*, on the simplex, named by the training groups; what the value means
+    alpha = settings["alpha_star"]
+    assert list(alpha) == train_names and sum(alpha.values()) == pytest.approx(1.0)
+    assert all(w >= 0 for w in alpha.values())
+    cert = settings["certificate"]
+    assert cert["objective"] == "worst-group loss (train)"
+    theta = np.load(work / "runs" / "gr" / "theta.npy")
+    losses = lg.group_losses(theta, problem.data("train"), "sigmoid", 0.1)
+    assert cert["value"] == pytest.approx(losses.max(), rel=1e-9)
+    # the printed summary names the worst training group and what the value is
+    summary = [line for line in out.splitlines() if line.startswith("training objective")]
+    assert len(summary) == 1 and " value=" not in summary[0]
+    worst = train_names[int(np.argmax(losses))]
+    assert "worst-group loss (train) = " in summary[0]
+    assert f"worst train group: {worst} {losses.max():.4f}" in summary[0]
+
+    # every split's table: the worst row one named group, the extremes and the means labelled
+    for split in ("train", "test"):
+        table = pd.read_csv(work / "runs" / "gr" / f"metrics_{split}.csv", index_col=["kind", "group"])
+        _check_aggregates(table)
+        _check_aggregates(lh.evaluate(problem, theta, "sigmoid", 0.1, split))
+
+    # small test groups are flagged in the printed table, with the interval their size allows
+    assert cli(["evaluate", "--workdir", str(work), "--run", "gr"]) == 0
+    printed = capsys.readouterr().out
+    test = lh.evaluate(problem, theta, "sigmoid", 0.1, "test").loc["group"].dropna(subset=["loss"])
+    assert (test["n_pairs"] < 30).all()                    # the fixture's test groups are all small
+    assert sum("< 30 pairs" in line for line in printed.splitlines()) == len(test)
+    for name, row in test.iterrows():
+        note = small_group_note(int(row["n_pairs"]), float(row["rewards/accuracies"]))
+        assert f"note: group {name}: {note}" in printed                     # the interval of its size
+        low, high = proportion_interval(float(row["rewards/accuracies"]) * row["n_pairs"], int(row["n_pairs"]))
+        assert f"< 30 pairs, {low:.2f} to {high:.2f}" in printed
+    assert "  worst: the worst group" in printed and "  mean over pairs: pair-weighted" in printed
+
+    # groups.png: the reference head beside the run, and α* from settings.json
+    drawn = {}
+    real = cli_module.plot_run
+
+    def spy(heads, alpha_star, path, title, split):
+        drawn.update(heads=heads, alpha_star=alpha_star)
+        return real(heads, alpha_star, path, title, split)
+    monkeypatch.setattr(cli_module, "plot_run", spy)
+    png = work / "runs" / "gr" / "groups.png"
+    png.unlink()
+    assert cli(["evaluate", "--workdir", str(work), "--run", "gr"]) == 0
+    assert png.stat().st_size > 0
+    reference, run = drawn["heads"].values()
+    expected = lh.evaluate(problem, problem.theta_ref, "sigmoid", 0.1, "test")
+    np.testing.assert_allclose(reference.loc["group", "loss"], expected.loc["group", "loss"])
+    assert drawn["alpha_star"] == alpha
+    # a run from before alpha_star was recorded: α* is the last row of history.csv
+    path = work / "runs" / "gr" / "settings.json"
+    old = {k: v for k, v in settings.items() if k != "alpha_star"}
+    path.write_text(json.dumps(old))
+    assert cli(["evaluate", "--workdir", str(work), "--run", "gr"]) == 0
+    last = pd.read_csv(work / "runs" / "gr" / "history.csv").iloc[-1]
+    assert drawn["alpha_star"] == pytest.approx({g: last[f"alpha/{g}"] for g in train_names})
+
+
+def test_vanilla_summary_names_the_worst_group(work, capsys):
+    out = _train(work, "van", capsys, "--method", "vanilla")
+    settings = _settings(work, "van")
+    assert settings["certificate"]["objective"] == "mean loss over pairs (train)"
+    assert sum(settings["alpha_star"].values()) == pytest.approx(1.0)
+    summary = [line for line in out.splitlines() if line.startswith("training objective")]
+    assert len(summary) == 1 and " value=" not in summary[0]
+    assert "mean loss over pairs (train) = " in summary[0] and "worst train group: " in summary[0]
+    problem, _ = lh.load_problem(str(work))
+    data = problem.data("train")
+    theta = np.load(work / "runs" / "van" / "theta.npy")
+    losses = lg.group_losses(theta, data, "sigmoid", 0.1)
+    assert settings["certificate"]["value"] == pytest.approx(float(data.group_sizes @ losses / data.n_samples))
+    assert f"worst train group: {data.group_names[int(np.argmax(losses))]} {losses.max():.4f}" in summary[0]
+
+
+def test_plot_run_many_groups_and_heads(tmp_path):
+    """groups.png with 14 long-named groups and three heads (a later ``compare``)."""
+    names = [f"Country number {k} with a long name" for k in range(14)]
+    rng = np.random.default_rng(0)
+
+    def table():
+        groups = pd.DataFrame({"loss": rng.random(14), "rewards/accuracies": rng.random(14),
+                               "n_pairs": rng.integers(1, 50, 14)}, index=pd.Index(names, name="group"))
+        return lg.objective.with_aggregates(groups, groups.iloc[:1].rename(index={names[0]: "worst"}))
+    heads = {"reference": table(), "vanilla": table(), "GR": table()}
+    alpha = dict(zip(names, np.full(14, 1 / 14)))
+    path = tmp_path / "groups.png"
+    cli_module.plot_run(heads, alpha, str(path), "three heads", "test")
+    assert path.stat().st_size > 0
+
+
+def test_paper_figures_reads_old_and_new_metrics():
+    """paper_figures/llm_heads.py: the old CSVs (no ``kind`` column, ``worst``/``mean`` aggregates) and the
+    new rows give the same worst-group loss and min-group accuracy; the mean test loss is pair-weighted."""
+    import sys
+    sys.path.insert(0, str(ROOT / "paper_figures"))
+    import llm_heads as figs
+    old = pd.read_csv(ROOT / "paper_figures" / "trl_pairs" / "metrics.csv")
+    fit = old[(old.method == "group_robust") & (old.seed == 0) & (old.objective == "dpo")]
+    groups = fit[~fit.group.isin(["worst", "mean"])]
+    worst = figs.rows_of(fit, "aggregate", "worst")
+    assert len(worst) == 1 and worst["loss"].iloc[0] == pytest.approx(groups["loss"].max())
+    assert worst["worst_group"].iloc[0] == groups.loc[groups["loss"].idxmax(), "group"]
+    extreme = figs.rows_of(fit, "aggregate", "extreme")
+    assert extreme["rewards/accuracies"].iloc[0] == pytest.approx(groups["rewards/accuracies"].min())
+    pairs = figs.rows_of(fit, "aggregate", "mean over pairs")
+    n = groups["n_pairs"].astype(float)
+    assert pairs["loss"].iloc[0] == pytest.approx(float((n * groups["loss"]).sum() / n.sum()))
+    # the new layout: kind column and the four aggregate rows
+    new = pd.concat([groups.assign(kind="group"),
+                     pd.DataFrame([{**groups.loc[groups["loss"].idxmax()].to_dict(), "group": "worst"},
+                                   {**extreme.iloc[0].to_dict(), "group": "extreme"},
+                                   {**pairs.iloc[0].to_dict(), "group": "mean over pairs"}]).assign(kind="aggregate")])
+    for name in ("worst", "extreme", "mean over pairs"):
+        assert figs.rows_of(new, "aggregate", name)["loss"].iloc[0] == pytest.approx(
+            figs.rows_of(fit, "aggregate", name)["loss"].iloc[0])
+    assert "GR-DPO" in figs.summarise(old)                          # it still runs on the old file
+
+
+def test_adjustment_flag(work, capsys):
+    out = _train(work, "adj", capsys, "--adjustment", "1.5")
+    settings = _settings(work, "adj")
+    assert settings["adjustment"] == 1.5 and settings["solver"]["adjustment"] is not None
+    assert settings["certificate"]["objective"] == "worst-group adjusted loss (train)"
+    assert "worst-group adjusted loss (train) = " in out
+    with pytest.raises(SystemExit):
+        cli(["train", "--workdir", str(work), "--run", "bad", "--adjustment", "-1"])
