@@ -474,7 +474,7 @@ def _print_table(table, split, problem):
             n, accuracy = int(row["n_pairs"]), float(row["rewards/accuracies"])
             note = small_group_note(n, accuracy, minimum=MIN_GROUP_PAIRS)
             if note:
-                notes[name] = note.replace(" test pairs", f" {split} pairs")
+                notes[name] = note.replace(" test pair", f" {split} pair")   # its words are for a test split
                 low, high = proportion_interval(accuracy * n, n)
                 flags[name] = f"< {MIN_GROUP_PAIRS} pairs, {low:.2f} to {high:.2f}"
     shown = table.copy()
