@@ -20,11 +20,15 @@ from .settings import Settings
 from .algorithm1 import SolverState, averaged_alpha, averaged_theta, init, sample_batch, update
 from .schedules import StepSize, theory_constants, theory_step_sizes
 from .solver import ConvergenceWarning, SolveResult, SolverConfig, make_config, solve
+from .path import PathResult, ReferencePoint, solve_path
+from .objective import group_adjustment
+from . import inference
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CertificateWarning", "ConvergenceWarning", "Box", "ConvexSet", "ExactResult", "L2Ball", "PairOperator", "PreferenceData", "Settings", "SolveResult", "SolverConfig",
+    "CertificateWarning", "ConvergenceWarning", "PathResult", "ReferencePoint", "group_adjustment", "inference",
+    "solve_path", "Box", "ConvexSet", "ExactResult", "L2Ball", "PairOperator", "PreferenceData", "Settings", "SolveResult", "SolverConfig",
     "SolverState", "StepSize", "ThetaSet", "Unconstrained", "averaged_alpha", "averaged_theta", "best_response",
     "duality_gap", "group_losses", "group_metrics", "init", "make_config", "margins", "pair_loss",
     "pair_loss_derivative", "sample_batch", "solve", "solve_exact", "theory_constants",

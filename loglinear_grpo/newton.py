@@ -65,6 +65,8 @@ from .losses import get_loss
 #: the temperature μ shrinks by this factor once the Newton decrement is at most DECREMENT_SHARE of it
 SHRINK = 0.1
 DECREMENT_SHARE = 0.1
+#: the refined bound is also tried at the end of every temperature stage at most this many times the floor
+REFINE_EARLY = 1e3
 
 
 @dataclass
@@ -413,7 +415,7 @@ class NewtonMinimax:
         self._keep_bound(lower, np.array(self.soft, dtype=np.float64),
                          DualPoint(self.pair_w, dual_u, lower, kind, offset), kind)
         self.temp_floor = 0.1 * self.target / self.log_k
-        if self.robust and not self.check_convergence() and self.temp <= self.temp_floor:
+        if self.robust and not self.check_convergence() and (self.temp <= self.temp_floor or self._stage_end()):
             lower_r, alpha_hat, kind_r, dual = refined_dual_bound(
                 self.losses, self.grads, self.hess1, self.theta, theta_set, self.data, self.chi, self.d1,
                 best_response=lambda lam: newton_minimax(self.data, self.loss, self.beta, theta_set, weights=lam,
@@ -424,6 +426,13 @@ class NewtonMinimax:
             lower = lower_r
         self.row = {"iteration": self.it, "value": self.upper, "lower_bound": lower, "gap": self.gap,
                     "temperature": self.temp, "passes": self.oracle.passes}
+
+    def _stage_end(self):
+        """Whether this iterate ends a temperature stage that is cold enough (at most
+        :data:`REFINE_EARLY` times the floor) for the refined bound to be worth its small solve: the
+        point is near the smoothed problem's optimum, where the first-order bound is at its best."""
+        return (self.temp <= REFINE_EARLY * self.temp_floor and getattr(self, "decrement", np.inf)
+                <= DECREMENT_SHARE * self.temp)
 
     def _keep_bound(self, lower, alpha, dual, kind):
         if lower > self.best["lower"]:

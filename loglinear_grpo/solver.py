@@ -366,6 +366,8 @@ class SolveResult:
         ``"trivial (losses ≥ 0)"`` when nothing better was certified yet.
     passes : int or None
         Full passes over S the Newton solver made (``None`` for the other estimators).
+    temperature : float or None
+        Newton, ``group_robust``: the last smoothing temperature μ (a warm start's ``temperature0``).
     history : pandas.DataFrame
         One row per logged step: ``step``, ``worst_loss`` and ``loss/<group>`` (at θ̄ for the
         first-order estimators, at θ for Newton), ``alpha/<group>``, and ``gap`` where a
@@ -389,6 +391,7 @@ class SolveResult:
     config: SolverConfig
     state: SolverState
     passes: int | None = None
+    temperature: float | None = None
 
     def metrics(self, data):
         """:func:`~loglinear_grpo.group_metrics` of ``theta`` on ``data``, with the training weights α of
@@ -465,7 +468,7 @@ def _check_schedule(step, config):
 
 @with_settings_signature
 def solve(data, config=None, *, log_every=None, duality_gap=False, checkpoint=None, checkpoint_every=None,
-          progress=False, callback: Callable | None = None, **settings):
+          progress=False, callback: Callable | None = None, temperature0=None, **settings):
     """Group robust preference optimisation of a log-linear policy (Eq. (9)), certified.
 
     Solves :math:`\\min_{\\theta\\in\\Theta}\\max_{\\alpha\\in\\Delta_K}\\sum_g\\alpha_g L_g(\\theta)`
@@ -537,6 +540,11 @@ def solve(data, config=None, *, log_every=None, duality_gap=False, checkpoint=No
         Show a tqdm progress bar.
     callback : callable, optional
         ``callback(state, info)`` after every iteration (Newton: ``info`` is the iteration record).
+    temperature0 : float, optional
+        Newton, ``group_robust``: the first smoothing temperature μ (default: the spread of the group
+        losses at θ⁽⁰⁾). A warm start near a neighbouring problem's solution
+        (:func:`~loglinear_grpo.solve_path`) starts colder; the certificate and the stopping test are
+        unchanged, so the answer is the same within ``tol``.
 
     Returns
     -------
@@ -564,6 +572,14 @@ def solve(data, config=None, *, log_every=None, duality_gap=False, checkpoint=No
     if runner is _solve_newton and checkpoint is not None:
         raise ValueError("checkpoint is for the iterative first-order estimators; the Newton solver "
                          "finishes in a few dozen passes over S")
+    if temperature0 is not None:
+        if isinstance(temperature0, bool) or not isinstance(temperature0, (int, float, np.floating)) \
+                or not np.isfinite(temperature0) or temperature0 <= 0:
+            raise ValueError(f"temperature0 must be a positive finite number, got {temperature0!r}")
+        if runner is not _solve_newton:
+            raise ValueError("temperature0 is the Newton solver's first smoothing temperature; "
+                             f"estimator={config.estimator!r} has none")
+        return runner(data, config, progress=progress, callback=callback, temperature0=float(temperature0))
     return runner(data, config, log_every=log_every, duality_gap=duality_gap, checkpoint=checkpoint,
                   checkpoint_every=checkpoint_every, progress=progress, callback=callback)
 
@@ -622,7 +638,7 @@ def _warn_unconverged(result, config, what):
     warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
 
-def _solve_newton(data, config, *, progress, callback, **_first_order_only):
+def _solve_newton(data, config, *, progress, callback, temperature0=None, **_first_order_only):
     from .newton import newton_minimax
     names = data.group_names
     rows = []
@@ -655,7 +671,7 @@ def _solve_newton(data, config, *, progress, callback, **_first_order_only):
         else:
             res = newton_minimax(data, config.loss, config.beta, config.theta_set, weights=weights, chi=config.chi,
                                  theta0=config.theta0, tol=tol, max_iter=config.steps, callback=record,
-                                 shift=config.shift)
+                                 shift=config.shift, temperature0=temperature0)
     finally:
         if bar is not None:
             bar.close()
@@ -669,7 +685,7 @@ def _solve_newton(data, config, *, progress, callback, **_first_order_only):
                          gap=_reported_gap(value, lower, consistent), value=value, lower_bound=lower, n_iter=res.n_iter,
                          alpha=alpha, alpha_avg=alpha, theta_avg=res.theta, theta_last=res.theta,
                          bound_kind=res.bound_kind, history=pd.DataFrame(rows), config=config, state=state,
-                         passes=res.passes)
+                         passes=res.passes, temperature=res.temperature)
     _warn_unconverged(result, config, "Newton iterations")
     return result
 

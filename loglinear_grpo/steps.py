@@ -113,8 +113,11 @@ def projected_step(theta, grad, eta, theta_set, step_size, t):
             theta *= theta_set.radius
         return theta
     if math.isfinite(square) or np.all(np.isfinite(theta)):
-        theta = theta_set.project(theta)
-        if math.isfinite(square) or np.all(np.isfinite(theta)):
+        try:
+            theta = theta_set.project(theta)
+        except ValueError:              # finite entries whose norm overflows: the same overflow
+            theta = None
+        if theta is not None and (math.isfinite(square) or np.all(np.isfinite(theta))):
             return theta
     raise ValueError(f"step_size ({step_size.describe()}) times the gradient overflows at step {t}: use a smaller step_size "
                      "(or rescale the features)")

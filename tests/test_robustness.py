@@ -359,3 +359,16 @@ def test_fuzz_every_call_is_finite_or_a_named_error(n, d, k, log_scale, ref_scal
         assert np.all(np.isfinite(res.alpha)) and np.all(res.alpha >= 0) and abs(res.alpha.sum() - 1) < 1e-9
         assert np.isfinite(res.value) and np.isfinite(res.gap) and res.gap >= 0
         assert np.all(np.isfinite(lg.group_losses(res.theta, data, loss, beta)))
+
+
+def test_a_step_whose_norm_overflows_names_the_step_size():
+    """Found by the fuzz test above: finite entries whose norm overflows made the ball's projection raise
+    'cannot project a non-finite θ', naming nothing the user set."""
+    rng = np.random.default_rng(36)
+    diff = rng.normal(size=(36, 3)) * 1e3
+    data = lg.PreferenceData(diff, rng.integers(0, 6, 36))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="step_size"):
+            lg.solve(data, loss="ipo", beta=0.001, estimator="stochastic", steps=30, radius=2.0, step_size=1e300,
+                     alpha_step_size=1e300)

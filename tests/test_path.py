@@ -1,0 +1,88 @@
+"""Issue 20: the certified regularisation path (lg.solve_path)."""
+import warnings
+
+import numpy as np
+import pytest
+
+import loglinear_grpo as lg
+from conftest import make_problem
+
+RADII = [0.0, 0.3, 1.0, 3.0]
+ADJUSTMENTS = [0.0, 1.0, 4.0]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_every_warm_started_point_equals_a_cold_solve_within_tol(loss):
+    data = make_problem(sizes=(15, 40, 90, 25), dim=6, seed=5)
+    warm = lg.solve_path(data, RADII, ADJUSTMENTS, loss=loss)
+    cold = lg.solve_path(data, RADII, ADJUSTMENTS, loss=loss, warm_start=False)
+    assert warm.table["converged"].all() and cold.table["converged"].all()
+    assert warm.table["warm"].sum() == len(RADII[1:]) * len(ADJUSTMENTS) - 1   # all but the first solve
+    assert not cold.table["warm"].any()
+    for (_, a), res in zip(warm.table.iterrows(), warm.results):
+        ref = cold.result(a["radius"], a["adjustment"])
+        tol = 1e-6 * max(1.0, abs(ref.value))
+        assert abs(res.value - ref.value) <= tol + res.gap + ref.gap
+        # and each is the certified optimum: the cold one's bound holds for the warm one's value
+        assert res.value >= ref.lower_bound - 1e-12
+
+
+def test_points_match_independent_solves_and_cvxpy():
+    data = make_problem(dim=4, seed=2)
+    path = lg.solve_path(data, [0.5, 2.0], [0.0, 2.0], loss="dpo")
+    for (_, row), res in zip(path.table.iterrows(), path.results):
+        exact = lg.solve_exact(data, loss="dpo", radius=row["radius"], adjustment=row["adjustment"])
+        assert abs(res.value - exact.value) <= 1e-5 * max(1.0, exact.value)
+        single = lg.solve(data, loss="dpo", radius=row["radius"], adjustment=row["adjustment"])
+        assert abs(res.value - single.value) <= 1e-6 * max(1.0, single.value) + res.gap + single.gap
+
+
+def test_radius_zero_is_the_reference_point_exactly():
+    data = make_problem(dim=4, seed=1)
+    center = np.full(data.dim, 0.1)
+    path = lg.solve_path(data, [0.0, 1.0], [0.0, 2.0], center=center, loss="ipo")
+    for c in (0.0, 2.0):
+        ref = path.result(0.0, c)
+        assert isinstance(ref, lg.ReferencePoint)
+        np.testing.assert_array_equal(ref.theta, center)
+        shift = lg.group_adjustment(c, data.group_sizes)
+        losses = lg.group_losses(center, data, "ipo") + (0 if shift is None else shift)
+        assert ref.value == pytest.approx(losses.max(), rel=1e-14)
+        assert ref.gap == 0.0 and ref.converged
+        assert np.isclose(ref.alpha.sum(), 1.0) and ref.alpha[np.argmax(losses)] > 0
+        # a trained point never does worse on the training objective than the reference
+        assert path.result(1.0, c).value <= ref.value + 1e-12
+
+
+def test_the_table_is_tidy():
+    data = make_problem(dim=3)
+    path = lg.solve_path(data, [1.0, 0.5, 1.0], loss="dpo")       # duplicates merged, sorted
+    assert list(path.table["radius"]) == [0.5, 1.0]
+    assert list(path.table.columns) == ["radius", "adjustment", "value", "gap", "relative_gap", "converged",
+                                        "seconds", "iterations", "passes", "warm"]
+    assert len(path.results) == 2
+    with pytest.raises(KeyError):
+        path.result(7.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(radii=[]), "empty"), (dict(radii=[1.0, -0.5]), ">= 0"), (dict(radii=[np.inf]), "finite"),
+    (dict(radii=[1.0], adjustments=[-1.0]), ">= 0"), (dict(radii=[1.0], adjustments=[]), "empty"),
+    (dict(radii=[1.0], radius=2.0), "sets 'radius'"), (dict(radii=[1.0], adjustment=1.0), "sets 'adjustment'"),
+    (dict(radii=[1.0], loss="nope"), "loss"), (dict(radii=["a"]), "finite numbers"),
+])
+def test_bad_grids_give_a_clear_error(kwargs, match):
+    data = make_problem(dim=3)
+    with pytest.raises(ValueError, match=match):
+        lg.solve_path(data, **kwargs)
+
+
+def test_temperature0_is_checked():
+    data = make_problem(dim=3)
+    with pytest.raises(ValueError, match="temperature0"):
+        lg.solve(data, radius=1.0, temperature0=-1.0)
+    with pytest.raises(ValueError, match="temperature0"):
+        lg.solve(data, radius=1.0, estimator="full", temperature0=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lg.ConvergenceWarning)
+        assert lg.solve(data, radius=1.0, temperature0=1e-4).converged
