@@ -193,17 +193,7 @@ def objective_meaning(method, chi=1.0, adjustment=0.0):
     ``"mean loss over pairs (train)"`` (vanilla), ``"mean loss over groups (train)"`` (importance
     sampling: unweighted over groups); each of them of the adjusted losses L_g + C/√N_g when
     ``adjustment`` C > 0."""
-    chi = float(chi)
-    if method == "vanilla":
-        name = "mean loss over pairs"
-    elif method == "importance_sampling":
-        name = "mean loss over groups"
-    elif method == "group_robust":
-        name = "worst-group loss" if chi == 1.0 else f"{1 - chi:g}·mean-over-groups + {chi:g}·worst-group loss"
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    if adjustment:
-        name = name.replace(" loss", " adjusted loss", 1)
+    name = lg.objective.objective_name(method, chi, bool(adjustment))
     return f"{name} (train)"
 
 

@@ -75,6 +75,23 @@ def minimax_value(losses, chi=1.0, weights=None, shift=None):
     return float((1.0 - chi) * losses.mean() + chi * losses.max())
 
 
+def objective_name(method="group_robust", chi=1.0, adjusted=False):
+    """What the value of a method's objective is, in words: ``"worst-group loss"`` (group robust,
+    χ = 1, Eq. (7)), the χ mixture of Appendix B.4, ``"mean loss over pairs"`` (vanilla),
+    ``"mean loss over groups"`` (importance sampling); of the adjusted losses :math:`L_g + c_g` when
+    ``adjusted``."""
+    if method == "vanilla":
+        name = "mean loss over pairs"
+    elif method == "importance_sampling":
+        name = "mean loss over groups"
+    elif method == "group_robust":
+        chi = float(chi)
+        name = "worst-group loss" if chi == 1.0 else f"{1 - chi:g}·mean-over-groups + {chi:g}·worst-group loss"
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return name.replace(" loss", " adjusted loss", 1) if adjusted else name
+
+
 def group_adjustment(adjustment, group_sizes, group_names=None):
     """The group adjustment of Sagawa et al. (2020, "group adjustments"): the shifts
     :math:`c_g = C_g/\\sqrt{N_g}` that make the objective

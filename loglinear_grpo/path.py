@@ -73,7 +73,9 @@ class PathResult:
         One row per point, in the order solved: ``radius``, ``adjustment`` (C), ``value`` (the training
         objective, :attr:`~loglinear_grpo.SolverConfig.objective_name`), ``gap`` (certified),
         ``relative_gap``, ``converged``, ``seconds``, ``iterations``, ``passes`` (over S; Newton) and
-        ``warm`` (whether the point was warm-started).
+        ``warm``: ``True`` (warm-started), ``False`` (cold: the first point, R = 0, or ``warm_start=False``)
+        or ``"retried cold"`` (the warm start stalled short of ``tol`` and the point was solved again from
+        a cold start, whose result is kept; ``seconds`` and ``iterations`` count only that solve).
     results : list
         The solutions, in the rows' order (:class:`~loglinear_grpo.SolveResult`, or
         :class:`ReferencePoint` for R = 0).
@@ -117,7 +119,8 @@ def solve_path(data, radii, adjustments=None, *, center=None, warm_start=True, p
     snake order (ascending, then descending, ...), so that every point's neighbour is one step away
     in R or C; with ``warm_start`` each solve starts at the previous solution projected onto its Θ
     (``theta0``) and, for Newton, at :data:`WARM_TEMPERATURE_FACTOR` times the previous final
-    temperature. Each point is certified to ``tol`` as a cold solve would be.
+    temperature. Each point is certified to ``tol`` as a cold solve would be: a warm start that stalls
+    before ``tol`` is solved again from a cold start.
 
     Parameters
     ----------
@@ -170,7 +173,16 @@ def solve_path(data, radii, adjustments=None, *, center=None, warm_start=True, p
                 temperature = previous.temperature if warm else None
                 if temperature is not None:
                     temperature = temperature * WARM_TEMPERATURE_FACTOR
-                res = solve(data, config, temperature0=temperature)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    res = solve(data, config, temperature0=temperature)
+                if warm and not res.converged:          # a warm start that stalls: the cold solve decides
+                    res = solve(data, make_config(data, radius=radius, center=center, adjustment=c_value,
+                                                  **settings))
+                    warm = "retried cold"
+                else:
+                    for w in caught:
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                 previous = res
             seconds = time.perf_counter() - tic
             results.append(res)

@@ -62,7 +62,7 @@ from .duality import certified_best_response
 from .hinge import hinge_program
 from .losses import get_loss
 from .kernels import Workspace
-from .objective import _check_data, _group_losses, group_adjustment, group_metrics, minimax_value
+from .objective import _check_data, _group_losses, group_adjustment, group_metrics, minimax_value, objective_name
 from .settings import ESTIMATOR_CHOICES, Settings, with_settings_signature  # noqa: F401 (re-exported)
 from .algorithm1 import (SAMPLE_BLOCK, SolverState, _full_batch_run, _single_pair_run, averaged_alpha,  # noqa: F401
                          averaged_theta, init, sample_batch, update)
@@ -152,18 +152,8 @@ class SolverConfig:
 
     @property
     def objective_name(self):
-        """What ``value`` is, in words: ``"worst-group loss"`` (GR, χ = 1), ``"mean loss over pairs"``
-        (vanilla), ``"mean loss over groups"`` (importance sampling), the χ mixture, each of the
-        adjusted losses :math:`L_g + c_g` under a group adjustment."""
-        if self.method == "vanilla":
-            name = "mean loss over pairs"
-        elif self.method == "importance_sampling":
-            name = "mean loss over groups"
-        elif self.chi == 1.0:
-            name = "worst-group loss"
-        else:
-            name = f"{1 - self.chi:g}·mean-over-groups + {self.chi:g}·worst-group loss"
-        return name if self.shift is None else name.replace(" loss", " adjusted loss", 1)
+        """What ``value`` is, in words (:func:`~loglinear_grpo.objective.objective_name`)."""
+        return objective_name(self.method, self.chi, self.shift is not None)
 
     def replace(self, **changes):
         """A copy with some settings changed (e.g. scaled step sizes), like ``dataclasses.replace``."""
