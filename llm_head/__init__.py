@@ -12,7 +12,9 @@ answer set log-linear in W's rows, so the core solver applies exactly. Pipeline:
     result = train(problem, loss="sigmoid", method="group_robust")     # certified: result.gap
     evaluate(problem, result.theta, loss="sigmoid")
 
-or ``python -m llm_head {extract,train,evaluate,export}``, which keeps all of it in a work folder
+:func:`select_head` chooses R (and C) on the validation split; :func:`compare_methods` asks "did GR
+help the worst group?" on the test split over seeds (reference vs vanilla vs GR, paired intervals);
+or ``python -m llm_head {extract,train,select,compare,evaluate,export}``, which keeps all of it in a work folder
 (:mod:`llm_head.workdir`); :func:`extract_to_workdir` is ``extract`` from Python, for any data source
 (a ``datasets.Dataset`` or DataFrame too). torch and transformers are imported only by the functions that need them
 (``pip install -e ".[llm]"``).
@@ -27,6 +29,8 @@ from .head import (export_model, head_rows, load_head_delta, reference_theta, sa
 from .opinions import PAPER_COUNTRIES, OpinionItems, load_global_opinions, make_pairs, opinion_pairs
 from .train import HeadProblem, alpha_history, evaluate, js_distances, train
 from .workdir import load_problem
+from .select import CRITERIA, DEFAULT_ADJUSTMENTS, DEFAULT_RADII, Selection, select_head
+from .compare import Comparison, compare_methods
 
 
 
@@ -61,7 +65,8 @@ def extract_to_workdir(data, workdir, **options):
 
 
 __all__ = [
-    "DEFAULT_MODEL", "HeadProblem", "LastLayerFeatures", "LoadedModel", "OpinionItems", "PAPER_COUNTRIES",
+    "CRITERIA", "Comparison", "DEFAULT_ADJUSTMENTS", "DEFAULT_MODEL", "DEFAULT_RADII", "HeadProblem", "Selection",
+    "compare_methods", "select_head", "LastLayerFeatures", "LoadedModel", "OpinionItems", "PAPER_COUNTRIES",
     "PairDifferenceOperator", "PreferencePairs", "Rendering", "alpha_history", "assign_splits", "evaluate", "export_model",
     "extract_features", "extract_to_workdir", "head_rows", "items_from_pairs", "js_distances", "load_global_opinions",
     "load_head_delta", "load_model", "load_preference_pairs", "load_problem", "make_pairs", "opinion_pairs",

@@ -145,6 +145,57 @@ def _common(p):
     p.add_argument("--workdir", default="results/llm", help="folder for features and runs")
 
 
+def _grid_flags(p):
+    """--radii, --adjustments and --criterion of select and compare."""
+    from .select import CRITERIA, DEFAULT_ADJUSTMENTS, DEFAULT_RADII
+    p.add_argument("--radii", nargs="+", type=_non_negative_float, default=list(DEFAULT_RADII), metavar="R",
+                   help="the radii to try (R = 0, the reference head θ_ref, is always tried)")
+    p.add_argument("--adjustments", nargs="+", type=_non_negative_float, default=list(DEFAULT_ADJUSTMENTS),
+                   metavar="C", help="the group adjustments C to try (group_robust only; vanilla and "
+                                     "importance_sampling ignore C)")
+    p.add_argument("--criterion", choices=tuple(CRITERIA), default="worst-loss",
+                   help="validation score: worst-loss (the worst validation group's loss, lower is better) or "
+                        "min-accuracy (the min-group rewards/accuracies, higher is better)")
+
+
+def _training_flags(p, select):
+    """The flags of train; select has --radii/--adjustments/--criterion instead of --radius/--adjustment."""
+    _common(p)
+    p.add_argument("--loss", choices=LOSSES, default="sigmoid", help="TRL's names: 'sigmoid' is DPO")
+    p.add_argument("--beta", type=_positive_float, default=0.1, help="β of the loss (TRL's default)")
+    p.add_argument("--method", choices=("group_robust", "importance_sampling", "vanilla"), default="group_robust",
+                   help="group_robust: min over θ of the worst group's loss; vanilla: the mean over pairs")
+    p.add_argument("--estimator", choices=("auto", "newton", "full", "stochastic", "closed_form"), default="auto",
+                   help="'auto' = 'newton': the certified second-order solver")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="iteration budget (default: the estimator's: 200 Newton iterations, ...)")
+    p.add_argument("--tol", type=_tolerance, default=1e-6,
+                   help="stop at this relative certified duality gap (0: run all steps)")
+    if not select:
+        p.add_argument("--radius", type=_positive_float, default=1.0, help="Θ = L2 ball of this radius around θ_ref")
+    p.add_argument("--step-size", type=_step_size_type("theory"), default=None,
+                   help="first-order estimators only: number, 'theory' or 'c/sqrt(t)' (default: 1/L)")
+    p.add_argument("--alpha-step-size", type=_step_size_type("theory", "auto"), default=None,
+                   help="first-order estimators only: number, 'theory', 'auto' or 'c/sqrt(t)'")
+    p.add_argument("--chi", type=_unit_interval, default=1.0,
+                   help="worst-case/average trade-off in [0, 1] (Appendix B.4)")
+    if select:
+        _grid_flags(p)
+    else:
+        p.add_argument("--adjustment", type=_non_negative_float, default=0.0,
+                       help="group adjustment C (Sagawa et al. 2020): group g's loss counts as L_g + C/sqrt(N_g), "
+                            "favouring small groups; 0: none")
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="split (and GlobalOpinionQA's rejected answers) and sampler seed")
+    p.add_argument("--split-by", default=None, help="override the split chosen at extraction")
+    p.add_argument("--storage", choices=("auto", "csr", "implicit"), default="auto",
+                   help="S as a CSR matrix or implicit (from the memory-mapped hidden states; for long answers); "
+                        f"auto: CSR up to {CSR_LIMIT_BYTES >> 30} GiB")
+    p.add_argument("--run", help="run name (default: " + ("select-" if select else "") + "<loss>-<method>-seed<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m llm_head", description=__doc__, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,35 +250,29 @@ def build_parser():
 
     p = sub.add_parser("train", help="fit the output rows with loglinear_grpo.solve (certified)",
                        formatter_class=_Formatter)
+    _training_flags(p, select=False)
+
+    p = sub.add_parser("select", help="choose R (and C) on the validation split: a certified solve per grid point, "
+                                      "the best one written as a run", formatter_class=_Formatter)
+    _training_flags(p, select=True)
+
+    p = sub.add_parser("compare", help="did GR help the worst group? reference, vanilla and GR heads, each with "
+                                       "its own selection, on the test split of several seeds, paired intervals",
+                       formatter_class=_Formatter)
     _common(p)
     p.add_argument("--loss", choices=LOSSES, default="sigmoid", help="TRL's names: 'sigmoid' is DPO")
     p.add_argument("--beta", type=_positive_float, default=0.1, help="β of the loss (TRL's default)")
-    p.add_argument("--method", choices=("group_robust", "importance_sampling", "vanilla"), default="group_robust",
-                   help="group_robust: min over θ of the worst group's loss; vanilla: the mean over pairs")
-    p.add_argument("--estimator", choices=("auto", "newton", "full", "stochastic", "closed_form"), default="auto",
-                   help="'auto' = 'newton': the certified second-order solver")
-    p.add_argument("--steps", type=_positive_int, default=None,
-                   help="iteration budget (default: the estimator's: 200 Newton iterations, ...)")
+    p.add_argument("--seeds", type=_positive_int, default=3,
+                   help="seeds 0..N-1, each a redrawn train/val/test split (at least 2, for an interval)")
+    _grid_flags(p)
+    p.add_argument("--interval", choices=("t", "bootstrap"), default="t",
+                   help="the intervals over seeds: Student t, or a percentile bootstrap of the paired differences")
     p.add_argument("--tol", type=_tolerance, default=1e-6,
-                   help="stop at this relative certified duality gap (0: run all steps)")
-    p.add_argument("--radius", type=_positive_float, default=1.0, help="Θ = L2 ball of this radius around θ_ref")
-    p.add_argument("--step-size", type=_step_size_type("theory"), default=None,
-                   help="first-order estimators only: number, 'theory' or 'c/sqrt(t)' (default: 1/L)")
-    p.add_argument("--alpha-step-size", type=_step_size_type("theory", "auto"), default=None,
-                   help="first-order estimators only: number, 'theory', 'auto' or 'c/sqrt(t)'")
-    p.add_argument("--chi", type=_unit_interval, default=1.0,
-                   help="worst-case/average trade-off in [0, 1] (Appendix B.4)")
-    p.add_argument("--adjustment", type=_non_negative_float, default=0.0,
-                   help="group adjustment C (Sagawa et al. 2020): group g's loss counts as L_g + C/sqrt(N_g), "
-                        "favouring small groups; 0: none")
-    p.add_argument("--seed", type=_non_negative_int, default=0,
-                   help="split (and GlobalOpinionQA's rejected answers) and sampler seed")
+                   help="stop every solve at this relative certified duality gap (0: run all steps)")
     p.add_argument("--split-by", default=None, help="override the split chosen at extraction")
     p.add_argument("--storage", choices=("auto", "csr", "implicit"), default="auto",
-                   help="S as a CSR matrix or implicit (from the memory-mapped hidden states; for long answers); "
-                        f"auto: CSR up to {CSR_LIMIT_BYTES >> 30} GiB")
-    p.add_argument("--run", help="run name (default: <loss>-<method>-seed<seed>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+                   help="S as a CSR matrix or implicit (see train --help)")
+    p.add_argument("--out", help="default: <workdir>/compare/<loss>")
 
     p = sub.add_parser("evaluate", help="per-group metrics of a run on a split, CSV + figure",
                        formatter_class=_Formatter)
@@ -418,15 +463,7 @@ def cmd_train(args):
             result.history.to_csv(os.path.join(out, "history.csv"), index=False)
             storage_used = "implicit" if problem.data("train").is_operator else "csr"
             settings["storage_used"] = storage_used              # what --storage auto chose
-            settings["solver"] = result.config.describe()
-            train_names = [str(g) for g in problem.data("train").group_names]
-            settings["alpha_star"] = dict(zip(train_names, (float(a) for a in result.alpha)))
-            settings["certificate"] = {"converged": bool(result.converged), "gap": _finite_or_none(result.gap),
-                                       "relative_gap": _finite_or_none(result.relative_gap),
-                                       "objective": objective_meaning(args.method, args.chi, args.adjustment),
-                                       "value": _finite_or_none(result.value),
-                                       "lower_bound": _finite_or_none(result.lower_bound),
-                                       "iterations": int(result.n_iter), "bound_kind": result.bound_kind}
+            settings.update(_result_settings(problem, result, args))
             tables = _evaluate_splits(problem, result.theta, args.loss, args.beta, out)
             _write_json(os.path.join(out, wd.RUN_MARKER), settings)      # last: it makes the run complete
     except OSError as exc:
@@ -437,6 +474,149 @@ def cmd_train(args):
         _print_table(tables[shown], shown, problem)
     print(_train_summary(problem, result, args, storage_used))
     print(f"run -> {final}")
+    return 0
+
+
+def _result_settings(problem, result, args):
+    """What settings.json records of a solution: ``solver`` (its settings), ``alpha_star`` (the
+    certificate's group weights, by train group) and ``certificate`` (converged, gap, the objective's
+    meaning and value, ...). A :class:`loglinear_grpo.ReferencePoint` (R = 0) has no solver settings."""
+    train_names = [str(g) for g in problem.data("train").group_names]
+    config = getattr(result, "config", None)
+    return {"solver": config.describe() if config is not None else
+            "none: R = 0, θ = θ_ref (the reference head, the frozen model), exact",
+            "alpha_star": dict(zip(train_names, (float(a) for a in result.alpha))),
+            "certificate": {"converged": bool(result.converged), "gap": _finite_or_none(result.gap),
+                            "relative_gap": _finite_or_none(result.relative_gap),
+                            "objective": objective_meaning(args.method, args.chi, args.adjustment),
+                            "value": _finite_or_none(result.value),
+                            "lower_bound": _finite_or_none(result.lower_bound),
+                            "iterations": int(result.n_iter), "bound_kind": result.bound_kind}}
+
+
+def _history(problem, result, loss, beta):
+    """``history.csv`` of a solution; for R = 0 (nothing solved) one row: step 0, the group losses, α and
+    the value, as a solve's history has them."""
+    history = getattr(result, "history", None)
+    if history is not None:
+        return history
+    data = problem.data("train")
+    losses = lg.group_losses(result.theta, data, loss, beta)
+    row = {"step": 0, "worst_loss": float(losses.max())}
+    row |= {f"loss/{g}": float(v) for g, v in zip(data.group_names, losses)}
+    row |= {f"alpha/{g}": float(a) for g, a in zip(data.group_names, result.alpha)}
+    row |= {"gap": 0.0, "value": float(result.value), "lower_bound": float(result.value)}
+    return pd.DataFrame([row])
+
+
+def _json_safe(value):
+    """Scores for settings.json: numpy scalars as Python ones, non-finite floats as null."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _finite_or_none(value)
+    return value
+
+
+#: the grid flags of select/compare, for errors of llm_head.select
+_GRID_FLAGS = {"radii": "--radii", "adjustments": "--adjustments", "criterion": "--criterion"}
+
+
+def _grid_error(message):
+    """An error of llm_head.select in the words of the command line (``radii: ...`` → ``--radii: ...``)."""
+    for name, flag in _GRID_FLAGS.items():
+        if message.startswith(name + " ") or message.startswith(name + ":"):
+            return flag + message[len(name):]
+    return _as_flags(message)
+
+
+def cmd_select(args):
+    """train at every point of the R × C grid, score each on the validation split, write the best
+    one as a run (as ``train`` writes one), with ``selection.csv``, ``selection.png`` and the grid, the
+    scores and the choice in settings.json."""
+    from .select import check_criterion, check_grid, plot_selection, select_head
+    args.run = wd.check_run_name(args.run or f"select-{args.loss}-{args.method}-seed{args.seed}")
+    try:
+        radii, adjustments = check_grid("radii", args.radii), check_grid("adjustments", args.adjustments)
+        check_criterion(args.criterion)
+    except ValueError as exc:
+        raise ValueError(_grid_error(str(exc))) from None
+    wd.check_can_train(args.workdir, args.run, args.overwrite)            # fail fast; re-checked atomically
+    split_by = args.split_by or record_split(args)
+    problem, record = wd.load_problem(args.workdir, seed=args.seed, split_by=split_by, storage=args.storage)
+    solve_kw = dict(estimator=args.estimator, steps=args.steps, step_size=_step(args.step_size),
+                    alpha_step_size=_step(args.alpha_step_size), chi=args.chi, seed=args.seed)
+    try:                                             # every solver setting checked before the first solve
+        solver_config(problem, loss=args.loss, beta=args.beta, method=args.method, radius=max(radii) or 1.0,
+                      tol=args.tol if args.tol and args.tol > 0 else None, adjustment=max(adjustments) or None,
+                      **solve_kw)
+    except ValueError as exc:
+        raise ValueError(_as_flags(str(exc))) from None
+    selection = select_head(problem, loss=args.loss, method=args.method, radii=radii, adjustments=adjustments,
+                            criterion=args.criterion, beta=args.beta, tol=args.tol, progress=True, **solve_kw)
+    result = selection.result
+    args.radius, args.adjustment = selection.radius, selection.adjustment
+    settings = {k: v for k, v in vars(args).items() if k not in ("config",)}
+    settings["split_by"] = split_by
+    settings["features_sha256"] = problem.features_sha256
+    settings["dataset_sha256"] = wd.dataset_sha(record)
+    settings["groups"] = list(record["groups"])
+    settings["selection"] = {
+        "criterion": args.criterion,
+        "grid": [{k: _json_safe(v) for k, v in row.items()} for row in selection.scores.to_dict("records")],
+        "chosen": {"radius": selection.radius, "adjustment": selection.adjustment},
+        "notes": list(selection.notes)}
+    final = wd.run_dir(args.workdir, args.run)
+    try:
+        with wd.training_run(args.workdir, args.run, overwrite=args.overwrite) as out:
+            np.save(os.path.join(out, "theta.npy"), result.theta)
+            _history(problem, result, args.loss, args.beta).to_csv(os.path.join(out, "history.csv"), index=False)
+            storage_used = "implicit" if problem.data("train").is_operator else "csr"
+            settings["storage_used"] = storage_used
+            settings.update(_result_settings(problem, result, args))
+            selection.scores.to_csv(os.path.join(out, "selection.csv"), index=False)
+            plot_selection(selection, os.path.join(out, "selection.png"),
+                           f"{args.run}: {args.method} ({args.loss}), validation {args.criterion}")
+            tables = _evaluate_splits(problem, result.theta, args.loss, args.beta, out)
+            _write_json(os.path.join(out, wd.RUN_MARKER), settings)      # last: it makes the run complete
+    except OSError as exc:
+        raise OSError(f"run {args.run!r} was not written ({exc}); nothing of it was kept, "
+                      f"and an old run of that name is untouched") from None
+    if "val" in tables:
+        _print_table(tables["val"], "val", problem)
+    print(_train_summary(problem, result, args, storage_used))
+    if selection.radius > 0:
+        print(f"reproduce: python -m llm_head train --workdir {args.workdir} --loss {args.loss} --beta {args.beta:g} "
+              f"--method {args.method} --radius {selection.radius:g} --adjustment {selection.adjustment:g} "
+              f"--seed {args.seed}")
+    print(f"run -> {final} (selection.csv, selection.png)")
+    return 0
+
+
+def cmd_compare(args):
+    """reference, vanilla and group-robust heads on the test split of ``--seeds`` seeds, each trained
+    head with its own validation selection; heads.csv, paired.csv, report.md and compare.png."""
+    from .compare import compare_methods
+    from .select import check_criterion, check_grid
+    try:
+        check_grid("radii", args.radii), check_grid("adjustments", args.adjustments)
+        check_criterion(args.criterion)
+    except ValueError as exc:
+        raise ValueError(_grid_error(str(exc))) from None
+    if args.seeds < 2:
+        raise ValueError(f"--seeds: an interval over seeds needs at least 2 seeds, got {args.seeds}")
+    out = args.out or os.path.join(args.workdir, "compare", args.loss)
+    wd.check_output_folder(out, "--out")
+    split_by = args.split_by or record_split(args)
+    comparison = compare_methods(args.workdir, loss=args.loss, seeds=args.seeds, radii=args.radii,
+                                 adjustments=args.adjustments, criterion=args.criterion, beta=args.beta,
+                                 split_by=split_by, storage=args.storage, interval=args.interval, tol=args.tol,
+                                 progress=True)
+    files = comparison.write(out)
+    print(comparison.summary())
+    print(f"compare -> {out} ({', '.join(os.path.basename(f) for f in files)})")
     return 0
 
 
@@ -633,7 +813,8 @@ def cmd_export(args):
     return 0
 
 
-COMMANDS = {"extract": cmd_extract, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export}
+COMMANDS = {"extract": cmd_extract, "train": cmd_train, "select": cmd_select, "compare": cmd_compare,
+            "evaluate": cmd_evaluate, "export": cmd_export}
 
 
 def main(argv=None):
