@@ -1,8 +1,10 @@
-"""``python -m llm_head {extract,train,evaluate,export}`` — group-robust last-layer tuning on anyone's
-grouped preference data.
+"""``python -m llm_head {extract,train,select,compare,evaluate,export}`` — group-robust last-layer tuning
+on anyone's grouped preference data.
 
     python -m llm_head extract  --data pairs.jsonl --model smollm2 --workdir results/pairs --split-by question_id
     python -m llm_head train    --workdir results/pairs --loss sigmoid --method group_robust --seed 0
+    python -m llm_head select   --workdir results/pairs --radii 0 0.3 1 3 --adjustments 0 1 4
+    python -m llm_head compare  --workdir results/pairs --seeds 3 --radii 0 0.3 1 3 --adjustments 0 1 4
     python -m llm_head evaluate --workdir results/pairs --run sigmoid-group_robust-seed0
     python -m llm_head export   --workdir results/pairs --run sigmoid-group_robust-seed0
 
@@ -16,7 +18,8 @@ level or in an ``[extract]``/``[train]``/… table); flags on the command line w
 
 Work folder: ``features.safetensors`` (+ its checksum), ``dataset.json``, ``runs/<run>/``
 (``theta.npy``, ``history.csv``, ``settings.json``, ``metrics_<split>.csv``, ``groups.png``,
-``model/``); see :mod:`llm_head.workdir`.
+``model/``; a select run also ``selection.csv``, ``selection.png``), ``compare/<loss>/`` (``heads.csv``,
+``paired.csv``, ``report.md``, ``compare.png``); see :mod:`llm_head.workdir`.
 """
 from __future__ import annotations
 

@@ -143,7 +143,10 @@ class Comparison:
             for metric in METRICS:
                 values = part[metric].to_numpy(dtype=float)
                 ci = paired_interval(values, level=self.level, method=self.interval)
-                row[metric] = f"{ci.estimate:.4f} [{ci.low:.4f}, {ci.high:.4f}]"
+                low, high = ci.low, ci.high
+                if "accuracies" in metric:                    # a share: its interval clipped to [0, 1]
+                    low, high = max(0.0, low), min(1.0, high)
+                row[metric] = f"{ci.estimate:.4f} [{low:.4f}, {high:.4f}]"
             worst = part["worst_group"].value_counts()
             top = worst[worst == worst.max()].index
             top = [g for g in self.group_names if g in set(top)] or list(top)
@@ -162,7 +165,8 @@ class Comparison:
                  f"(`--criterion {self.criterion}`), from R in [{_join(self.radii)}] "
                  f"and, for GR, C in [{_join(self.adjustments)}]; R = 0 is the reference head (the frozen model).",
                  f"Intervals: {lvl}, {self.interval_words()}"
-                 + (" (t interval of the mean over seeds; for the paired rows, of the per-seed differences)."
+                 + (" (t interval of the mean over seeds, accuracies' clipped to [0, 1]; for the paired rows, of the "
+                    "per-seed differences)."
                     if self.interval == "t" else " (percentile bootstrap over the seeds)."), "",
                  f"## Heads on the test split (mean and {lvl} interval over seeds)", ""]
         table = self.head_table()

@@ -160,6 +160,23 @@ def test_reference_wins_and_edge_notes_from_real_runs(work):
     assert (big.radius == 0) == any("no trained head beats" in n for n in big.notes)
 
 
+def test_select_reference_wins_through_the_cli(work, capsys):
+    """A grid of R = 0 only: the reference head is the choice, said so, written as a run that evaluate
+    reads (θ = θ_ref, a one-row history, an exact certificate)."""
+    capsys.readouterr()
+    assert cli(["select", "--workdir", str(work), "--radii", "0", "--adjustments", "0", "--run", "ref"]) == 0
+    out = capsys.readouterr().out
+    assert "no trained head beats the reference (frozen model) on the worst-group loss of the validation split" in out
+    settings = _settings(work, "ref")
+    assert settings["radius"] == 0 and settings["certificate"]["gap"] == 0 and settings["certificate"]["converged"]
+    assert any("no trained head beats" in n for n in settings["selection"]["notes"])
+    problem, _ = wd.load_problem(str(work), seed=0)
+    assert np.array_equal(np.load(work / "runs" / "ref" / "theta.npy"), problem.theta_ref)
+    history = pd.read_csv(work / "runs" / "ref" / "history.csv")
+    assert len(history) == 1 and any(c.startswith("alpha/") for c in history.columns)
+    assert cli(["evaluate", "--workdir", str(work), "--run", "ref", "--split", "val"]) == 0
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--radii"], "--radii"),
     (["--radii", "-1", "1"], "--radii"),
