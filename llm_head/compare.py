@@ -130,7 +130,7 @@ class Comparison:
         lines = [f"test split, {len(self.seeds)} seeds ({self.interval_words()} intervals):"]
         lines.append(self.head_table().to_string(index=False))
         lines += self.sentences()
-        lines += [f"note: {n}" for n in self.small_groups.values()]
+        lines += [f"note: group {g}: {n}" for g, n in self.small_groups.items()]
         return "\n".join(lines)
 
     def head_table(self):
@@ -258,16 +258,18 @@ class Comparison:
         width = 0.8 / len(HEADS)
         for j, head in enumerate(HEADS):
             part = groups[groups["head"] == head].pivot(index="group", columns="seed", values="loss").reindex(names)
-            offset = x + (j - 1) * width
-            ax.bar(offset, part.mean(axis=1).to_numpy(dtype=float), width, color=f"C{j}",
-                   label=head_label(head, self.loss) + " (mean over seeds)")
+            offset = x + (j - 1) * width                    # markers, not bars: the losses sit far from 0
+            ax.plot(offset, part.mean(axis=1).to_numpy(dtype=float), "D", color=f"C{j}", markersize=7,
+                    label=head_label(head, self.loss) + " (mean over seeds)")
             for seed in part.columns:                                  # every seed's value, a dot
-                ax.plot(offset, part[seed].to_numpy(dtype=float), ".", color="k", markersize=3)
+                ax.plot(offset, part[seed].to_numpy(dtype=float), ".", color=f"C{j}", markersize=4, alpha=0.6)
+        for position in x[:-1]:
+            ax.axvline(position + 0.5, color="0.9", linewidth=0.8)
         rotate = k > 6
         ax.set_xticks(x, names, rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
         ax.set_ylabel("test loss")
         ax.set_title(f"test loss per group ({len(self.seeds)} seeds; dots: the seeds)", fontsize=10)
-        ax.legend(fontsize=8, ncol=3)
+        ax.legend(fontsize=8, ncol=3, loc="best", framealpha=0.8)
         ax = fig.add_subplot(grid[1, :])
         alpha = self.alpha.reindex(columns=names)
         ax.bar(x, alpha.mean(axis=0).to_numpy(dtype=float), 0.6, color="C2")

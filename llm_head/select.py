@@ -293,6 +293,9 @@ def select_head(problem, *, loss="dpo", method="group_robust", radii=DEFAULT_RAD
                           adjustment=adjustment, result=path.results[best], criterion=criterion, notes=notes,
                           method=method, loss=loss, beta=beta, validation=tables[best])
     if progress:
+        shown = selection.scores.assign(chosen=selection.scores["chosen"].map({True: "<-", False: ""}))
+        print(f"validation scores ({crit.words}; value, gap: the training objective and its certificate):")
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.6g}"), flush=True)
         print(describe_choice(selection), flush=True)
         for note in notes:
             print(f"note: {note}", flush=True)
