@@ -176,7 +176,7 @@ class ThetaSet(abc.ABC):
         """
 
     @abc.abstractmethod
-    def minimize_quadratic(self, theta, grad, hess):
+    def minimize_quadratic(self, theta, grad, hess, state=None):
         """The exact model step :math:`\\arg\\min_{x\\in\\Theta}\\,g^\\top(x-\\theta)
         +\\tfrac12(x-\\theta)^\\top H(x-\\theta)` for a PSD H (the Newton step).
 
@@ -186,6 +186,9 @@ class ThetaSet(abc.ABC):
             θ ∈ Θ and g.
         hess : ndarray (d, d)
             H, positive semi-definite.
+        state : dict, optional
+            Scratch the set may keep from one call to the next of the same solve (a warm start: the
+            ball keeps its trust-region multiplier); a set may ignore it.
 
         Returns
         -------
@@ -273,7 +276,7 @@ class Unconstrained(ThetaSet):
         """Every coordinate: R^d is unbounded both ways along each."""
         return np.ones(np.shape(rho), dtype=bool)
 
-    def minimize_quadratic(self, theta, grad, hess):
+    def minimize_quadratic(self, theta, grad, hess, state=None):
         """θ − D(DHD + εI)⁻¹D g by Cholesky: Jacobi-scaled (D = diag(H)^{-1/2}, so the step does not
         depend on the units of each feature), with the rounding-level ridge of :func:`_ridge`."""
         scale = jacobi_scaling(hess)
@@ -358,12 +361,12 @@ class L2Ball(ThetaSet):
         """min over the ball of gᵀ(x − θ) = gᵀ(c − θ) − R‖g‖ (no cancellation against a large c)."""
         return float(grad @ (self._c(theta) - theta)) - self.radius * safe_norm(grad)
 
-    def minimize_quadratic(self, theta, grad, hess):
+    def minimize_quadratic(self, theta, grad, hess, state=None):
         """Exact trust-region step: with v = x − c and δ = θ − c, minimise
         ½vᵀHv − (Hδ − g)ᵀv over ‖v‖ ≤ R (Moré–Sorensen, :func:`ball_quadratic_min`)."""
         c = self._c(theta)
         delta = theta - c
-        return c + ball_quadratic_min(hess, hess @ delta - grad, self.radius)
+        return c + ball_quadratic_min(hess, hess @ delta - grad, self.radius, state=state)
 
     def cvxpy_constraints(self, var):
         import cvxpy as cp
@@ -440,7 +443,7 @@ class Box(ThetaSet):
             terms = np.where(grad > 0, grad * (lo - theta), np.where(grad < 0, grad * (hi - theta), 0.0))
         return float(np.sum(terms))
 
-    def minimize_quadratic(self, theta, grad, hess):
+    def minimize_quadratic(self, theta, grad, hess, state=None):
         """Bounded least squares: with H + εI = LLᵀ the model is ½‖Lᵀu + L⁻¹g‖² + const over the
         box lower − θ ≤ u ≤ upper − θ (``scipy.optimize.lsq_linear``, BVLS: an exact active-set
         method)."""
@@ -598,7 +601,7 @@ class ConvexSet(ThetaSet):
         """min over Θ of gᵀ(x − θ) = −σ_Θ(−g) − gᵀθ."""
         return -self.support(-grad) - float(grad @ theta)
 
-    def minimize_quadratic(self, theta, grad, hess):
+    def minimize_quadratic(self, theta, grad, hess, state=None):
         """The Newton step over Θ as a compiled QP: minimise ‖Lᵀx − (Lᵀθ − L⁻¹g)‖² with
         H + εI = LLᵀ (L and the target are cvxpy Parameters)."""
         import cvxpy as cp

@@ -46,6 +46,7 @@ an N × N eigen-decomposition once, then N-dimensional Newton steps.
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass, field
 
@@ -340,6 +341,9 @@ class NewtonMinimax:
         self.chi, self.tol, self.max_iter, self.callback = chi, tol, max_iter, callback
         self.shift = np.zeros(data.n_groups) if shift is None else np.asarray(shift, dtype=np.float64)
         self.temperature0 = temperature0
+        # the model steps' warm start (the ball's trust-region multiplier), for sets whose step takes one
+        takes_state = "state" in inspect.signature(theta_set.minimize_quadratic).parameters
+        self.model_kw = {"state": {}} if takes_state else {}
         self.oracle = PairOracle(data, loss, beta)
         if not self.oracle.spec.smooth:
             raise ValueError(f"the Newton solver needs a smooth loss, got {loss!r} (see loglinear_grpo.hinge.hinge_program)")
@@ -456,7 +460,7 @@ class NewtonMinimax:
         if self.robust:
             centred = self.grads - self.soft @ self.grads
             hess = self.hess1 + (self.chi / self.temp) * (centred.T * self.soft) @ centred
-        self.x = self.theta_set.minimize_quadratic(self.theta, self.grad, hess)
+        self.x = self.theta_set.minimize_quadratic(self.theta, self.grad, hess, **self.model_kw)
         self.p = self.x - self.theta
         self.decrement = max(-float(self.grad @ self.p), 0.0)
         self.row["decrement"] = self.decrement

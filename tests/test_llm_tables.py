@@ -183,34 +183,6 @@ def test_plot_run_many_groups_and_heads(tmp_path):
     assert path.stat().st_size > 0
 
 
-def test_paper_figures_reads_old_and_new_metrics():
-    """paper_figures/llm_heads.py: the old CSVs (no ``kind`` column, ``worst``/``mean`` aggregates) and the
-    new rows give the same worst-group loss and min-group accuracy; the mean test loss is pair-weighted."""
-    import sys
-    sys.path.insert(0, str(ROOT / "paper_figures"))
-    import llm_heads as figs
-    old = pd.read_csv(ROOT / "paper_figures" / "trl_pairs" / "metrics.csv")
-    fit = old[(old.method == "group_robust") & (old.seed == 0) & (old.objective == "dpo")]
-    groups = fit[~fit.group.isin(["worst", "mean"])]
-    worst = figs.rows_of(fit, "aggregate", "worst")
-    assert len(worst) == 1 and worst["loss"].iloc[0] == pytest.approx(groups["loss"].max())
-    assert worst["worst_group"].iloc[0] == groups.loc[groups["loss"].idxmax(), "group"]
-    extreme = figs.rows_of(fit, "aggregate", "extreme")
-    assert extreme["rewards/accuracies"].iloc[0] == pytest.approx(groups["rewards/accuracies"].min())
-    pairs = figs.rows_of(fit, "aggregate", "mean over pairs")
-    n = groups["n_pairs"].astype(float)
-    assert pairs["loss"].iloc[0] == pytest.approx(float((n * groups["loss"]).sum() / n.sum()))
-    # the new layout: kind column and the four aggregate rows
-    new = pd.concat([groups.assign(kind="group"),
-                     pd.DataFrame([{**groups.loc[groups["loss"].idxmax()].to_dict(), "group": "worst"},
-                                   {**extreme.iloc[0].to_dict(), "group": "extreme"},
-                                   {**pairs.iloc[0].to_dict(), "group": "mean over pairs"}]).assign(kind="aggregate")])
-    for name in ("worst", "extreme", "mean over pairs"):
-        assert figs.rows_of(new, "aggregate", name)["loss"].iloc[0] == pytest.approx(
-            figs.rows_of(fit, "aggregate", name)["loss"].iloc[0])
-    assert "GR-DPO" in figs.summarise(old)                          # it still runs on the old file
-
-
 def test_adjustment_flag(work, capsys):
     out = _train(work, "adj", capsys, "--adjustment", "1.5")
     settings = _settings(work, "adj")
