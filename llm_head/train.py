@@ -26,13 +26,8 @@ from .features import LastLayerFeatures, PairDifferenceOperator, pair_rows
 METRICS = {"loss": "max", "rewards/accuracies": "min", "rewards/margins": "min", "logps/accuracies": "min",
            "js_distance": "max"}
 
-#: the aggregate rows of :func:`evaluate`, in order, and what each one is
-AGGREGATES = {
-    "worst": "the worst group (largest loss): its whole row, named in worst_group",
-    "extreme": "each column's worst over groups (max loss/distance, min accuracies/margins): mixes groups",
-    "mean over groups": "unweighted mean of the group rows (every group counts once)",
-    "mean over pairs": "pair-weighted mean (every pair counts once): the whole split",
-}
+#: the aggregate rows of :func:`evaluate` (the core's, :data:`loglinear_grpo.objective.AGGREGATES`)
+AGGREGATES = lg.objective.AGGREGATES
 
 
 @dataclass
@@ -170,19 +165,9 @@ def evaluate(problem, theta, loss="dpo", beta=0.1, split="test"):
     table = table.reindex(pd.Index(list(problem.group_names), name="group"))
     columns = [c for c in METRICS if c in table.columns]
     groups = table[columns + ["n_pairs"]].astype({c: "float64" for c in columns} | {"n_pairs": "Int64"})
-    present = groups[groups["n_pairs"].notna()]               # the groups with pairs in the split
-    worst_name = present["loss"].idxmax()
-    worst = groups.loc[worst_name].to_dict() | {"worst_group": str(worst_name)}
-    extreme = {c: getattr(present[c], METRICS[c])() for c in columns} | {"n_pairs": pd.NA}
-    by_group = present[columns].mean().to_dict() | {"n_pairs": pd.NA}
-    weights = present["n_pairs"].to_numpy(dtype=np.float64)
-    by_pair = {c: float(weights @ present[c].to_numpy(dtype=np.float64) / weights.sum()) for c in columns}
-    by_pair["n_pairs"] = int(counts.sum())
-    aggregates = pd.DataFrame([worst, extreme, by_group, by_pair], index=pd.Index(list(AGGREGATES), name="group"),
-                              columns=columns + ["n_pairs", "worst_group"])
+    aggregates = lg.objective.group_aggregates(groups, METRICS)
     aggregates = aggregates.astype({c: "float64" for c in columns} | {"n_pairs": "Int64"})
     groups["worst_group"] = pd.Series(pd.NA, index=groups.index, dtype=object)
-    aggregates["worst_group"] = aggregates["worst_group"].astype(object).where(aggregates["worst_group"].notna(), pd.NA)
     return with_aggregates(groups, aggregates)
 
 

@@ -159,8 +159,56 @@ def _check_data(data):
         raise ValueError(f"data must be a PreferenceData, got {type(data).__name__}")
 
 
+#: the aggregate rows of every metrics table (:func:`group_metrics`, ``llm_head.evaluate``), in order
+AGGREGATES = {
+    "worst": "the worst group (largest loss): its whole row, named in worst_group",
+    "extreme": "each column's worst over groups (max loss/distance, min accuracies/margins): mixes groups",
+    "mean over groups": "unweighted mean of the group rows (every group counts once)",
+    "mean over pairs": "pair-weighted mean (every pair counts once): the whole split",
+}
+
+#: how the ``extreme`` row takes each core metric's worst over groups
+EXTREMES = {"loss": "max", "rewards/accuracies": "min", "rewards/margins": "min"}
+
+
+def group_aggregates(groups, extremes):
+    """The aggregate rows of :data:`AGGREGATES` from a table of group rows.
+
+    Parameters
+    ----------
+    groups : DataFrame
+        One row per group, with ``loss``, ``n_pairs`` and the columns of ``extremes``; a group without
+        pairs (``n_pairs`` missing or 0) is left out of every aggregate.
+    extremes : dict
+        {column: "max" or "min"}: the ``extreme`` row's worst of each column. Columns in neither
+        ``extremes`` nor ``n_pairs`` (e.g. a weight) appear in the ``worst`` row only.
+
+    Returns
+    -------
+    DataFrame
+        Rows ``worst`` (the group with the largest loss — ties: the first —, its whole row, and its
+        name in ``worst_group``), ``extreme``, ``mean over groups`` (unweighted; no ``n_pairs``) and
+        ``mean over pairs`` (weighted by ``n_pairs``; all the pairs), with the columns of ``groups``
+        and ``worst_group``.
+    """
+    columns = [c for c in extremes if c in groups.columns]
+    counts = pd.to_numeric(groups["n_pairs"], errors="coerce")
+    present = groups[counts.fillna(0).to_numpy() > 0]
+    weights = pd.to_numeric(present["n_pairs"]).to_numpy(dtype=np.float64)
+    worst_name = present["loss"].astype(np.float64).idxmax()
+    worst = groups.loc[worst_name].to_dict() | {"worst_group": str(worst_name)}
+    extreme = {c: getattr(present[c].astype(np.float64), extremes[c])() for c in columns} | {"n_pairs": pd.NA}
+    by_group = present[columns].astype(np.float64).mean().to_dict() | {"n_pairs": pd.NA}
+    by_pair = {c: float(weights @ present[c].to_numpy(dtype=np.float64) / weights.sum()) for c in columns}
+    by_pair["n_pairs"] = int(weights.sum())
+    out = pd.DataFrame([worst, extreme, by_group, by_pair], index=pd.Index(list(AGGREGATES), name="group"),
+                       columns=list(groups.columns) + ["worst_group"])
+    out["worst_group"] = out["worst_group"].astype(object).where(out["worst_group"].notna(), pd.NA)
+    return out
+
+
 def group_metrics(theta, data, loss="dpo", beta=0.1, alpha=None):
-    """Per-group metrics with TRL's names, and the ``worst`` aggregate kept apart from the groups.
+    """Per-group metrics with TRL's names, and the aggregates kept apart from the groups.
 
     Parameters
     ----------
@@ -173,14 +221,15 @@ def group_metrics(theta, data, loss="dpo", beta=0.1, alpha=None):
     -------
     DataFrame
         Indexed by the two levels ``(kind, group)``: one row ``("group", name)`` per group, in the
-        order of ``data.group_names``, then ``("aggregate", "worst")``. A group may therefore be
-        called ``"worst"`` or ``"mean"`` without losing its row: ``table.loc["group"]`` is the
-        per-group table, ``table.loc["aggregate"]`` the aggregates, ``table.loc[("aggregate",
-        "worst"), "loss"]`` the worst group's loss. Columns: ``loss`` (:math:`L_g`),
-        ``rewards/accuracies`` (share of pairs with :math:`h_i > 0`), ``rewards/margins`` (mean of
-        :math:`\\beta h_i`, TRL's implicit reward margin), ``n_pairs`` and, when ``alpha`` is given,
-        ``weight``. The ``worst`` row holds the max loss, min accuracy, min margin and max weight over
-        groups, and all the pairs in ``n_pairs``.
+        order of ``data.group_names``, then the rows ``("aggregate", key)`` of :data:`AGGREGATES`
+        (:func:`group_aggregates`): ``worst`` — the worst group's own row, named in ``worst_group``
+        —, ``extreme`` — each column's worst over groups (max loss, min accuracy, min margin, max
+        weight) —, ``mean over groups`` and ``mean over pairs``. A group may therefore be called
+        ``"worst"`` without losing its row: ``table.loc["group"]`` is the per-group table,
+        ``table.loc[("aggregate", "worst"), "loss"]`` the worst group's loss. Columns: ``loss``
+        (:math:`L_g`), ``rewards/accuracies`` (share of pairs with :math:`h_i > 0`),
+        ``rewards/margins`` (mean of :math:`\\beta h_i`, TRL's implicit reward margin), ``n_pairs``,
+        ``worst_group`` and, when ``alpha`` is given, ``weight``.
     """
     theta, loss, beta = _checked(theta, data, loss, beta)
     h = margins(theta, data)
@@ -190,15 +239,15 @@ def group_metrics(theta, data, loss="dpo", beta=0.1, alpha=None):
         "rewards/margins": group_means(beta * h, data),
         "n_pairs": data.group_sizes.astype(int),
     }, index=pd.Index(data.group_names, name="group"))
+    extremes = dict(EXTREMES)
     if alpha is not None:
         groups["weight"] = check_vector("alpha", alpha, data.n_groups)
-    worst = {"loss": groups["loss"].max(), "rewards/accuracies": groups["rewards/accuracies"].min(),
-             "rewards/margins": groups["rewards/margins"].min(), "n_pairs": int(data.n_samples)}
-    if alpha is not None:
-        worst["weight"] = groups["weight"].max()
-    aggregates = pd.DataFrame([worst], index=pd.Index(["worst"], name="group"), columns=groups.columns)
+        extremes["weight"] = "max"
+    aggregates = group_aggregates(groups, extremes)
+    aggregates.loc[["mean over groups", "mean over pairs"], [c for c in ("weight",) if c in groups]] = np.nan
+    groups["worst_group"] = pd.Series(pd.NA, index=groups.index, dtype=object)
     table = with_aggregates(groups, aggregates)
-    table["n_pairs"] = table["n_pairs"].astype(int)
+    table["n_pairs"] = table["n_pairs"].astype("Int64")
     return table
 
 

@@ -391,7 +391,11 @@ class SolveResult:
         table = group_metrics(self.theta, data, self.config.loss, self.config.beta, alpha=self.alpha)
         table = table.rename(columns={"weight": "train_alpha"})
         if self.config.shift is not None and len(self.config.shift) == data.n_groups:
-            table["train_adjustment"] = np.r_[self.config.shift, self.config.shift.max()]
+            shift = pd.Series(self.config.shift, index=list(data.group_names))
+            column = [shift[name] if kind == "group" else np.nan for kind, name in table.index]
+            table["train_adjustment"] = column
+            table.loc[("aggregate", "worst"), "train_adjustment"] = shift[table.loc[("aggregate", "worst"), "worst_group"]]
+            table.loc[("aggregate", "extreme"), "train_adjustment"] = shift.max()
         return table
 
     def worst_group_loss(self, data):

@@ -77,8 +77,14 @@ def test_history_and_metrics(problem):
     np.testing.assert_allclose(h["worst_loss"], h.filter(like="loss/").max(axis=1))
     m = res.metrics(problem)
     assert list(m.loc["group"].index) == list(problem.group_names)
-    assert list(m.loc["aggregate"].index) == ["worst"]
+    assert list(m.loc["aggregate"].index) == ["worst", "extreme", "mean over groups", "mean over pairs"]
     assert m.loc[("aggregate", "worst"), "loss"] == pytest.approx(res.worst_group_loss(problem))
+    worst = m.loc[("aggregate", "worst"), "worst_group"]                 # the worst row is one group's row
+    for column in ("loss", "rewards/accuracies", "rewards/margins", "n_pairs", "train_alpha"):
+        assert m.loc[("aggregate", "worst"), column] == m.loc[("group", worst), column]
+    n = m.loc["group", "n_pairs"].to_numpy(dtype=float)
+    assert m.loc[("aggregate", "mean over pairs"), "loss"] == pytest.approx(n @ m.loc["group", "loss"] / n.sum())
+    assert m.loc[("aggregate", "extreme"), "rewards/accuracies"] == m.loc["group", "rewards/accuracies"].min()
     assert {"loss", "rewards/accuracies", "rewards/margins", "train_alpha", "n_pairs"} <= set(m.columns)
     assert ((m["rewards/accuracies"] >= 0) & (m["rewards/accuracies"] <= 1)).all()
 

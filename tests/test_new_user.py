@@ -118,7 +118,7 @@ def test_api_metrics_label_the_training_alpha():
     m = res.metrics(val)
     assert "weight" not in m.columns and "train_alpha" in m.columns
     np.testing.assert_allclose(m.loc["group", "train_alpha"].to_numpy(), res.alpha)
-    assert m.loc[("aggregate", "worst"), "train_alpha"] == pytest.approx(res.alpha.max())
+    assert m.loc[("aggregate", "extreme"), "train_alpha"] == pytest.approx(res.alpha.max())
     assert list(m.loc["group", "n_pairs"]) == [30, 30, 30]      # the table is of val; α is train's
 
 

@@ -124,9 +124,10 @@ def test_item6_groups_named_worst_and_mean_keep_their_rows(tmp_path, shared_pair
     assert list(groups.index) == ["worst", "mean", "x"]
     np.testing.assert_allclose(groups["loss"], losses)
     assert list(groups["n_pairs"]) == list(data.group_sizes)
-    assert list(table.loc["aggregate"].index) == ["worst"]
+    assert list(table.loc["aggregate"].index) == ["worst", "extreme", "mean over groups", "mean over pairs"]
     assert table.loc[("aggregate", "worst"), "loss"] == pytest.approx(losses.max())
-    assert table.loc[("aggregate", "worst"), "n_pairs"] == data.n_samples
+    assert table.loc[("aggregate", "worst"), "worst_group"] == data.group_names[int(np.argmax(losses))]
+    assert table.loc[("aggregate", "mean over pairs"), "n_pairs"] == data.n_samples
 
     # llm_head: the same through extract/train/evaluate, and the figure shows all three groups
     names = {"Egypt": "worst", "Japan": "mean", "Brazil": "other"}
