@@ -591,11 +591,29 @@ def cmd_select(args):
         _print_table(tables["val"], "val", problem)
     print(_train_summary(problem, result, args, storage_used))
     if selection.radius > 0:
-        print(f"reproduce: python -m llm_head train --workdir {args.workdir} --loss {args.loss} --beta {args.beta:g} "
-              f"--method {args.method} --radius {selection.radius:g} --adjustment {selection.adjustment:g} "
-              f"--seed {args.seed}")
+        print("reproduce: " + _reproduce_command(args, selection))
     print(f"run -> {final} (selection.csv, selection.png)")
     return 0
+
+
+#: the flags of ``train`` that ``select`` shares and its reproduce line must carry when they differ from
+#: their defaults: {attribute: (flag, default)}
+_SHARED_TRAIN_FLAGS = {"estimator": ("--estimator", "auto"), "steps": ("--steps", None), "tol": ("--tol", 1e-6),
+                       "step_size": ("--step-size", None), "alpha_step_size": ("--alpha-step-size", None),
+                       "chi": ("--chi", 1.0), "storage": ("--storage", "auto"), "split_by": ("--split-by", None)}
+
+
+def _reproduce_command(args, selection):
+    """The ``train`` command that solves the selected point again: every setting of the selection,
+    numbers written exactly (``repr``), the shared flags only where they differ from their defaults."""
+    words = ["python -m llm_head train", f"--workdir {args.workdir}", f"--loss {args.loss}", f"--beta {args.beta!r}",
+             f"--method {args.method}", f"--radius {float(selection.radius)!r}",
+             f"--adjustment {float(selection.adjustment)!r}", f"--seed {args.seed}"]
+    for attr, (flag, default) in _SHARED_TRAIN_FLAGS.items():
+        value = getattr(args, attr, default)
+        if value is not None and value != default:
+            words.append(f"{flag} {value!r}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(words)
 
 
 def cmd_compare(args):

@@ -452,7 +452,7 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
     paired = pd.concat(paired, ignore_index=True)
     alpha = pd.DataFrame(alphas).T.reindex(columns=group_names)
     alpha.index.name = "seed"
-    small_notes = {g: f"{note} (fewest in seed {seed}; GR head)" for g, (n, seed, note) in small.items()}
+    small_notes = {g: f"{note} (fewest in seed {seed}; the same pairs for every head)" for g, (n, seed, note) in small.items()}
     if progress:
         print(f"compare: done in {time.perf_counter() - tic:.0f} s", flush=True)
     return Comparison(heads=heads_table, metrics=metrics, paired=paired, alpha=alpha, small_groups=small_notes,

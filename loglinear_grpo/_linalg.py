@@ -121,8 +121,10 @@ def ball_quadratic_min(hess, q, radius, state=None):
 def _more_sorensen(hess, q, radius, rtol=1e-10, max_iter=50, state=None):
     r"""Moré & Sorensen (1983) / Nocedal & Wright (2006, Alg. 4.3): u(μ) = (H + μI)⁻¹q with μ ≥ 0 the
     root of :math:`1/\|u(\mu)\| = 1/R` (or μ = 0 when u(0) lies inside the ball), by Newton's method on
-    that equation, safeguarded by bisection; each step is one Cholesky factorisation. ``None`` if H is
-    not positive definite enough to start (the caller falls back to the eigen-decomposition).
+    that equation, safeguarded by bisection; each step is one Cholesky factorisation (a failed one moves μ
+    up: H + μI is positive definite for μ > 0 since H ⪰ 0). After ``max_iter`` steps the last iterate is
+    returned (scaled onto the sphere if outside): only the step's quality, never the certificate, depends
+    on it.
     ``state``: start at ``state["mu"]`` (the last call's root) when it lies in the bracket, and store the
     root found there."""
     d = hess.shape[0]

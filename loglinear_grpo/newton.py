@@ -58,7 +58,7 @@ from ._linalg import EPS, solve_psd_scaled
 from .certificate import (DualPoint, abs_rmatvec, convergence_target, feasible_dual, is_converged, linear_bound,
                           original_space_bound, refined_dual_bound)
 from .constraints import L2Ball, Unconstrained
-from .objective import minimax_value
+from .objective import minimax_value, trivial_bound
 from .steps import mixing_weights
 from .data import PreferenceData, weighted_gram
 from .losses import get_loss
@@ -280,7 +280,8 @@ def _newton_row_space(data, loss, beta, theta_set, reduction, weights, chi, thet
         # the reduced problem's bound holds for the original only if no dropped direction of S
         # matters: re-certify its dual point on the original S (loglinear_grpo.certificate)
         if res.dual is not None:
-            res.lower_bound = max(original_space_bound(data, oracle.spec, beta, theta, theta_set, h, res.dual), 0.0)
+            res.lower_bound = max(original_space_bound(data, oracle.spec, beta, theta, theta_set, h, res.dual),
+                                  trivial_bound(chi, fixed, options["shift"]))
         res.theta = theta
         passes += res.passes + oracle.passes + 2
         n_iter += res.n_iter
@@ -374,7 +375,9 @@ class NewtonMinimax:
             if self.robust else 0.0
         if self.robust and self.temperature0 is not None:
             self.temp = min(self.temp, float(self.temperature0))
-        self.best = {"value": np.inf, "lower": 0.0, "theta": self.theta, "alpha": None, "dual": None}
+        # every loss is ≥ 0: L* ≥ the objective of the adjustment's shifts alone (0 without one)
+        trivial = trivial_bound(self.chi, self.fixed, None if not np.any(self.shift) else self.shift)
+        self.best = {"value": np.inf, "lower": trivial, "theta": self.theta, "alpha": None, "dual": None}
         self.bound_kind = "trivial (losses ≥ 0)"
         self.history, self.converged, self.it = [], False, 0
 

@@ -92,6 +92,15 @@ def objective_name(method="group_robust", chi=1.0, adjusted=False):
     return name.replace(" loss", " adjusted loss", 1) if adjusted else name
 
 
+def trivial_bound(chi=1.0, weights=None, shift=None, n_groups=1):
+    """The bound every loss gives for free: each :math:`\\ell \\ge 0`, so :math:`L_g + c_g \\ge c_g` and
+    the optimum is at least the objective of the shifts alone, :func:`minimax_value` at L = 0 (0 without
+    an adjustment)."""
+    if shift is None:
+        return 0.0
+    return minimax_value(np.zeros(np.size(shift)), chi, weights, shift)
+
+
 def group_adjustment(adjustment, group_sizes, group_names=None):
     """The group adjustment of Sagawa et al. (2020, "group adjustments"): the shifts
     :math:`c_g = C_g/\\sqrt{N_g}` that make the objective

@@ -57,7 +57,10 @@ class ReferencePoint:
         return 0.0
 
     def metrics(self, data):
-        return group_metrics(self.theta, data, self.loss, self.beta)
+        """:func:`~loglinear_grpo.group_metrics` of θ = c, with the certificate's α in ``train_alpha`` (as
+        :meth:`~loglinear_grpo.SolveResult.metrics`)."""
+        alpha = self.alpha if len(self.alpha) == data.n_groups else None
+        return group_metrics(self.theta, data, self.loss, self.beta, alpha=alpha).rename(columns={"weight": "train_alpha"})
 
     def summary(self):
         return f"reference (R = 0, θ = c): {self.objective_name}={self.value:.10g}, exact"
@@ -95,10 +98,11 @@ class PathResult:
 
 def _grid(name, values, default):
     if values is None:
+        if default is None:
+            raise ValueError(f"{name}: give the grid (a sequence of numbers >= 0)")
         return [default]
-    if isinstance(values, numbers.Real):
-        values = [values]
-    values = list(values)
+    values = np.asarray(values, dtype=object).ravel().tolist() if np.ndim(values) == 0 or \
+        isinstance(values, np.ndarray) else list(values)
     if not values:
         raise ValueError(f"{name}: the grid is empty; give at least one value")
     out = []
@@ -120,7 +124,8 @@ def solve_path(data, radii, adjustments=None, *, center=None, warm_start=True, p
     in R or C; with ``warm_start`` each solve starts at the previous solution projected onto its Θ
     (``theta0``) and, for Newton, at :data:`WARM_TEMPERATURE_FACTOR` times the previous final
     temperature. Each point is certified to ``tol`` as a cold solve would be: a warm start that stalls
-    before ``tol`` is solved again from a cold start.
+    before ``tol`` is solved again from a cold start. (With ``tol=None``, e.g. the stochastic estimator's
+    default, nothing is certified to a tolerance and a warm start is a different run, not the same answer.)
 
     Parameters
     ----------
@@ -136,8 +141,9 @@ def solve_path(data, radii, adjustments=None, *, center=None, warm_start=True, p
     progress : bool
         Print one line per point.
     **settings
-        Any other option of :func:`~loglinear_grpo.solve` (``loss``, ``beta``, ``method``, ``tol``, ...),
-        the same at every point; not ``radius``, ``constraint``, ``adjustment`` or ``theta0``.
+        Any other setting of :func:`~loglinear_grpo.solve` (the fields of :class:`~loglinear_grpo.Settings`:
+        ``loss``, ``beta``, ``method``, ``tol``, ...), the same at every point; not ``radius``,
+        ``constraint``, ``adjustment`` or ``theta0``, nor the run-time options (``callback``, ...).
 
     Returns
     -------
@@ -176,7 +182,8 @@ def solve_path(data, radii, adjustments=None, *, center=None, warm_start=True, p
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     res = solve(data, config, temperature0=temperature)
-                if warm and not res.converged:          # a warm start that stalls: the cold solve decides
+                if warm and config.tol is not None and not res.converged:   # a warm start that stalls:
+                    tic = time.perf_counter()                                  # the cold solve decides
                     res = solve(data, make_config(data, radius=radius, center=center, adjustment=c_value,
                                                   **settings))
                     warm = "retried cold"

@@ -64,7 +64,7 @@ def theory_constants(data, loss, beta, theta_set, estimator="stochastic", shift=
           \\le \\max_g\\frac{N}{N_g}B_{\\nabla,g}^2 =: M_\\theta^2, \\qquad
           E\\|\\hat L\\|_\\infty^2 = \\sum_g\\frac{N}{N_g}E_{i\\in D_g}\\ell_i^2 \\le \\sum_g\\frac{N}{N_g}B_{l,g}^2 =: M_\\alpha^2
 
-      (λ on the simplex, so :math:`\\sum_g c_g\\lambda_g^2 \\le \\max_g c_g`; averaging a batch can
+      (λ on the simplex, so :math:`\\sum_g a_g\\lambda_g^2 \\le \\max_g a_g` for any a ≥ 0; averaging a batch can
       only lower a second moment). For full batches :math:`M_\\theta = \\max_g B_{\\nabla,g}` and
       :math:`M_\\alpha = \\max_g B_{l,g}`.
 

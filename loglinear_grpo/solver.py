@@ -62,7 +62,8 @@ from .duality import certified_best_response
 from .hinge import hinge_program
 from .losses import get_loss
 from .kernels import Workspace
-from .objective import _check_data, _group_losses, group_adjustment, group_metrics, minimax_value, objective_name
+from .objective import _check_data, _group_losses, group_adjustment, group_metrics, minimax_value, objective_name, \
+    trivial_bound
 from .settings import ESTIMATOR_CHOICES, Settings, with_settings_signature  # noqa: F401 (re-exported)
 from .algorithm1 import (SAMPLE_BLOCK, SolverState, _full_batch_run, _single_pair_run, averaged_alpha,  # noqa: F401
                          averaged_theta, init, sample_batch, update)
@@ -308,7 +309,8 @@ def certify(thetas, alphas, data, config, tol=None):
     values = {name: objective_value(theta, data, config) for name, theta in thetas.items()}
     best_theta = min(values, key=values.get)
     inner_tol = max(1e-12, (tol if tol is not None else DEFAULT_TOL) * 1e-2)
-    best = (0.0, next(iter(alphas.values())), "trivial (losses ≥ 0)")     # every loss is ≥ 0: L* ≥ 0
+    trivial = trivial_bound(config.chi, None if config.adaptive_alpha else config.alpha0, config.shift)
+    best = (trivial, next(iter(alphas.values())), "trivial (losses ≥ 0)")     # every loss is ≥ 0
     for name, alpha in alphas.items():
         weights = mixing_weights(alpha, config.chi) if config.adaptive_alpha else config.alpha0
         res = certified_best_response(weights, data, config.loss, config.beta, config.theta_set,

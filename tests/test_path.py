@@ -103,3 +103,26 @@ def test_a_warm_start_that_stalls_is_solved_again_cold(monkeypatch):
     path = lg.solve_path(data, [0.5, 1.0, 2.0], loss="dpo")
     assert list(path.table["warm"]) == [False, "retried cold", "retried cold"]
     assert path.table["converged"].all()
+
+
+def test_review_findings_on_the_path():
+    """A stochastic path (tol=None) is not retried cold; radii=None and 0-d arrays are handled; the reference
+    point's metrics carry train_alpha."""
+    data = make_problem(dim=3)
+    path = lg.solve_path(data, [0.5, 1.0], estimator="stochastic", steps=200)
+    assert list(path.table["warm"]) == [False, True]
+    with pytest.raises(ValueError, match="radii"):
+        lg.solve_path(data, None)
+    assert list(lg.solve_path(data, np.float64(1.0)).table["radius"]) == [1.0]
+    ref = lg.solve_path(data, [0.0]).results[0]
+    assert "train_alpha" in ref.metrics(data).columns
+
+
+def test_an_adjusted_problem_that_fits_every_pair_is_certified_by_the_shifts():
+    """Review finding: IPO on R^d with d > N fits every pair (L_g = 0 at the optimum), so the optimum is the
+    shifts' objective, max_g c_g; the trivial bound was 0 and the solve never certified."""
+    data = make_problem(sizes=(3, 5, 7), dim=20, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lg.ConvergenceWarning)
+        res = lg.solve(data, loss="ipo", adjustment=[4.0, 1.0, 0.0])
+    assert res.converged and res.value == pytest.approx(4.0 / np.sqrt(3.0))
