@@ -26,8 +26,8 @@ from .objective import _check_data, _group_losses, group_metrics, minimax_value
 from .settings import Settings
 from .solver import SolveResult, make_config, solve
 
-#: a warm start begins this many times warmer than the neighbour's last temperature (it then cools
-#: tenfold per solved stage, as a cold start does)
+#: ``warm_start="temperature"``: a warm start begins this many times warmer than the neighbour's last
+#: temperature (it then cools tenfold per solved stage, as a cold start does)
 WARM_TEMPERATURE_FACTOR = 100.0
 
 
@@ -122,8 +122,12 @@ def solve_path(data, radii, adjustments=None, *, center=None, warm_start=True, p
     ``adjustment=C`` for every C of ``adjustments``. The points are solved C by C, the radii in a
     snake order (ascending, then descending, ...), so that every point's neighbour is one step away
     in R or C; with ``warm_start`` each solve starts at the previous solution projected onto its Θ
-    (``theta0``) and, for Newton, at :data:`WARM_TEMPERATURE_FACTOR` times the previous final
-    temperature. Each point is certified to ``tol`` as a cold solve would be: a warm start that stalls
+    (``theta0``), and with ``warm_start="temperature"`` the Newton solver also starts colder, at
+    :data:`WARM_TEMPERATURE_FACTOR` times the previous final temperature. (Measured in
+    ``benchmarks/path.py``: the smoothing path's temperature stages, not the starting point, set the
+    Newton iteration count, so θ alone saves little; starting colder halved the iterations on some random
+    problems but doubled them on the TRL-pairs head, whose grid points are far apart — hence not the
+    default.) Each point is certified to ``tol`` as a cold solve would be: a warm start that stalls
     before ``tol`` is solved again from a cold start. (With ``tol=None``, e.g. the stochastic estimator's
     default, nothing is certified to a tolerance and a warm start is a different run, not the same answer.)
 
@@ -136,8 +140,9 @@ def solve_path(data, radii, adjustments=None, *, center=None, warm_start=True, p
         The values of C (one C for every group; default: only C = 0).
     center : array_like (d,), optional
         The ball's centre (default 0; an LLM head: θ_ref).
-    warm_start : bool
-        ``False``: every point cold-started (the reference for :mod:`benchmarks`).
+    warm_start : bool or "temperature"
+        ``True`` (default): θ⁽⁰⁾ from the neighbour; ``"temperature"``: and a colder first temperature;
+        ``False``: every point cold-started (the reference for ``benchmarks/path.py``).
     progress : bool
         Print one line per point.
     **settings
@@ -155,6 +160,8 @@ def solve_path(data, radii, adjustments=None, *, center=None, warm_start=True, p
         An empty grid, a negative or non-finite R or C, or a setting the path sets itself.
     """
     _check_data(data)
+    if warm_start not in (True, False, "temperature"):
+        raise ValueError(f"warm_start must be True, False or 'temperature', got {warm_start!r}")
     for own in ("radius", "constraint", "adjustment", "theta0"):
         if own in settings:
             raise ValueError(f"solve_path sets {own!r} itself (give radii=, adjustments= and center=)")
@@ -176,7 +183,7 @@ def solve_path(data, radii, adjustments=None, *, center=None, warm_start=True, p
                 if warm:
                     kw["theta0"] = previous.theta
                 config = make_config(data, radius=radius, center=center, adjustment=c_value, **kw)
-                temperature = previous.temperature if warm else None
+                temperature = previous.temperature if warm and warm_start == "temperature" else None
                 if temperature is not None:
                     temperature = temperature * WARM_TEMPERATURE_FACTOR
                 with warnings.catch_warnings(record=True) as caught:
