@@ -77,6 +77,17 @@ def test_bad_grids_give_a_clear_error(kwargs, match):
         lg.solve_path(data, **kwargs)
 
 
+def test_the_colder_warm_start_also_equals_cold_solves():
+    data = make_problem(sizes=(15, 40, 90, 25), dim=6, seed=5)
+    warm = lg.solve_path(data, RADII, ADJUSTMENTS, loss="dpo", warm_start="temperature")
+    cold = lg.solve_path(data, RADII, ADJUSTMENTS, loss="dpo", warm_start=False)
+    for (_, a), res in zip(warm.table.iterrows(), warm.results):
+        ref = cold.result(a["radius"], a["adjustment"])
+        assert res.converged and abs(res.value - ref.value) <= 1e-6 * max(1.0, abs(ref.value)) + res.gap + ref.gap
+    with pytest.raises(ValueError, match="warm_start"):
+        lg.solve_path(data, RADII, warm_start="hot")
+
+
 def test_temperature0_is_checked():
     data = make_problem(dim=3)
     with pytest.raises(ValueError, match="temperature0"):
@@ -96,12 +107,13 @@ def test_a_warm_start_that_stalls_is_solved_again_cold(monkeypatch):
 
     def stalling(data, config, temperature0=None, **kw):
         res = real(data, config, temperature0=temperature0, **kw)
-        return dataclasses.replace(res, converged=False) if temperature0 is not None else res
+        return dataclasses.replace(res, converged=False) if config.settings.theta0 is not None else res
 
     monkeypatch.setattr(path_module, "solve", stalling)
     data = make_problem(dim=3)
-    path = lg.solve_path(data, [0.5, 1.0, 2.0], loss="dpo")
-    assert list(path.table["warm"]) == [False, "retried cold", "retried cold"]
+    for warm_start in (True, "temperature"):
+        path = lg.solve_path(data, [0.5, 1.0, 2.0], loss="dpo", warm_start=warm_start)
+        assert list(path.table["warm"]) == [False, "retried cold", "retried cold"]
     assert path.table["converged"].all()
 
 
