@@ -191,7 +191,10 @@ class Comparison:
         lines += _markdown(pd.DataFrame(arows))
         lines += ["", f"Uniform weights would be 1/K = {1 / max(1, alpha.shape[1]):.3f}. A weight near 1 on one group: "
                   "the robust head spends its whole budget on that group; α* for a seed where GR chose R = 0 "
-                  "is the reference point's (all weight on its worst train group).", "",
+                  "is the reference point's (the weight shared by its worst train groups).", "",
+                  "`rewards/accuracies` counts a tie as wrong (TRL's definition). The reference head's margins "
+                  "are all 0, so its accuracy is 0 by construction: read accuracy differences between trained "
+                  "heads, not against the reference (whose losses are the meaningful comparison).", "",
                   f"## Paired differences on the test split (treatment − baseline, {lvl} interval)", ""]
         prow = []
         for _, r in self.paired.iterrows():
@@ -268,8 +271,10 @@ class Comparison:
         rotate = k > 6
         ax.set_xticks(x, names, rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
         ax.set_ylabel("test loss")
-        ax.set_title(f"test loss per group ({len(self.seeds)} seeds; dots: the seeds)", fontsize=10)
-        ax.legend(fontsize=8, ncol=3, loc="best", framealpha=0.8)
+        ax.set_title(f"test loss per group ({len(self.seeds)} seeds; dots: the seeds). The worst group can differ "
+                     "from seed to seed: the paired panels below compare each seed's worst", fontsize=9)
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.32 if rotate else -0.12),
+                  framealpha=0.8)
         ax = fig.add_subplot(grid[1, :])
         alpha = self.alpha.reindex(columns=names)
         ax.bar(x, alpha.mean(axis=0).to_numpy(dtype=float), 0.6, color="C2")
@@ -452,7 +457,8 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
     paired = pd.concat(paired, ignore_index=True)
     alpha = pd.DataFrame(alphas).T.reindex(columns=group_names)
     alpha.index.name = "seed"
-    small_notes = {g: f"{note} (fewest in seed {seed}; the same pairs for every head)" for g, (n, seed, note) in small.items()}
+    small_notes = {g: f"{note} (the GR head's accuracy, in seed {seed}, where the group had the fewest test pairs; "
+                      "every head is tested on the same pairs)" for g, (n, seed, note) in small.items()}
     if progress:
         print(f"compare: done in {time.perf_counter() - tic:.0f} s", flush=True)
     return Comparison(heads=heads_table, metrics=metrics, paired=paired, alpha=alpha, small_groups=small_notes,
