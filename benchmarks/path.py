@@ -71,7 +71,7 @@ def synthetic_problem(n=1500, d=4000, k=12, seed=0):
 
 def run(data, center, radii, adjustments, loss):
     out = {}
-    modes = {"cold": False, "path": True, "path, colder start": "temperature"}
+    modes = {"cold": False, "path": True, "path, colder start": "temperature"}    # warm_start of each run
     for mode, warm in modes.items():
         tic = time.perf_counter()
         with warnings.catch_warnings():

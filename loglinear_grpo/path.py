@@ -113,21 +113,22 @@ def _grid(name, values, default):
     return sorted(set(out))
 
 
-def solve_path(data, radii, adjustments=None, *, center=None, warm_start=True, progress=False, **settings):
-    """Certified solves over a grid of radii R and group adjustments C, each warm-started from its
-    neighbour.
+def solve_path(data, radii, adjustments=None, *, center=None, warm_start=False, progress=False, **settings):
+    """Certified solves over a grid of radii R and group adjustments C, optionally warm-started from
+    their neighbours.
 
     Θ = ball(``center``, R) for every R of ``radii`` (R = 0: the point θ = ``center``, see
     :class:`ReferencePoint`), and the objective of :func:`~loglinear_grpo.solve` with
     ``adjustment=C`` for every C of ``adjustments``. The points are solved C by C, the radii in a
     snake order (ascending, then descending, ...), so that every point's neighbour is one step away
-    in R or C; with ``warm_start`` each solve starts at the previous solution projected onto its Θ
+    in R or C; with ``warm_start=True`` each solve starts at the previous solution projected onto its Θ
     (``theta0``), and with ``warm_start="temperature"`` the Newton solver also starts colder, at
-    :data:`WARM_TEMPERATURE_FACTOR` times the previous final temperature. (Measured in
-    ``benchmarks/path.py``: the smoothing path's temperature stages, not the starting point, set the
-    Newton iteration count, so θ alone saves little; starting colder halved the iterations on some random
-    problems but doubled them on the TRL-pairs head, whose grid points are far apart — hence not the
-    default.) Each point is certified to ``tol`` as a cold solve would be: a warm start that stalls
+    :data:`WARM_TEMPERATURE_FACTOR` times the previous final temperature. Neither is the default:
+    measured in ``benchmarks/path.py``, the Newton solver's smoothing path (μ → 0, like an interior-point
+    method's barrier parameter, and as hard to warm-start: Yildirim & Wright 2002) sets the iteration
+    count, not the starting point. On a random wide head a warm θ saved 2% of the iterations and the
+    colder start 38%; on the TRL-pairs head, whose grid points are far apart, a warm θ *doubled* the
+    iterations at some points. Each point is certified to ``tol`` as a cold solve would be: a warm start that stalls
     before ``tol`` is solved again from a cold start. (With ``tol=None``, e.g. the stochastic estimator's
     default, nothing is certified to a tolerance and a warm start is a different run, not the same answer.)
 
@@ -141,8 +142,8 @@ def solve_path(data, radii, adjustments=None, *, center=None, warm_start=True, p
     center : array_like (d,), optional
         The ball's centre (default 0; an LLM head: θ_ref).
     warm_start : bool or "temperature"
-        ``True`` (default): θ⁽⁰⁾ from the neighbour; ``"temperature"``: and a colder first temperature;
-        ``False``: every point cold-started (the reference for ``benchmarks/path.py``).
+        ``False`` (default): every point cold-started, from the centre; ``True``: θ⁽⁰⁾ from the neighbour;
+        ``"temperature"``: and a colder first temperature.
     progress : bool
         Print one line per point.
     **settings

@@ -14,8 +14,8 @@ ADJUSTMENTS = [0.0, 1.0, 4.0]
 @pytest.mark.parametrize("loss", ["dpo", "ipo"])
 def test_every_warm_started_point_equals_a_cold_solve_within_tol(loss):
     data = make_problem(sizes=(15, 40, 90, 25), dim=6, seed=5)
-    warm = lg.solve_path(data, RADII, ADJUSTMENTS, loss=loss)
-    cold = lg.solve_path(data, RADII, ADJUSTMENTS, loss=loss, warm_start=False)
+    warm = lg.solve_path(data, RADII, ADJUSTMENTS, loss=loss, warm_start=True)
+    cold = lg.solve_path(data, RADII, ADJUSTMENTS, loss=loss)
     assert warm.table["converged"].all() and cold.table["converged"].all()
     assert (warm.table["warm"] != False).sum() == len(RADII[1:]) * len(ADJUSTMENTS) - 1   # all but the first solve
     assert not cold.table["warm"].any()
@@ -121,7 +121,7 @@ def test_review_findings_on_the_path():
     """A stochastic path (tol=None) is not retried cold; radii=None and 0-d arrays are handled; the reference
     point's metrics carry train_alpha."""
     data = make_problem(dim=3)
-    path = lg.solve_path(data, [0.5, 1.0], estimator="stochastic", steps=200)
+    path = lg.solve_path(data, [0.5, 1.0], estimator="stochastic", steps=200, warm_start=True)
     assert list(path.table["warm"]) == [False, True]
     with pytest.raises(ValueError, match="radii"):
         lg.solve_path(data, None)
