@@ -147,6 +147,15 @@ def _extract(data, work, gemma_folder, *extra):
                     "--device", DEVICE, "--shard-items", "8", *extra])
 
 
+def extracted_work_folder(tmp, pairs, gemma_folder):
+    """``pairs`` written as TRL-format JSONL under ``tmp`` and extracted into ``tmp/work`` (the tiny Gemma)."""
+    data = tmp / "pairs.jsonl"
+    pairs.to_json(data, orient="records", lines=True)
+    folder = tmp / "work"
+    assert _extract(data, folder, gemma_folder) == 0
+    return folder
+
+
 @pytest.mark.parametrize("fmt", ["standard", "conversational"])
 def test_cli_end_to_end_on_trl_pairs(tmp_path, shared_pairs, gemma_folder, fmt):
     data = tmp_path / "pairs.jsonl"

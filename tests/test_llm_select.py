@@ -17,7 +17,7 @@ from llm_head import workdir as wd  # noqa: E402
 from llm_head.__main__ import main as cli  # noqa: E402
 from llm_head.select import CRITERIA, choose, extended_grid, selection_notes  # noqa: E402
 
-from test_llm_data import _extract, shared_pairs  # noqa: E402,F401  (fixture; gemma_folder is in conftest)
+from test_llm_data import extracted_work_folder, shared_pairs  # noqa: E402,F401  (fixture; gemma_folder is in conftest)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 GRID = ["--radii", "0", "0.3", "1", "--adjustments", "0", "1"]
@@ -26,12 +26,7 @@ GRID = ["--radii", "0", "0.3", "1", "--adjustments", "0", "1"]
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, shared_pairs, gemma_folder):
     """The shared TRL-format pairs (3 groups) extracted once into a work folder."""
-    tmp = tmp_path_factory.mktemp("select")
-    data = tmp / "pairs.jsonl"
-    shared_pairs.to_json(data, orient="records", lines=True)
-    folder = tmp / "work"
-    assert _extract(data, folder, gemma_folder) == 0
-    return folder
+    return extracted_work_folder(tmp_path_factory.mktemp("select"), shared_pairs, gemma_folder)
 
 
 def _settings(work, run):

@@ -20,7 +20,7 @@ from llm_head.train import AGGREGATES, objective_meaning  # noqa: E402
 from loglinear_grpo.inference import proportion_interval, small_group_note  # noqa: E402
 
 from conftest import ROOT, make_problem  # noqa: E402
-from test_llm_data import _extract, shared_pairs  # noqa: E402,F401  (fixture; gemma_folder is in conftest)
+from test_llm_data import extracted_work_folder, shared_pairs  # noqa: E402,F401  (fixture; gemma_folder is in conftest)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 COLUMNS = ["loss", "rewards/accuracies", "rewards/margins", "logps/accuracies"]
@@ -29,12 +29,7 @@ COLUMNS = ["loss", "rewards/accuracies", "rewards/margins", "logps/accuracies"]
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, shared_pairs, gemma_folder):
     """The shared pairs (3 groups, a few test pairs each) extracted once into a work folder."""
-    tmp = tmp_path_factory.mktemp("tables")
-    data = tmp / "pairs.jsonl"
-    shared_pairs.to_json(data, orient="records", lines=True)
-    folder = tmp / "work"
-    assert _extract(data, folder, gemma_folder) == 0
-    return folder
+    return extracted_work_folder(tmp_path_factory.mktemp("tables"), shared_pairs, gemma_folder)
 
 
 def _train(work, run, capsys, *extra):
