@@ -127,8 +127,9 @@ def solve_path(data, radii, adjustments=None, *, center=None, warm_start=False, 
     measured in ``benchmarks/path.py``, the Newton solver's smoothing path (μ → 0, like an interior-point
     method's barrier parameter, and as hard to warm-start: Yildirim & Wright 2002) sets the iteration
     count, not the starting point. On a random wide head a warm θ saved 2% of the iterations and the
-    colder start 38%; on the TRL-pairs head, whose grid points are far apart, a warm θ *doubled* the
-    iterations at some points. Each point is certified to ``tol`` as a cold solve would be: a warm start that stalls
+    colder start 38%; on the TRL-pairs head a warm θ saved 8% and the colder start cost 46% more
+    iterations (3.7× the time: two of its warm starts stalled and were solved again cold). A cold point
+    is also exactly the independent solve that ``train`` reproduces. Each point is certified to ``tol`` as a cold solve would be: a warm start that stalls
     before ``tol`` is solved again from a cold start. (With ``tol=None``, e.g. the stochastic estimator's
     default, nothing is certified to a tolerance and a warm start is a different run, not the same answer.)
 
