@@ -101,8 +101,7 @@ def _grid(name, values, default):
         if default is None:
             raise ValueError(f"{name}: give the grid (a sequence of numbers >= 0)")
         return [default]
-    values = np.asarray(values, dtype=object).ravel().tolist() if np.ndim(values) == 0 or \
-        isinstance(values, np.ndarray) else list(values)
+    values = list(np.ravel(np.asarray(values, dtype=object)))        # a number, a list or an array alike
     if not values:
         raise ValueError(f"{name}: the grid is empty; give at least one value")
     out = []
