@@ -842,7 +842,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, MemoryError) as exc:
         raise SystemExit(f"llm_head {args.command}: {exc}") from None
 
 

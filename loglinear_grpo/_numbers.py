@@ -17,3 +17,19 @@ def check_positive_finite(name, value):
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def half_physical_memory():
+    """Half the machine's physical memory in bytes (8 GiB where the system does not say): the default
+    budget of the solvers that predict their memory before allocating (the hinge program, the Newton
+    solver's matrices)."""
+    import os
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+    except (AttributeError, ValueError, OSError):
+        return 8 << 30
+
+
+def nbytes_text(nbytes):
+    """Bytes for a message: GiB from 1 GiB up, else MiB."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

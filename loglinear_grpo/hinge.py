@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from ._cvxpy import _cvxpy_diff, _solve_cvxpy
 from .certificate import check_consistent, hinge_dual_bound, is_converged
 from .constraints import Box, Unconstrained
+from ._numbers import half_physical_memory, nbytes_text
 from .objective import _group_losses, minimax_value
 from .steps import mixing_weights
 
@@ -106,15 +107,10 @@ def hinge_memory_budget():
     system does not say)."""
     if HINGE_MEMORY_BUDGET is not None:
         return int(HINGE_MEMORY_BUDGET)
-    import os
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
-    except (AttributeError, ValueError, OSError):
-        return 8 << 30
+    return half_physical_memory()
 
 
-def _nbytes_text(nbytes):
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+_nbytes_text = nbytes_text
 
 
 def _check_hinge_memory(data, theta_set):

@@ -55,6 +55,7 @@ import scipy.sparse as sp
 from scipy.special import logsumexp, softmax
 
 from ._linalg import EPS, solve_psd_scaled
+from ._numbers import half_physical_memory, nbytes_text
 from .certificate import (DualPoint, abs_rmatvec, convergence_target, feasible_dual, is_converged, linear_bound,
                           original_space_bound, refined_dual_bound)
 from .constraints import L2Ball, Unconstrained
@@ -68,6 +69,39 @@ SHRINK = 0.1
 DECREMENT_SHARE = 0.1
 #: the refined bound is also tried at the end of every temperature stage at most this many times the floor
 REFINE_EARLY = 1e3
+
+#: bytes the Newton solver's matrices may take; ``None``: half the physical memory
+NEWTON_MEMORY_BUDGET = None
+#: float64 m × m matrices alive at the peak, m = N in the row space (the kernel's eigenvectors, the reduced
+#: rows, the basis, the Hessian and its model-step copies, the eigen-decomposition's workspace), m = d in the
+#: primal (the Hessian, its rank-K update, the model step's copy and factor, the certificate's solve)
+ROW_SPACE_MATRICES = 8
+PRIMAL_MATRICES = 5
+
+
+def newton_memory_nbytes(data, theta_set):
+    """Predicted peak bytes of :func:`newton_minimax`'s matrices on ``data`` over Θ, from the shapes alone:
+    :data:`ROW_SPACE_MATRICES` N × N float64 matrices when the row-space reduction applies (d > N, a ball
+    or R^d, S in memory), else :data:`PRIMAL_MATRICES` d × d ones; S and the per-pair vectors are not
+    counted."""
+    n, d = data.n_samples, data.dim
+    row_space = d > n and isinstance(theta_set, (L2Ball, Unconstrained)) and not data.storage.out_of_core
+    m, count = (n, ROW_SPACE_MATRICES) if row_space else (d, PRIMAL_MATRICES)
+    return 8 * count * m * m, ("row space, N × N" if row_space else "primal, d × d")
+
+
+def check_newton_memory(data, theta_set):
+    """``MemoryError`` when :func:`newton_memory_nbytes` exceeds :data:`NEWTON_MEMORY_BUDGET` (default half
+    the physical memory), before any matrix is allocated."""
+    need, where = newton_memory_nbytes(data, theta_set)
+    budget = half_physical_memory() if NEWTON_MEMORY_BUDGET is None else int(NEWTON_MEMORY_BUDGET)
+    if need > budget:
+        raise MemoryError(
+            f"the certified Newton solver for N={data.n_samples} pairs, d={data.dim} works with dense matrices "
+            f"({where}: about {nbytes_text(need)}), more than the budget of {nbytes_text(budget)} "
+            "(loglinear_grpo.newton.NEWTON_MEMORY_BUDGET; default half the physical memory). Every estimator's "
+            "certificate uses this solver. Solve fewer pairs (data.subset(index)), or raise the budget if the "
+            "memory is really there")
 
 
 @dataclass
@@ -249,6 +283,8 @@ def newton_minimax(data, loss, beta, theta_set, *, weights=None, chi=1.0, theta0
     NewtonResult
     """
     theta_set = Unconstrained() if theta_set is None else theta_set
+    if reduce:
+        check_newton_memory(data, theta_set)           # before the kernel, the Hessian or any d × d matrix
     reduction = row_space_reduction(data, theta_set) if reduce else None
     options = {"shift": shift, "temperature0": temperature0}
     if reduction is not None:

@@ -346,3 +346,29 @@ def test_item13_small_hinge_problems_still_solve_under_the_budget(tmp_path, monk
     assert 0 < exact.hinge_memory_budget() == 8 << 20
     monkeypatch.setattr(hinge, "HINGE_MEMORY_BUDGET", None)
     assert exact.hinge_memory_budget() >= 1 << 28                 # half the physical memory
+
+
+def test_newton_predicts_its_matrices_and_refuses_before_allocating(monkeypatch):
+    """Issue 21's measured defect: at 4·10⁴ pairs the row-space kernel failed after 13 s with a raw
+    `_ArrayMemoryError` from inside the Gram. The Newton solver now predicts its N × N (or d × d) matrices
+    from the shapes and refuses, naming N, d, the prediction and the budget, before allocating any."""
+    import tracemalloc
+
+    import loglinear_grpo.newton as newton
+    rng = np.random.default_rng(0)
+    n, d = 300, 900                                     # d > N on a ball: the row space, 8 · N² floats
+    data = lg.PreferenceData(rng.normal(size=(n, d)), rng.integers(0, 3, n))
+    need, where = newton.newton_memory_nbytes(data, lg.L2Ball(1.0))
+    assert need == 8 * newton.ROW_SPACE_MATRICES * n * n and "N × N" in where
+    assert newton.newton_memory_nbytes(data, lg.Box(-1, 1))[0] == 8 * newton.PRIMAL_MATRICES * d * d
+    monkeypatch.setattr(newton, "NEWTON_MEMORY_BUDGET", 1 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(MemoryError, match=r"N=300 pairs, d=900.*row space.*budget of 1.0 MiB.*NEWTON_MEMORY_BUDGET"):
+            lg.solve(data, radius=1.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * n * n                             # refused before one N × N matrix existed
+    monkeypatch.setattr(newton, "NEWTON_MEMORY_BUDGET", None)
+    assert lg.solve(data, radius=1.0).converged         # the default budget: half the physical memory
