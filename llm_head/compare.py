@@ -391,6 +391,9 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
     if interval not in ("t", "bootstrap"):
         raise ValueError(f"interval must be 't' or 'bootstrap', got {interval!r}")
     seeds = _seed_list(seeds)
+    features = wd.paths(workdir)["features"]
+    if not os.path.exists(features):                    # before the plan is printed
+        raise FileNotFoundError(f"{features} not found: run `python -m llm_head extract` first")
     if 0.0 not in radii:
         radii = [0.0] + radii
     positive = sum(r > 0 for r in radii)

@@ -248,3 +248,10 @@ def test_compare_bootstrap_interval(work, tmp_path, capsys):
     assert "paired percentile bootstrap over 2 seeds" in comparison.report()
     with pytest.raises(ValueError, match="seeds"):
         lh.compare_methods(str(work), seeds=1, progress=False)
+
+
+def test_compare_on_a_folder_without_features_says_so_first(tmp_path, capsys):
+    """New-user trial: compare printed its plan of solves before saying the features were missing."""
+    with pytest.raises(SystemExit, match="extract"):
+        cli(["compare", "--workdir", str(tmp_path / "nothing"), "--seeds", "2"])
+    assert "certified solves" not in capsys.readouterr().out
