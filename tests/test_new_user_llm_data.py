@@ -3,7 +3,6 @@ reported by its line number (``strict`` refuses it, naming it); a semicolon-sepa
 file get what they are; a ``datasets.save_to_disk`` folder is read, a DatasetDict of one split gets
 the seeded split, and a ``datasets.Dataset`` is extracted into a work folder from Python."""
 import json
-import os
 
 import pandas as pd
 import pytest
@@ -16,10 +15,7 @@ import llm_head as lh  # noqa: E402
 from llm_head import workdir as wd  # noqa: E402
 from llm_head.__main__ import main as cli  # noqa: E402
 
-from conftest import SHARED  # noqa: E402
-
-PAIRS = SHARED / "data" / "global_opinions_pairs.jsonl"
-DEVICE = os.environ.get("LLM_HEAD_TEST_DEVICE", "cpu")
+from test_llm_data import DEVICE, PAIRS  # noqa: E402  (the shared pairs file, the test device)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 COLUMNS = ["prompt", "chosen", "rejected", "group"]
 

@@ -3,10 +3,8 @@ each batch and a shard size chosen by device; refusals before the model loads; `
 without the model; one line instead of the GGUF de-quantisation bars."""
 import json
 import os
-import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -16,9 +14,8 @@ import llm_head as lh  # noqa: E402
 from llm_head import extract as ex  # noqa: E402
 from llm_head.__main__ import main as cli  # noqa: E402
 
-from conftest import SHARED  # noqa: E402
+from test_llm_data import _extract, _trained_run, shared_pairs  # noqa: E402,F401  (shared_pairs: a fixture)
 
-PAIRS = SHARED / "data" / "global_opinions_pairs.jsonl"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
@@ -27,20 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.fixture(scope="module")
 def loaded(gemma_folder):
     return lh.load_model(gemma_folder, device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def shared_pairs():
-    frame = pd.read_json(PAIRS, lines=True)
-    keep = frame[frame["group"].isin(["Egypt", "Japan", "Brazil"])]
-    return keep.groupby("group", sort=False).head(14).reset_index(drop=True)
-
-
-def _extract(data, work, gemma_folder, *extra):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cli(["extract", "--data", str(data), "--model", gemma_folder, "--workdir", str(work),
-                    "--device", "cpu", "--shard-items", "8", *extra])
 
 
 # ============================================================================ 1. progress and shard size
@@ -103,23 +86,13 @@ def test_shard_size_is_chosen_by_device_and_a_cpu_run_resumes(loaded, monkeypatc
 
 
 # ============================================================================ 2. refusals before the model loads
-def _trained_workdir(tmp_path, shared_pairs, gemma_folder):
-    """The shared pairs extracted into ``tmp_path/work`` with one trained run ``r``: (data file, work folder)."""
-    data = tmp_path / "pairs.jsonl"
-    shared_pairs.to_json(data, orient="records", lines=True)
-    work = tmp_path / "work"
-    assert _extract(data, work, gemma_folder) == 0
-    assert cli(["train", "--workdir", str(work), "--radius", "0.5", "--run", "r"]) == 0
-    return data, work
-
-
 def _no_model(*args, **kwargs):
     raise AssertionError("the model was loaded (it must not be, here)")
 
 
 def test_extract_into_a_folder_with_runs_is_refused_before_the_model_loads(tmp_path, shared_pairs, gemma_folder,
                                                                            monkeypatch):
-    data, work = _trained_workdir(tmp_path, shared_pairs, gemma_folder)
+    data, work = _trained_run(tmp_path, shared_pairs, gemma_folder)
     other = tmp_path / "other.jsonl"
     shared_pairs.iloc[:20].to_json(other, orient="records", lines=True)
     load_model = ex.load_model
@@ -147,7 +120,7 @@ def test_a_mistyped_split_by_column_is_refused_before_the_model_loads(tmp_path, 
 def test_export_delta_only_loads_no_model_and_writes_the_same_delta(tmp_path, shared_pairs, gemma_folder,
                                                                      monkeypatch):
     from safetensors.numpy import load_file
-    data, work = _trained_workdir(tmp_path, shared_pairs, gemma_folder)
+    data, work = _trained_run(tmp_path, shared_pairs, gemma_folder)
     assert cli(["export", "--workdir", str(work), "--run", "r", "--out", str(tmp_path / "full")]) == 0
     monkeypatch.setattr(ex, "load_model", _no_model)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_model)
