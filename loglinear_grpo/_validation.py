@@ -14,7 +14,7 @@ from ._numbers import check_positive_finite  # noqa: F401 (re-exported: the API'
 from .losses import get_loss
 
 METHODS = ("group_robust", "importance_sampling", "vanilla")
-ESTIMATORS = ("auto", "newton", "full", "stochastic", "closed_form")
+ESTIMATORS = ("auto", "newton", "newton_cg", "full", "stochastic", "closed_form")
 
 
 def check_choice(name, value, choices, aliases=None):

@@ -143,8 +143,9 @@ def feasible_dual(oracle, spec, beta, theta, theta_set, h, weights, u, curv, hes
     theta_set : Θ object
     weights, u, curv : ndarray (N,)
         w, the starting dual point, and the metric c ≥ 0 of the correction (ℓ'').
-    hess : ndarray (d, d)
-        :math:`S^\\top\\mathrm{diag}(w\\odot c)S`.
+    hess : ndarray (d, d) or callable
+        :math:`H = S^\\top\\mathrm{diag}(w\\odot c)S`, or a function ``solve(rhs, free)`` returning z with
+        :math:`H_{FF}z = ` ``rhs`` on the coordinates ``free`` (a matrix-free solver's conjugate gradients).
     rho : ndarray (d,)
         :math:`S^\\top(w\\odot u)` (the weighted gradient, at hand).
     z : ndarray (d,), optional
@@ -160,7 +161,8 @@ def feasible_dual(oracle, spec, beta, theta, theta_set, h, weights, u, curv, hes
     lo, hi = spec.conjugate_domain[0] * beta, spec.conjugate_domain[1] * beta
     free = open_coordinates(theta_set, rho)
     if not np.all(free):                        # only the open coordinates need ρ_j = 0
-        hess, z = hess[np.ix_(free, free)], None
+        z = None
+    solve = hess if callable(hess) else _dense_solver(hess, free)
     for attempt in range(MAX_REFINEMENTS + 1):
         terms = weights * u
         if attempt:
@@ -169,7 +171,7 @@ def feasible_dual(oracle, spec, beta, theta, theta_set, h, weights, u, curv, hes
         if feasible or attempt == MAX_REFINEMENTS:
             break
         if z is None:
-            z = solve_psd_scaled(hess, rho[free])
+            z = solve(rho[free], free)
         step = np.zeros(rho.size)
         step[free] = z
         z = None
@@ -180,6 +182,13 @@ def feasible_dual(oracle, spec, beta, theta, theta_set, h, weights, u, curv, hes
         return -np.inf, u
     terms = weights * u
     return value + residual_term(theta, theta_set, rho, _Scale(oracle.abs_rproduct, terms, n)), u
+
+
+def _dense_solver(hess, free):
+    """``solve(rhs, free)`` for :func:`feasible_dual` from a dense H: the Jacobi-scaled PSD solve on the
+    free block."""
+    block = hess if np.all(free) else hess[np.ix_(free, free)]
+    return lambda rhs, _free: solve_psd_scaled(block, rhs)
 
 
 def original_space_bound(data, spec, beta, theta, theta_set, h, dual):

@@ -34,6 +34,7 @@ import scipy.linalg
 import scipy.optimize
 
 from ._linalg import EPS, ball_quadratic_min, jacobi_scaling, safe_norm
+from ._krylov import box_quadratic_min, conjugate_gradient, lanczos_trust_region
 
 
 def _hash_arrays(*arrays):
@@ -197,6 +198,32 @@ class ThetaSet(abc.ABC):
             convex).
         """
 
+    def minimize_quadratic_operator(self, theta, grad, hessp, rtol, max_iter):
+        """The model step of :meth:`minimize_quadratic` with H given by its products ``hessp(v) = Hv``
+        (the matrix-free Newton solver, :mod:`loglinear_grpo.newton_cg`), approximately: to a
+        relative optimality residual ``rtol`` of the model at θ, in at most ``max_iter`` products.
+
+        Parameters
+        ----------
+        theta, grad : ndarray (d,)
+        hessp : callable
+            v ↦ Hv, H positive semi-definite.
+        rtol : float
+        max_iter : int
+
+        Returns
+        -------
+        (x, info)
+            A point of Θ and ``{"iterations", "residual", "converged"}``.
+
+        Raises
+        ------
+        ValueError
+            For a set without a matrix-free step (a general convex set: its step is a dense QP).
+        """
+        raise ValueError(f"{type(self).__name__} has no matrix-free model step (a ball, a box or R^d has); "
+                         "use estimator='newton'")
+
     @abc.abstractmethod
     def open_coordinates(self, rho):
         """The coordinates j along which Θ is unbounded in the direction that ρ_j favours:
@@ -283,6 +310,12 @@ class Unconstrained(ThetaSet):
         factor = _cholesky_ridged(hess * scale[:, None] * scale[None, :])
         return theta - scale * scipy.linalg.cho_solve((factor, True), scale * grad)
 
+    def minimize_quadratic_operator(self, theta, grad, hessp, rtol, max_iter):
+        """The Newton step by conjugate gradients, :math:`Hp = -g` (truncated Newton; Nocedal & Wright
+        2006, §7.1)."""
+        step, info = conjugate_gradient(hessp, -np.asarray(grad, dtype=np.float64), rtol, max_iter)
+        return theta + step, info
+
     def cvxpy_constraints(self, var):
         return []
 
@@ -367,6 +400,28 @@ class L2Ball(ThetaSet):
         c = self._c(theta)
         delta = theta - c
         return c + ball_quadratic_min(hess, hess @ delta - grad, self.radius, state=state)
+
+    def minimize_quadratic_operator(self, theta, grad, hessp, rtol, max_iter):
+        """The trust-region step of :meth:`minimize_quadratic`, matrix-free: with z = x − c and δ = θ − c,
+        minimise ½zᵀHz + (g − Hδ)ᵀz over ‖z‖ ≤ R by GLTR's Lanczos method
+        (:func:`~loglinear_grpo._krylov.lanczos_trust_region`), to an optimality residual of ``rtol`` times
+        the one at θ, :math:`\\min_{\\nu\\ge0}\\|g + \\nu\\delta\\|` (which vanishes at the solution, so the
+        steps stay accurate as they shrink)."""
+        c = self._c(theta)
+        delta = theta - c
+        grad = np.asarray(grad, dtype=np.float64)
+        square = float(delta @ delta)
+        nu = max(0.0, -float(grad @ delta) / square) if square > 0 else 0.0
+        current = safe_norm(grad + nu * delta)
+        if current == 0.0:
+            return theta, {"iterations": 0, "residual": 0.0, "converged": True}
+        h_delta = hessp(delta) if square > 0 else np.zeros_like(delta)
+        b = grad - h_delta
+        reference = 0.5 * float(delta @ h_delta) + float(b @ delta)        # the model at θ itself
+        z, info = lanczos_trust_region(hessp, b, self.radius, rtol * current, max(1, max_iter - 1),
+                                       reference=reference)
+        info["iterations"] += 1 if square > 0 else 0
+        return self.project(c + z), info
 
     def cvxpy_constraints(self, var):
         import cvxpy as cp
@@ -462,6 +517,14 @@ class Box(ThetaSet):
         res = scipy.optimize.lsq_linear(factor.T, rhs, bounds=(v_lo, v_hi), method=method,
                                         tol=1e-14 if method == "bvls" else 1e-12, lsmr_tol="auto")
         return np.clip(theta + scale * res.x, lo, hi)
+
+    def minimize_quadratic_operator(self, theta, grad, hessp, rtol, max_iter):
+        """The bounded model step, matrix-free: TRON's projected searches and subspace conjugate gradients
+        over the box of steps lower − θ ≤ p ≤ upper − θ (:func:`~loglinear_grpo._krylov.box_quadratic_min`)."""
+        lo, hi = self.bounds(theta.size)
+        step, info = box_quadratic_min(hessp, np.asarray(grad, dtype=np.float64), np.minimum(lo - theta, 0.0),
+                                       np.maximum(hi - theta, 0.0), rtol, max_iter)
+        return np.clip(theta + step, lo, hi), info
 
     def cvxpy_constraints(self, var):
         cons = []

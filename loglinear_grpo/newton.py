@@ -90,18 +90,23 @@ def newton_memory_nbytes(data, theta_set):
     return 8 * count * m * m, ("row space, N × N" if row_space else "primal, d × d")
 
 
+def newton_memory_budget():
+    """:data:`NEWTON_MEMORY_BUDGET` in bytes (default half the physical memory)."""
+    return half_physical_memory() if NEWTON_MEMORY_BUDGET is None else int(NEWTON_MEMORY_BUDGET)
+
+
 def check_newton_memory(data, theta_set):
     """``MemoryError`` when :func:`newton_memory_nbytes` exceeds :data:`NEWTON_MEMORY_BUDGET` (default half
     the physical memory), before any matrix is allocated."""
     need, where = newton_memory_nbytes(data, theta_set)
-    budget = half_physical_memory() if NEWTON_MEMORY_BUDGET is None else int(NEWTON_MEMORY_BUDGET)
+    budget = newton_memory_budget()
     if need > budget:
         raise MemoryError(
             f"the certified Newton solver for N={data.n_samples} pairs, d={data.dim} works with dense matrices "
             f"({where}: about {nbytes_text(need)}), more than the budget of {nbytes_text(budget)} "
-            "(loglinear_grpo.newton.NEWTON_MEMORY_BUDGET; default half the physical memory). Every estimator's "
-            "certificate uses this solver. Solve fewer pairs (data.subset(index)), or raise the budget if the "
-            "memory is really there")
+            "(loglinear_grpo.newton.NEWTON_MEMORY_BUDGET; default half the physical memory). Use the matrix-free "
+            "solver (estimator='newton_cg', which estimator='auto' picks by itself), solve fewer pairs "
+            "(data.subset(index)), or raise the budget if the memory is really there")
 
 
 @dataclass
@@ -119,6 +124,10 @@ class NewtonResult:
     history: list = field(default_factory=list)
     dual: DualPoint | None = None
     temperature: float | None = None        # the last temperature μ (a warm start's temperature0)
+    solver: str = "newton"                  # "newton" (dense or row space) or "newton_cg" (matrix-free)
+    cg_iterations: int | None = None        # newton_cg: Hessian products in all model steps
+    cg_exhausted: int | None = None         # newton_cg: model steps whose product budget ran out
+    model_steps: int | None = None          # newton_cg: model steps taken
 
     @property
     def gap(self):
@@ -448,27 +457,42 @@ class NewtonMinimax:
         lower, kind, dual_u = linear_bound(weighted, self.theta, theta_set, self.grad), "rigorous", self.d1
         if not np.isfinite(lower):
             kind = "feasible dual"
-            z = solve_psd_scaled(self.hess1, self.grad)
+            z = self.solve_loss_hessian(self.grad)
             estimate = weighted - 0.5 * float(self.grad @ z)
             if best["value"] - estimate <= max(self.target, 0.25 * (best["value"] - best["lower"])):
                 lower, dual_u = feasible_dual(self.oracle, self.oracle.spec, self.beta, self.theta, theta_set,
-                                              self.h, self.pair_w, self.d1, np.maximum(self.d2, 0.0), self.hess1,
-                                              self.grad, z=z)
+                                              self.h, self.pair_w, self.d1, np.maximum(self.d2, 0.0),
+                                              self.loss_hessian(), self.grad, z=z)
                 lower += offset
         self._keep_bound(lower, np.array(self.soft, dtype=np.float64),
                          DualPoint(self.pair_w, dual_u, lower, kind, offset), kind)
         self.temp_floor = 0.1 * self.target / self.log_k
         if self.robust and not self.check_convergence() and (self.temp <= self.temp_floor or self._stage_end()):
-            lower_r, alpha_hat, kind_r, dual = refined_dual_bound(
-                self.losses, self.grads, self.hess1, self.theta, theta_set, self.data, self.chi, self.d1,
-                best_response=lambda lam: newton_minimax(self.data, self.loss, self.beta, theta_set, weights=lam,
-                                                         theta0=self.theta, tol=1e-3 * self.tol, max_iter=50,
-                                                         shift=self.shift),
-                shift=self.shift)
+            lower_r, alpha_hat, kind_r, dual = self.refined_bound()
             self._keep_bound(lower_r, alpha_hat, dual, kind_r)
             lower = lower_r
         self.row = {"iteration": self.it, "value": self.upper, "lower_bound": lower, "gap": self.gap,
                     "temperature": self.temp, "passes": self.oracle.passes}
+
+    def solve_loss_hessian(self, rhs):
+        """z with :math:`H_1z = ` ``rhs`` (H₁ the loss part of the Hessian; min-norm where singular): the
+        quadratic model's estimate of the feasible dual bound."""
+        return solve_psd_scaled(self.hess1, rhs)
+
+    def loss_hessian(self):
+        """H₁ as :func:`~loglinear_grpo.certificate.feasible_dual` takes it (here the d × d matrix)."""
+        return self.hess1
+
+    def refined_bound(self):
+        """The refined bound at this iterate (:func:`~loglinear_grpo.certificate.refined_dual_bound`):
+        ``(lower, alpha, kind, dual)``."""
+        theta_set = self.theta_set
+        return refined_dual_bound(
+            self.losses, self.grads, self.hess1, self.theta, theta_set, self.data, self.chi, self.d1,
+            best_response=lambda lam: newton_minimax(self.data, self.loss, self.beta, theta_set, weights=lam,
+                                                     theta0=self.theta, tol=1e-3 * self.tol, max_iter=50,
+                                                     shift=self.shift),
+            shift=self.shift)
 
     def _stage_end(self):
         """Whether this iterate ends a temperature stage that is cold enough (at most

@@ -22,7 +22,8 @@ import numpy as np
 from ._validation import METHODS, check_choice, check_loss, check_positive_finite, check_positive_int, \
     check_unit_interval
 
-ESTIMATOR_CHOICES = ("auto", "newton", "full", "stochastic", "closed_form")
+ESTIMATOR_CHOICES = ("auto", "newton", "newton_cg", "full", "stochastic", "closed_form")
+
 class _DefaultTol(str):
     """``tol``'s default: 10⁻⁶ for the deterministic estimators, ``None`` (all T steps, Algorithm 1 as
     written) for ``stochastic``. Equal to the string ``"default"`` (accepted too); shown as what it means."""
@@ -112,6 +113,7 @@ CONSTRAINTS = {
     "alpha_step_size": _as_is,
     "theta0": _as_is,           # needs d
     "check_every": _optional_positive_int,
+    "max_cg": _optional_positive_int,
 }
 
 #: cross-field rules: ``(applies(settings), message)``, checked in order after every field's own check
@@ -120,9 +122,15 @@ RULES = (
      "estimator='closed_form' is the GR-IPO weighted least squares: it needs loss='ipo'"),
     (lambda s: s.chi != 1.0 and s.method != "group_robust",
      "chi trades worst-case for average loss in method='group_robust' only"),
-    (lambda s: s.estimator in ("auto", "newton") and (s.step_size is not None or s.alpha_step_size is not None),
+    (lambda s: s.estimator in ("auto", "newton", "newton_cg") and (s.step_size is not None or s.alpha_step_size is not None),
      "step_size and alpha_step_size belong to the first-order estimators (estimator='full', 'stochastic' or "
      "'closed_form'); the Newton solver needs none"),
+    (lambda s: s.estimator == "newton_cg" and s.loss == "hinge",
+     "estimator='newton_cg' (matrix-free) needs a smooth loss (DPO or IPO); the hinge is one linear or conic "
+     "program (estimator='newton'), which does not scale to an LLM head"),
+    (lambda s: s.max_cg is not None and s.estimator not in ("auto", "newton_cg"),
+     "max_cg is the matrix-free solver's budget of Hessian products per model step (estimator='newton_cg' "
+     "or 'auto')"),
     (lambda s: s.estimator == "closed_form" and s.step_size is not None,
      "step_size: the closed-form θ step is exact; only alpha_step_size applies"),
 )
@@ -154,6 +162,7 @@ class Settings:
     alpha_step_size: Any = None
     theta0: Any = None
     check_every: int | None = None
+    max_cg: int | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

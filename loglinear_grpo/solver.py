@@ -1,13 +1,18 @@
 """Solvers for group robust preference optimisation (Eq. (9)) that know when they are done.
 
-:func:`solve` dispatches to one of four estimators; every one of them ends with a *certificate*:
+:func:`solve` dispatches to one of five estimators; every one of them ends with a *certificate*:
 a point θ ∈ Θ, the value of its objective and a certified lower bound on the optimum, whose
 difference (the duality gap) bounds how far θ is from optimal.
 
 ``"newton"`` (the default, ``"auto"``)
     Smoothed minimax with Newton steps over Θ (:mod:`loglinear_grpo.newton`): tolerance 10⁻⁶ in a
     few dozen passes over S, for every loss, method and Θ; no step size to choose. On an unbounded
-    Θ the hinge loss is solved as one HiGHS linear program instead.
+    Θ the hinge loss is solved as one HiGHS linear program instead. Its matrices are N × N (row space,
+    d > N) or d × d: ``"auto"`` runs it where they fit the memory budget, else ``"newton_cg"``.
+``"newton_cg"``
+    The same smoothed minimax, path and certificate, matrix-free (:mod:`loglinear_grpo.newton_cg`):
+    Newton–CG with Krylov model steps over a ball, a box or R^d; memory = S plus a few vectors, time =
+    passes over S. For DPO and IPO at LLM-head scale.
 ``"full"``
     Full-batch alternating mirror descent: the α step of Algorithm 1 with exact group losses,
     then a projected gradient step on θ. First order; O(N·d) per iteration.
@@ -62,6 +67,7 @@ from .duality import certified_best_response
 from .hinge import hinge_program
 from .losses import get_loss
 from .kernels import Workspace
+from .newton_cg import MAX_CG, choose_solver, has_matrix_free_step
 from .objective import _check_data, _group_losses, group_adjustment, group_metrics, minimax_value, objective_name, \
     trivial_bound
 from .settings import ESTIMATOR_CHOICES, Settings, with_settings_signature  # noqa: F401 (re-exported)
@@ -73,7 +79,7 @@ from .steps import log_normalize, mixing_weights  # noqa: F401 (log_normalize pu
 #: the relative duality gap the deterministic estimators stop at by default
 DEFAULT_TOL = 1e-6
 #: iteration budgets by estimator when ``steps`` is not given
-DEFAULT_STEPS = {"newton": 200, "full": 20_000, "closed_form": 5_000, "stochastic": 1000}
+DEFAULT_STEPS = {"newton": 200, "newton_cg": 300, "full": 20_000, "closed_form": 5_000, "stochastic": 1000}
 #: the scale-free default α step: η_α = ALPHA_GAIN / (largest group loss at θ⁽⁰⁾)
 ALPHA_GAIN = 1.0
 
@@ -100,6 +106,7 @@ class DerivedState:
     normal_equations: object = field(default=None, repr=False)     # closed form: (H_g, q_g) or RowSpaceForm
     theory: dict = field(default_factory=dict)          # Proposition 3's constants, when computed
     shift: np.ndarray | None = None                     # the group adjustment c_g = C_g/√N_g (None: none)
+    memory: dict | None = None                          # the second-order solver's memory plan (choose_solver)
 
 
 def _derived(name):
@@ -134,6 +141,7 @@ class SolverConfig:
     alpha0: np.ndarray
     derived: DerivedState = field(repr=False)
     settings: Settings | None = field(default=None, repr=False)
+    max_cg: int | None = None                           # newton_cg: Hessian products per model step at most
 
     n_samples = _derived("n_samples")
     group_sizes = _derived("group_sizes")
@@ -146,6 +154,7 @@ class SolverConfig:
     normal_equations = _derived("normal_equations")
     theory = _derived("theory")
     shift = _derived("shift")
+    memory = _derived("memory")
 
     @property
     def adaptive_alpha(self):
@@ -204,12 +213,21 @@ def make_config(data, settings=None, **options):
     seed, batch_size = settings.seed, settings.batch_size
     step_size, alpha_step_size, theta0 = settings.step_size, settings.alpha_step_size, settings.theta0
     radius, center, constraint = settings.radius, settings.center, settings.constraint
-    estimator = "newton" if settings.estimator == "auto" else settings.estimator
+    theta_set = make_constraint(radius, center, constraint).check_dim(data.dim)
+    estimator, memory = settings.estimator, None
+    if estimator in ("auto", "newton", "newton_cg"):
+        chosen, memory = choose_solver(data, loss, theta_set)
+        if estimator == "auto":
+            estimator = chosen
+        else:
+            memory = {**memory, "estimator": estimator, "reason": f"estimator={estimator!r} was asked for"}
+        if estimator == "newton_cg" and not has_matrix_free_step(theta_set):
+            raise ValueError(f"estimator='newton_cg' needs a ball, a box or R^d; {theta_set!r} has no matrix-free "
+                             "model step (use estimator='newton')")
     shift = group_adjustment(settings.adjustment, data.group_sizes, data.group_names)
     steps = DEFAULT_STEPS[estimator] if steps is None else steps
     if isinstance(tol, str):                            # Settings' DEFAULT
         tol = None if estimator == "stochastic" else DEFAULT_TOL
-    theta_set = make_constraint(radius, center, constraint).check_dim(data.dim)
 
     k = data.n_groups
     sizes = data.group_sizes
@@ -236,7 +254,7 @@ def make_config(data, settings=None, **options):
         return ALPHA_GAIN / max(start, 1e-12)
 
     theta_step = alpha_step = None
-    if estimator != "newton":
+    if estimator not in ("newton", "newton_cg"):
         spec = get_loss(loss)
         if estimator == "closed_form":
             pass                                        # the θ step is the exact least squares
@@ -265,12 +283,14 @@ def make_config(data, settings=None, **options):
         n_samples=data.n_samples, group_sizes=sizes.astype(np.float64), pair_inv_size=(1.0 / sizes)[data.groups],
         group_cum=np.cumsum(sizes) / sizes.sum(), group_offsets=offsets, members=members,
         streamed=data.storage.out_of_core, theory=dict(cache), scalar_loss=get_loss(loss).scalar, shift=shift,
+        memory=memory,
         normal_equations=(group_normal_equations(data, 0.5 / beta, theta_set)
                           if estimator == "closed_form" else None))
     return SolverConfig(
         loss=loss, beta=beta, method=method, estimator=estimator, steps=steps, tol=tol, check_every=check_every,
         chi=chi, seed=seed, batch_size=batch_size, theta_step=theta_step, alpha_step=alpha_step,
-        theta_set=theta_set, theta0=theta0, alpha0=alpha0, derived=derived, settings=settings)
+        theta_set=theta_set, theta0=theta0, alpha0=alpha0, derived=derived, settings=settings,
+        max_cg=(settings.max_cg or MAX_CG) if estimator == "newton_cg" else None)
 
 
 # ============================================================================ the certificate
@@ -360,6 +380,15 @@ class SolveResult:
         Full passes over S the Newton solver made (``None`` for the other estimators).
     temperature : float or None
         Newton, ``group_robust``: the last smoothing temperature μ (a warm start's ``temperature0``).
+    cg_iterations, cg_exhausted : int or None
+        ``newton_cg``: Hessian products in all model steps, and model steps whose budget (``max_cg``) ran
+        out before their Krylov solve met its tolerance.
+    memory : dict or None
+        The second-order solvers: the memory plan ``estimator="auto"`` chose by
+        (:func:`~loglinear_grpo.newton_cg.choose_solver`: ``estimator``, ``dense_bytes``,
+        ``matrix_free_bytes``, ``budget_bytes``, ``reason``) and ``peak_rss_bytes``, the process's peak
+        resident memory after the solve (``getrusage``; the whole process's, mapped pages of S
+        included).
     history : pandas.DataFrame
         One row per logged step: ``step``, ``worst_loss`` and ``loss/<group>`` (at θ̄ for the
         first-order estimators, at θ for Newton), ``alpha/<group>``, and ``gap`` where a
@@ -384,6 +413,15 @@ class SolveResult:
     state: SolverState
     passes: int | None = None
     temperature: float | None = None
+    cg_iterations: int | None = None
+    cg_exhausted: int | None = None
+    memory: dict | None = None
+
+    @property
+    def solver(self):
+        """The solver that ran: the estimator (``"newton"``, ``"newton_cg"``, ``"full"``, ...), as
+        ``estimator="auto"`` resolved it."""
+        return self.config.estimator
 
     def metrics(self, data):
         """:func:`~loglinear_grpo.group_metrics` of ``theta`` on ``data``, with the training weights α of
@@ -483,8 +521,10 @@ def solve(data, config=None, *, log_every=None, duality_gap=False, checkpoint=No
     beta : float > 0, default 0.1
         TRL's default β.
     method : {"group_robust", "importance_sampling", "vanilla"}
-    estimator : {"auto", "newton", "full", "closed_form", "stochastic"}, default "auto" (= "newton")
-        See the module docstring.
+    estimator : {"auto", "newton", "newton_cg", "full", "closed_form", "stochastic"}, default "auto"
+        See the module docstring. ``"auto"`` runs the dense (or row-space) Newton solver where its
+        matrices fit the memory budget and the matrix-free ``"newton_cg"`` otherwise
+        (:func:`~loglinear_grpo.newton_cg.choose_solver`; ``result.solver`` says which ran).
     steps : int, optional
         The iteration budget (T for ``stochastic``); defaults per estimator in :func:`make_config`.
     tol : float or None
@@ -521,6 +561,8 @@ def solve(data, config=None, *, log_every=None, duality_gap=False, checkpoint=No
         First-order estimators: iterations between certificates (default: 10% of the iterations
         so far, at least 10). A certificate costs one or two exact best responses — about as much
         as 5–20 full-batch iterations — and is also computed once at the end.
+    max_cg : int, optional
+        ``newton_cg``: Hessian products per model step at most (default 250; each is two passes over S).
     log_every : int, optional
         History period of the first-order estimators (default: T/100, at least 1).
     duality_gap : bool
@@ -588,6 +630,9 @@ def _stop_reason(result, config):
                 "falls short")
     if result.n_iter >= config.steps:
         return None
+    if result.cg_exhausted:
+        return (f"its Krylov budget (max_cg={config.max_cg} Hessian products per model step) ran out in "
+                f"{result.cg_exhausted} model steps, and the inexact steps stalled; raise max_cg")
     if not np.isfinite(result.lower_bound):
         return "no certified lower bound was available at the points it reached"
     last = result.history.iloc[-1] if len(result.history) else {}
@@ -616,7 +661,10 @@ def _warn_unconverged(result, config, what):
         return
     estimator = config.estimator
     other = (", or use the default estimator ('newton'), which certifies in far fewer iterations"
-             if estimator != "newton" else "")
+             if estimator not in ("newton", "newton_cg") else "")
+    if result.cg_exhausted and result.n_iter >= config.steps:
+        other += (f" (the Krylov budget also ran out in {result.cg_exhausted} model steps: raise max_cg, now "
+                  f"{config.max_cg})")
     gap = f"a certified relative gap of {result.relative_gap:.2e} > tol={config.tol:g}"
     reason = _stop_reason(result, config)
     if reason is None:
@@ -634,14 +682,27 @@ def _warn_unconverged(result, config, what):
     warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
 
+def peak_rss_bytes():
+    """The process's peak resident memory so far, in bytes (``getrusage``; NaN where unavailable)."""
+    try:
+        import resource
+        import sys
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) * (1 if sys.platform == "darwin" else 1024)
+    except (ImportError, OSError, ValueError):           # pragma: no cover - not POSIX
+        return float("nan")
+
+
 def _solve_newton(data, config, *, progress, callback, temperature0=None, **_first_order_only):
     from .newton import newton_minimax
+    from .newton_cg import newton_cg_minimax
     names = data.group_names
     rows = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=config.steps, desc=f"newton/{config.method}/{config.loss}", unit="it", mininterval=0.5)
+        bar = tqdm(total=config.steps, desc=f"{config.estimator}/{config.method}/{config.loss}", unit="it",
+                   mininterval=0.5)
 
     def record(row):
         losses, alpha = row.pop("losses"), row.pop("alpha")
@@ -665,9 +726,11 @@ def _solve_newton(data, config, *, progress, callback, temperature0=None, **_fir
             res = hinge_program(data, config.beta, config.theta_set, weights=weights, chi=config.chi,
                                 shift=config.shift)
         else:
-            res = newton_minimax(data, config.loss, config.beta, config.theta_set, weights=weights, chi=config.chi,
-                                 theta0=config.theta0, tol=tol, max_iter=config.steps, callback=record,
-                                 shift=config.shift, temperature0=temperature0)
+            minimax = newton_minimax if config.estimator == "newton" else \
+                functools.partial(newton_cg_minimax, max_cg=config.max_cg)
+            res = minimax(data, config.loss, config.beta, config.theta_set, weights=weights, chi=config.chi,
+                          theta0=config.theta0, tol=tol, max_iter=config.steps, callback=record,
+                          shift=config.shift, temperature0=temperature0)
     finally:
         if bar is not None:
             bar.close()
@@ -681,7 +744,9 @@ def _solve_newton(data, config, *, progress, callback, temperature0=None, **_fir
                          gap=_reported_gap(value, lower, consistent), value=value, lower_bound=lower, n_iter=res.n_iter,
                          alpha=alpha, alpha_avg=alpha, theta_avg=res.theta, theta_last=res.theta,
                          bound_kind=res.bound_kind, history=pd.DataFrame(rows), config=config, state=state,
-                         passes=res.passes, temperature=res.temperature)
+                         passes=res.passes, temperature=res.temperature, cg_iterations=res.cg_iterations,
+                         cg_exhausted=res.cg_exhausted,
+                         memory=None if config.memory is None else {**config.memory, "peak_rss_bytes": peak_rss_bytes()})
     _warn_unconverged(result, config, "Newton iterations")
     return result
 
@@ -801,5 +866,5 @@ def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, f
 
 
 #: ``solve`` dispatches on the resolved estimator: {estimator: runner}
-RUNNERS = {"newton": _solve_newton, "full": _solve_first_order, "closed_form": _solve_first_order,
+RUNNERS = {"newton": _solve_newton, "newton_cg": _solve_newton, "full": _solve_first_order, "closed_form": _solve_first_order,
            "stochastic": _solve_first_order}

@@ -1,0 +1,211 @@
+"""The matrix-free certified solver (issue 21): ``estimator="newton_cg"`` reaches the dense solver's
+optimum, its gap is a valid bound, it allocates nothing of order N² or d², its budgets warn, and
+``estimator="auto"`` picks it when the dense matrices would not fit."""
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import loglinear_grpo as lg
+import loglinear_grpo.newton as newton
+from loglinear_grpo._krylov import box_quadratic_min, conjugate_gradient, lanczos_trust_region
+from loglinear_grpo._linalg import ball_quadratic_min
+from loglinear_grpo.newton_cg import choose_solver, newton_cg_minimax
+
+
+def _problem(n, d, seed=0, k=3, scale=1.0):
+    """Random pairs in K unequal groups (60/30/10%), reference margins of both signs."""
+    rng = np.random.default_rng(seed)
+    shares = np.array([0.6, 0.3, 0.1])[:k] if k == 3 else np.full(k, 1.0 / k)
+    groups = rng.choice(k, n, p=shares / shares.sum())
+    groups[:k] = np.arange(k)                          # every group present
+    return lg.PreferenceData(scale * rng.normal(size=(n, d)), groups, 0.5 * rng.normal(size=n))
+
+
+SETS = {"ball": lambda d: lg.L2Ball(1.0), "box": lambda d: lg.Box(-0.2, 0.2), "rd": lambda d: None}
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+@pytest.mark.parametrize("where", ["ball", "box", "rd"])
+@pytest.mark.parametrize("shape", [(300, 20), (120, 400)])
+def test_matrix_free_reaches_the_dense_optimum(loss, where, shape):
+    n, d = shape
+    if where == "rd" and loss == "dpo" and d > n:
+        pytest.skip("separable: DPO on R^d has no minimiser when d > N")
+    data = _problem(n, d, seed=n + d)
+    kw = dict(loss=loss, beta=0.5, constraint=SETS[where](d), tol=1e-8)
+    dense = lg.solve(data, estimator="newton", **kw)
+    free = lg.solve(data, estimator="newton_cg", **kw)
+    assert dense.converged and free.converged and free.solver == "newton_cg"
+    scale = max(1.0, abs(dense.value))
+    assert abs(free.value - dense.value) <= 2e-8 * scale           # both certified to 1e-8
+    assert free.lower_bound <= dense.value + 1e-12 * scale         # each bound is below the other's value
+    assert dense.lower_bound <= free.value + 1e-12 * scale
+    assert free.cg_iterations > 0 and free.passes > 0
+
+
+@pytest.mark.parametrize("case", ["vanilla", "chi", "adjustment", "importance_sampling"])
+def test_matrix_free_other_methods_and_options(case):
+    data = _problem(250, 15, seed=3)
+    kw = {"vanilla": dict(method="vanilla"), "chi": dict(chi=0.4), "adjustment": dict(adjustment=[0.0, 0.5, 2.0]),
+          "importance_sampling": dict(method="importance_sampling")}[case]
+    dense = lg.solve(data, estimator="newton", radius=1.0, tol=1e-8, **kw)
+    free = lg.solve(data, estimator="newton_cg", radius=1.0, tol=1e-8, **kw)
+    assert dense.converged and free.converged
+    assert abs(free.value - dense.value) <= 2e-8 * max(1.0, abs(dense.value))
+
+
+def test_matrix_free_on_memory_mapped_and_implicit_S(tmp_path):
+    """Out-of-core S (memory-mapped float32) and an S given by its products only (a LinearOperator)."""
+    import scipy.sparse.linalg as spla
+    data = _problem(400, 30, seed=5)
+    diff = data.explicit_diff().astype(np.float32)
+    path = tmp_path / "S.f32"
+    mapped = np.memmap(path, dtype=np.float32, mode="w+", shape=diff.shape)
+    mapped[:] = diff
+    mapped.flush()
+    on_disk = lg.PreferenceData(np.memmap(path, dtype=np.float32, mode="r", shape=diff.shape), data.groups,
+                                data.ref_margin)
+    exact = diff.astype(np.float64)
+    operator = lg.PreferenceData(spla.aslinearoperator(exact), data.groups, data.ref_margin)
+    reference = lg.solve(lg.PreferenceData(exact, data.groups, data.ref_margin), estimator="newton", radius=2.0,
+                         tol=1e-9)
+    for source in (on_disk, operator):
+        res = lg.solve(source, estimator="newton_cg", radius=2.0, tol=1e-9)
+        assert res.converged
+        assert abs(res.value - reference.value) <= 1e-6 * max(1.0, reference.value)   # float32 storage
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), steps=st.integers(1, 12), loss=st.sampled_from(["dpo", "ipo"]),
+       where=st.sampled_from(["ball", "box", "rd"]), max_cg=st.sampled_from([1, 3, 250]))
+def test_matrix_free_gap_is_a_valid_bound(seed, steps, loss, where, max_cg):
+    """Stopped at any budget, with any Krylov budget: the certified lower bound never exceeds the true
+    optimum (the dense solver's certified value at 1e-11, plus its gap)."""
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(20, 80)), int(rng.integers(2, 12))
+    data = _problem(n, d, seed=seed, scale=float(rng.uniform(0.3, 3.0)))
+    constraint = SETS[where](d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lg.ConvergenceWarning)     # the truth's bounds hold either way
+        truth = lg.solve(data, loss=loss, estimator="newton", constraint=constraint, tol=1e-11, steps=400)
+        res = lg.solve(data, loss=loss, estimator="newton_cg", constraint=constraint, steps=steps, max_cg=max_cg)
+    scale = max(1.0, abs(truth.value))
+    assert res.lower_bound <= truth.value + 1e-9 * scale          # L* ≤ truth.value
+    assert res.value >= truth.lower_bound - 1e-9 * scale          # L* ≥ truth.lower_bound
+
+
+def test_matrix_free_allocates_nothing_of_order_n2_or_d2():
+    """d > N on a ball (where the dense solver takes the N × N row space) and N > d on a box (d × d):
+    the matrix-free solve's peak Python allocation stays below one such matrix."""
+    import cvxpy  # noqa: F401  (imported before tracing: its import is not the solve's memory)
+    for n, d, constraint in ((600, 2000, lg.L2Ball(1.0)), (4000, 700, lg.Box(-0.1, 0.1))):
+        data = _problem(n, d, seed=7)
+        lg.solve(data.subset(np.arange(30)), estimator="newton_cg", constraint=constraint, steps=2)  # warm imports
+        tracemalloc.start()
+        try:
+            res = lg.solve(data, estimator="newton_cg", constraint=constraint)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert res.converged
+        smallest_matrix = 8 * min(n, d) ** 2
+        assert peak < smallest_matrix / 2, (n, d, peak, smallest_matrix)      # the dense solver holds 5 to 8
+
+
+def test_krylov_budget_runs_out_with_a_convergence_warning():
+    data = _problem(300, 20, seed=1)
+    with pytest.warns(lg.ConvergenceWarning, match=r"reached a certified relative gap of .*max_cg.*1"):
+        res = lg.solve(data, estimator="newton_cg", radius=1.0, steps=8, max_cg=1)
+    assert not res.converged and res.cg_exhausted > 0 and np.isfinite(res.gap)
+
+
+def test_auto_picks_the_matrix_free_solver_when_the_dense_one_would_not_fit(monkeypatch):
+    data = _problem(300, 900, seed=2)                  # d > N on a ball: the row space, 8 N² floats
+    need, _ = newton.newton_memory_nbytes(data, lg.L2Ball(1.0))
+    monkeypatch.setattr(newton, "NEWTON_MEMORY_BUDGET", need - 1)
+    estimator, plan = choose_solver(data, "dpo", lg.L2Ball(1.0))
+    assert estimator == "newton_cg" and plan["dense_bytes"] == need and plan["budget_bytes"] == need - 1
+    res = lg.solve(data, radius=1.0)
+    assert res.solver == "newton_cg" and res.converged
+    assert res.memory["estimator"] == "newton_cg" and "more than the budget" in res.memory["reason"]
+    assert res.memory["peak_rss_bytes"] > 0
+    with pytest.raises(MemoryError, match="newton_cg"):         # asked for explicitly, the dense one refuses
+        lg.solve(data, radius=1.0, estimator="newton")
+    monkeypatch.setattr(newton, "NEWTON_MEMORY_BUDGET", need)
+    assert lg.solve(data, radius=1.0).solver == "newton"
+    # the hinge and a general convex set have no matrix-free solver: auto stays dense (and refuses clearly)
+    assert choose_solver(data, "hinge", lg.L2Ball(1.0))[0] == "newton"
+
+
+def test_first_order_certificates_use_the_matrix_free_solver_when_needed(monkeypatch):
+    data = _problem(200, 12, seed=4)
+    dense = lg.solve(data, estimator="full", radius=1.0, steps=300, tol=None)
+    monkeypatch.setattr(newton, "NEWTON_MEMORY_BUDGET", 1)
+    free = lg.solve(data, estimator="full", radius=1.0, steps=300, tol=None)
+    np.testing.assert_array_equal(free.theta, dense.theta)              # same iterates
+    assert free.lower_bound <= dense.value + 1e-12
+    assert abs(free.lower_bound - dense.lower_bound) <= 1e-8
+
+
+def test_settings_refuse_what_the_matrix_free_solver_cannot_do():
+    data = _problem(50, 4)
+    with pytest.raises(ValueError, match="smooth loss"):
+        lg.solve(data, loss="hinge", estimator="newton_cg", radius=1.0)
+    with pytest.raises(ValueError, match="max_cg"):
+        lg.solve(data, estimator="full", max_cg=10, radius=1.0)
+    with pytest.raises(ValueError, match="max_cg"):
+        lg.solve(data, estimator="newton_cg", max_cg=0, radius=1.0)
+    convex = lg.ConvexSet(4, lambda x: [x >= -1, x <= 1])
+    with pytest.raises(ValueError, match="no matrix-free model step"):
+        lg.solve(data, estimator="newton_cg", constraint=convex)
+
+
+# ---------------------------------------------------------------- the Krylov solvers
+def _psd(d, seed, rank=None):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(rank or d + 3, d))
+    return a.T @ a, rng.normal(size=d)
+
+
+@pytest.mark.parametrize("radius", [0.05, 1.0, 100.0, np.inf])
+@pytest.mark.parametrize("keep", [True, False])
+def test_lanczos_trust_region_matches_the_dense_subproblem(radius, keep):
+    hess, b = _psd(30, 1)
+    z, info = lanczos_trust_region(lambda v: hess @ v, b, radius, 1e-12 * np.linalg.norm(b), 400,
+                                   keep_bytes=1 << 30 if keep else 0)
+    exact = ball_quadratic_min(hess, -b, radius)
+    assert info["converged"]
+    np.testing.assert_allclose(z, exact, rtol=0, atol=1e-9 * max(1.0, np.linalg.norm(exact)))
+    if np.isfinite(radius):
+        assert np.linalg.norm(z) <= radius * (1 + 1e-12)
+
+
+def test_lanczos_second_pass_rebuilds_the_same_point():
+    hess, b = _psd(40, 2)
+    kept, info_k = lanczos_trust_region(lambda v: hess @ v, b, 0.5, 1e-10, 200, keep_bytes=1 << 30)
+    again, info_r = lanczos_trust_region(lambda v: hess @ v, b, 0.5, 1e-10, 200, keep_bytes=0)
+    np.testing.assert_allclose(again, kept, rtol=1e-12, atol=1e-14)
+    assert info_r["iterations"] == 2 * info_k["iterations"] - 1        # the recurrence ran twice
+
+
+def test_conjugate_gradient_min_norm_on_a_singular_system():
+    hess, _ = _psd(20, 3, rank=8)
+    b = hess @ np.random.default_rng(0).normal(size=20)                # consistent
+    x, info = conjugate_gradient(lambda v: hess @ v, b, 1e-12, 200)
+    assert info["converged"]
+    np.testing.assert_allclose(x, np.linalg.pinv(hess) @ b, atol=1e-8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_box_step_matches_the_exact_bounded_least_squares(seed):
+    hess, g = _psd(25, seed)
+    theta = np.zeros(25)
+    box = lg.Box(-0.05, 0.08)
+    p, info = box_quadratic_min(lambda v: hess @ v, g, np.full(25, -0.05), np.full(25, 0.08), 1e-10, 5000)
+    exact = box.minimize_quadratic(theta, g, hess)
+    model = lambda x: g @ x + 0.5 * x @ hess @ x                        # noqa: E731
+    assert info["converged"] and np.all(p >= -0.05) and np.all(p <= 0.08)
+    assert model(p) <= model(exact) + 1e-10 * abs(model(exact))
