@@ -173,6 +173,19 @@ def _as_float64(block):
     return np.asarray(block, dtype=np.float64)
 
 
+def _as_float32(block):
+    """A block of hidden states as float32: float16 through torch where it is installed (its conversion
+    is vectorised, about 5× numpy's on a CPU), else numpy."""
+    block = np.asarray(block)
+    if block.dtype == np.float16:
+        try:
+            import torch
+        except ImportError:                                  # pragma: no cover - torch is in the llm extra
+            return block.astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(block)).to(torch.float32).numpy()
+    return block.astype(np.float32, copy=False)
+
+
 def _entry_block_size(hidden_size):
     return max(1, BLOCK_BYTES // (8 * hidden_size))
 
@@ -204,34 +217,38 @@ class TokenEntries:
         order = np.lexsort((hid, col))
         self.hidden, self.owner, self.col, self.hid = hidden, owner[order], col[order], hid[order]
 
-    def _blocks(self):
-        """``(a, b, rows, segments)``: entries a..b−1, their hidden rows (float64) and the runs of equal
-        column within them as (column, lo, hi) relative to a."""
+    def _blocks(self, dtype=np.float64):
+        """``(a, b, rows, segments)``: entries a..b−1, their hidden rows (as ``dtype``: float64, or float32
+        for the approximate products) and the runs of equal column within them as (column, lo, hi)
+        relative to a."""
         step = _entry_block_size(self.hidden.shape[1])
+        convert = _as_float64 if dtype == np.float64 else _as_float32
         m = self.col.size
         for a in range(0, m, step):
             b = min(a + step, m)
             col = self.col[a:b]
             edges = np.flatnonzero(np.r_[True, col[1:] != col[:-1], True])
-            rows = _as_float64(self.hidden[self.hid[a:b]])
+            rows = convert(self.hidden[self.hid[a:b]])
             yield a, b, rows, zip(col[edges[:-1]], edges[:-1], edges[1:])
 
-    def scores(self, theta_rows, n_owners):
+    def scores(self, theta_rows, n_owners, dtype=np.float64):
         values = np.empty(self.col.size)
-        for a, _, rows, segments in self._blocks():
+        theta_rows = theta_rows.astype(dtype, copy=False)
+        for a, _, rows, segments in self._blocks(dtype):
             for v, lo, hi in segments:
                 values[a + lo:a + hi] = rows[lo:hi] @ theta_rows[v]
         return np.bincount(self.owner, weights=values, minlength=n_owners)
 
-    def scatter(self, owner_weights, n_columns):
-        """``owner_weights`` (n_owners, k) → array (k, n_columns, d)."""
+    def scatter(self, owner_weights, n_columns, dtype=np.float64):
+        """``owner_weights`` (n_owners, k) → array (k, n_columns, d) (float64; accumulated in ``dtype``)."""
         k = owner_weights.shape[1]
-        out = np.zeros((k, n_columns, self.hidden.shape[1]))
-        for a, b, rows, segments in self._blocks():
-            coef = owner_weights[self.owner[a:b]]
+        out = np.zeros((k, n_columns, self.hidden.shape[1]), dtype=dtype)
+        weights = owner_weights.astype(dtype, copy=False)
+        for a, b, rows, segments in self._blocks(dtype):
+            coef = weights[self.owner[a:b]]
             for v, lo, hi in segments:
                 out[:, v] += coef[lo:hi].T @ rows[lo:hi]
-        return out
+        return out.astype(np.float64, copy=False)
 
 
 def _ranges(starts, counts):
@@ -330,6 +347,21 @@ class PairDifferenceOperator(PairOperator):
 
     def rmatvec(self, u):
         return self.rmatmat(np.asarray(u, dtype=np.float64)[:, None])[:, 0]
+
+    def approximate_products(self):
+        """Sx and Sᵀu with the hidden states and θ in float32 (sums per token run in float32, results
+        float64): about twice as fast as the float64 products, relative error about 1e-7. The
+        matrix-free solver uses them for its Hessian products only; every margin, gradient and bound
+        uses the float64 ones."""
+        def matvec(x):
+            rows = np.asarray(x, dtype=np.float64).reshape(self.vocab_size, self.hidden_size)
+            scores = self._entries.scores(rows, self.features.n_candidates, dtype=np.float32)
+            return scores[self.chosen] - scores[self.rejected]
+
+        def rmatvec(u):
+            weights = self._candidate_weights(np.asarray(u, dtype=np.float64))[:, None]
+            return self._entries.scatter(weights, self.vocab_size, dtype=np.float32).reshape(-1)
+        return matvec, rmatvec
 
     # ---------------------------------------------------------------- rows
     def _aggregate(self, positions, local_pair):

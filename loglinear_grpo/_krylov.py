@@ -17,11 +17,21 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
+from scipy.linalg.blas import daxpy
 
 from ._linalg import EPS, safe_norm, trust_region_coefficients
 
 #: Lanczos vectors are kept (one pass of the recurrence) while they take at most this many bytes
 KEEP_BYTES = 256 << 20
+
+
+def _axpy(a, x, y):
+    """y += a·x in place (BLAS; no temporary of the vectors' size: at d = 1.6·10⁷ one is 131 MB)."""
+    if y.dtype == np.float64 and x.dtype == np.float64 and y.flags.c_contiguous and x.flags.c_contiguous:
+        daxpy(x, y, a=a)
+    else:                                               # pragma: no cover - the solvers' vectors are float64
+        y += a * x
+    return y
 
 
 def conjugate_gradient(hessp, b, rtol, max_iter, precond=None):
@@ -49,8 +59,9 @@ def conjugate_gradient(hessp, b, rtol, max_iter, precond=None):
             it -= 1
             break
         step = rz / curv
-        x += step * p
-        r -= step * hp
+        _axpy(step, p, x)
+        _axpy(-step, hp, r)
+        del hp
         res = safe_norm(r) / b_norm
         if res <= rtol:
             break
@@ -82,7 +93,8 @@ def _tridiagonal_trust_region(diag, off, beta0, radius):
     return y, multiplier, float(lam.min())
 
 
-def lanczos_trust_region(hessp, b, radius, atol, max_iter, keep_bytes=KEEP_BYTES, reference=None):
+def lanczos_trust_region(hessp, b, radius, atol, max_iter, keep_bytes=KEEP_BYTES, reference=None,
+                         overwrite_b=False):
     """GLTR's Lanczos method for the trust-region subproblem :math:`\\min_{\\|z\\|\\le R}\\tfrac12 z^\\top Hz
     + b^\\top z` (H ⪰ 0; ``radius=inf``: the unconstrained min-norm minimiser).
 
@@ -112,16 +124,21 @@ def lanczos_trust_region(hessp, b, radius, atol, max_iter, keep_bytes=KEEP_BYTES
     keep = max_iter * d * 8 <= keep_bytes
     basis = [] if keep else None
     diag, off = [], []
-    q_prev, q = np.zeros(d), b / beta0
+    if overwrite_b:
+        b /= beta0                                      # q₁, in b's memory (the caller gave it up)
+        first = b
+    else:
+        first = b / beta0
+    q_prev, q = None, first
     y, nu, res, beta_next = np.zeros(1), 0.0, np.inf, 0.0
     for j in range(max_iter):
         if keep:
             basis.append(q)
         w = hessp(q)
         a = float(q @ w)
-        w -= a * q
+        _axpy(-a, q, w)
         if j:
-            w -= off[-1] * q_prev
+            _axpy(-off[-1], q_prev, w)
         diag.append(a)
         beta_next = safe_norm(w)
         t_diag, t_off = np.array(diag), np.array(off)
@@ -137,23 +154,29 @@ def lanczos_trust_region(hessp, b, radius, atol, max_iter, keep_bytes=KEEP_BYTES
             if value < reference and 4.0 * error <= reference - value:
                 break
         off.append(beta_next)
-        q_prev, q = q, w / beta_next
+        w /= beta_next
+        q_prev, q = q, w
+        del w
     steps = len(diag)
+    del q_prev, q
     if keep:
         z = np.zeros(d)
         for coef, vec in zip(y, basis):
-            z += coef * vec
+            _axpy(float(coef), vec, z)
         products = steps
     else:                                               # second pass: the same recurrence, accumulating z
-        z = y[0] * (b / beta0)
-        q_prev, q = np.zeros(d), b / beta0
+        z = float(y[0]) * first
+        q_prev, q = None, first
         for j in range(steps - 1):
             w = hessp(q)
-            w -= diag[j] * q
+            _axpy(-diag[j], q, w)
             if j:
-                w -= off[j - 1] * q_prev
-            q_prev, q = q, w / off[j]
-            z += y[j + 1] * q
+                _axpy(-off[j - 1], q_prev, w)
+            w /= off[j]
+            q_prev, q = q, w
+            del w
+            _axpy(float(y[j + 1]), q, z)
+        del q_prev, q
         products = 2 * steps - 1
     if np.isfinite(radius):                            # rounding can leave ‖z‖ a hair above R
         norm = safe_norm(z)

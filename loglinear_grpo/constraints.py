@@ -407,8 +407,7 @@ class L2Ball(ThetaSet):
         (:func:`~loglinear_grpo._krylov.lanczos_trust_region`), to an optimality residual of ``rtol`` times
         the one at θ, :math:`\\min_{\\nu\\ge0}\\|g + \\nu\\delta\\|` (which vanishes at the solution, so the
         steps stay accurate as they shrink)."""
-        c = self._c(theta)
-        delta = theta - c
+        delta = theta if self.center is None else theta - self.center
         grad = np.asarray(grad, dtype=np.float64)
         square = float(delta @ delta)
         nu = max(0.0, -float(grad @ delta) / square) if square > 0 else 0.0
@@ -418,10 +417,13 @@ class L2Ball(ThetaSet):
         h_delta = hessp(delta) if square > 0 else np.zeros_like(delta)
         b = grad - h_delta
         reference = 0.5 * float(delta @ h_delta) + float(b @ delta)        # the model at θ itself
+        del h_delta
         z, info = lanczos_trust_region(hessp, b, self.radius, rtol * current, max(1, max_iter - 1),
-                                       reference=reference)
+                                       reference=reference, overwrite_b=square > 0)
         info["iterations"] += 1 if square > 0 else 0
-        return self.project(c + z), info
+        if self.center is not None:
+            z += self.center
+        return self.project(z), info
 
     def cvxpy_constraints(self, var):
         import cvxpy as cp

@@ -160,6 +160,28 @@ class PairOracle:
         self.passes += 1
         return self.data.rmatvec(u)
 
+    def approx_product(self, x):
+        """S x in the storage's approximate precision where it has one (only for products that steer a
+        step, never for a bound: :meth:`~loglinear_grpo.storage.Rows.approximate_products`)."""
+        fast = self._approximate()
+        if fast is None:
+            return self.product(x)
+        self.passes += 1
+        return fast[0](x)
+
+    def approx_rproduct(self, u):
+        """Sᵀ u as :meth:`approx_product`."""
+        fast = self._approximate()
+        if fast is None:
+            return self.rproduct(u)
+        self.passes += 1
+        return fast[1](u)
+
+    def _approximate(self):
+        if not hasattr(self, "_fast"):
+            self._fast = self.data.storage.approximate_products()
+        return self._fast
+
     def abs_rproduct(self, v):
         """|S|ᵀ v for v ≥ 0 (the scale of each coordinate of Sᵀv, for the certificate's rounding test)."""
         self.passes += 1
@@ -450,7 +472,7 @@ class NewtonMinimax:
         point and the best bound."""
         best, theta_set = self.best, self.theta_set
         if self.upper < best["value"]:
-            best.update(value=self.upper, theta=self.theta.copy())
+            best.update(value=self.upper, theta=self.theta)      # θ is rebound each step, never changed in place
         self.target = convergence_target(best["value"], self.tol)
         weighted = float(self.lam @ self.losses)
         offset = float(self.lam @ self.shift)                  # Σ_g λ_g c_g = Σ_i w_i c_{g_i}

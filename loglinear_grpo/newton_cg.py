@@ -137,6 +137,7 @@ class MatrixFreeNewton(NewtonMinimax):
         super().__init__(data, loss, beta, theta_set, **kw)
         self.max_cg = int(max_cg)
         self._responded_at = -RESPONSE_EVERY     # the iteration of the last best-response bound
+        self.exact_hessian = False               # True once the approximate products have failed a step
         self.cg_iterations = 0
         self.cg_exhausted = 0          # model steps whose Krylov solve used its whole budget unconverged
         self.model_steps = 0
@@ -145,6 +146,7 @@ class MatrixFreeNewton(NewtonMinimax):
     def gradient_hessian(self):
         """One pass for the gradient ∇ = Sᵀ(w ⊙ ℓ'); the Hessian stays an operator (:meth:`hessp`)."""
         oracle, data = self.oracle, self.data
+        self.x = self.p = self.grad = None          # the last step's vectors: their memory is needed now
         self.values, self.d1, self.d2 = oracle.terms(self.h)
         self.losses = oracle.group_means(self.values) + self.shift
         if self.robust:
@@ -159,15 +161,17 @@ class MatrixFreeNewton(NewtonMinimax):
         self.grads = None
 
     def hessp(self, v):
-        """:math:`\\nabla^2F_\\mu v` (module docstring): two passes."""
+        """:math:`\\nabla^2F_\\mu v` (module docstring): two passes, in the storage's approximate products
+        where it has them (:meth:`~loglinear_grpo.storage.Rows.approximate_products`: the Hessian only
+        steers the model step; the gradient, the margins and every bound use the exact products)."""
         oracle = self.oracle
-        sv = oracle.product(v)
+        sv = oracle.product(v) if self.exact_hessian else oracle.approx_product(v)
         coef = self.curv * sv
         if self.robust:
             gv = oracle.group_means(self.d1 * sv)
             mix = (self.chi / self.temp) * self.soft * (gv - float(self.soft @ gv))
             coef += mix[self.data.groups] * oracle.pair_inv_size * self.d1
-        return oracle.rproduct(coef)
+        return oracle.rproduct(coef) if self.exact_hessian else oracle.approx_rproduct(coef)
 
     def loss_hessp(self, v):
         """:math:`H_1v = S^\\top(c\\odot Sv)`, the loss part only (the feasible dual's metric)."""
@@ -223,8 +227,6 @@ class MatrixFreeNewton(NewtonMinimax):
         """Tier 2 of :meth:`refined_bound`, kept as the best bound when it is better: called by
         :meth:`model_step` when a temperature stage is solved (its decrement ≤ DECREMENT_SHARE · μ), at
         most every :data:`RESPONSE_EVERY` iterations at the coldest temperature."""
-        if self.it - self._responded_at < RESPONSE_EVERY and self.temp <= self.temp_floor:
-            return
         self._responded_at = self.it
         alpha = self.soft
         _, hat, _, _ = self.refined_bound()        # the first-order α̂: stabler than softmax(L/μ) at small μ
@@ -246,22 +248,33 @@ class MatrixFreeNewton(NewtonMinimax):
     def model_step(self):
         """The model step by a Krylov method over Θ; then the decrement test and the temperature, as
         in :meth:`NewtonMinimax.model_step <loglinear_grpo.newton.NewtonMinimax.model_step>`."""
-        self.x, info = self.theta_set.minimize_quadratic_operator(self.theta, self.grad, self.hessp,
-                                                                  self.forcing(), self.max_cg)
-        self.model_steps += 1
-        self.cg_iterations += info["iterations"]
+        for _ in range(2):
+            self.x, info = self.theta_set.minimize_quadratic_operator(self.theta, self.grad, self.hessp,
+                                                                      self.forcing(), self.max_cg)
+            self.model_steps += 1
+            self.cg_iterations += info["iterations"]
+            self.p = self.x - self.theta
+            self.decrement = max(-float(self.grad @ self.p), 0.0)
+            if self.exact_hessian or (info["converged"] and self.decrement > 0):
+                break
+            # the approximate (float32) products have lost the model's small directions (its condition
+            # number grows as 1/μ): exact products from here on
+            self.exact_hessian = True
         if not info["converged"] and info["iterations"] >= self.max_cg:
             self.cg_exhausted += 1
         self.row["cg_iterations"] = info["iterations"]
-        self.p = self.x - self.theta
-        self.decrement = max(-float(self.grad @ self.p), 0.0)
         self.row["decrement"] = self.decrement
-        if self.robust and self.decrement <= DECREMENT_SHARE * self.temp and self.temp <= REFINE_EARLY * self.temp_floor:
+        if self.robust and self.decrement <= DECREMENT_SHARE * self.temp and self.temp <= REFINE_EARLY * self.temp_floor \
+                and self.it - self._responded_at >= RESPONSE_EVERY:
+            self.x = self.p = self.grad = None      # the best response's own vectors take their memory
             self.best_response_bound()             # this stage is solved: its weights are near α*
-            self.row.update(lower_bound=self.best["lower"], gap=self.gap)
+            self.row.update(lower_bound=self.best["lower"], gap=self.gap, step_length=0.0)
             if self.check_convergence():
                 self.converged = True
                 return "stop"
+            if self.temp > self.temp_floor:
+                self.temp = max(self.temp * SHRINK, self.temp_floor)
+            return "colder"                          # (at the floor: the same temperature, a fresh step)
         if self.robust and self.temp > self.temp_floor and self.decrement <= DECREMENT_SHARE * self.temp:
             self.temp = max(self.temp * SHRINK, self.temp_floor)
             self.row["step_length"] = 0.0

@@ -64,6 +64,13 @@ class PairOperator(abc.ABC):
     def rmatvec(self, u):
         """:math:`S^\\top u`, shape (d,), for u of shape (N,)."""
 
+    def approximate_products(self):
+        """``(matvec, rmatvec)`` computed in a lower precision (results float64), for the products whose
+        rounding only steers a solver and never enters a certificate: the Hessian products of the
+        matrix-free Newton solver's model steps (:mod:`loglinear_grpo.newton_cg`). Default ``None``:
+        the exact products serve."""
+        return None
+
     # ---------------------------------------------------------------- derived
     def matmat(self, x):
         """:math:`S X`, shape (N, k), for X of shape (d, k)."""

@@ -163,6 +163,12 @@ class Rows(abc.ABC):
         weights[np.arange(n), groups] = deriv
         return np.ascontiguousarray(self.rmatmat(weights).T)
 
+    def approximate_products(self):
+        """``(matvec, rmatvec)`` in a lower precision for products that only steer a solver (the matrix-free
+        Newton solver's Hessian products), or ``None``: the exact ones serve (a stored S is already
+        multiplied in its own precision)."""
+        return None
+
     def abs_rmatvec(self, v):
         """:math:`|S|^\\top v` for v ≥ 0, shape (d,) (one pass, block by block): the size of the terms
         of every coordinate of :math:`S^\\top v`, for the certificate's rounding test."""
@@ -539,6 +545,12 @@ class OperatorRows(Rows):
 
     def rmatmat(self, u):
         return self.op.rmatmat(u)
+
+    def approximate_products(self):
+        """The operator's lower-precision products, if it has them
+        (:meth:`~loglinear_grpo.operators.PairOperator.approximate_products`)."""
+        method = getattr(self.op, "approximate_products", None)
+        return None if method is None else method()
 
     def rows(self, index):
         return self.op.rows(index)
