@@ -37,6 +37,7 @@ import pandas as pd
 
 import loglinear_grpo as lg
 from loglinear_grpo.inference import MIN_GROUP_PAIRS, proportion_interval, small_group_note
+from loglinear_grpo.settings import ESTIMATOR_CHOICES
 
 from . import extract as ex
 from . import workdir as wd
@@ -168,8 +169,11 @@ def _training_flags(p, select):
     p.add_argument("--beta", type=_positive_float, default=0.1, help="β of the loss (TRL's default)")
     p.add_argument("--method", choices=("group_robust", "importance_sampling", "vanilla"), default="group_robust",
                    help="group_robust: min over θ of the worst group's loss; vanilla: the mean over pairs")
-    p.add_argument("--estimator", choices=("auto", "newton", "full", "stochastic", "closed_form"), default="auto",
-                   help="'auto' = 'newton': the certified second-order solver")
+    p.add_argument("--estimator", choices=ESTIMATOR_CHOICES, default="auto",
+                   help="'auto': the certified second-order solver, dense ('newton') where its matrices fit half "
+                        "the memory, else matrix-free ('newton_cg')")
+    p.add_argument("--max-cg", type=_positive_int, default=None,
+                   help="newton_cg: Hessian products per model step at most (default 250)")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="iteration budget (default: the estimator's: 200 Newton iterations, ...)")
     p.add_argument("--tol", type=_tolerance, default=1e-6,
@@ -415,7 +419,7 @@ def _step(value):
 #: solver argument names, as their flags (for errors of loglinear_grpo.make_config)
 _SOLVER_FLAGS = {name: "--" + name.replace("_", "-") for name in
                  ("beta", "method", "estimator", "steps", "tol", "radius", "chi", "seed", "step_size",
-                  "alpha_step_size", "loss", "adjustment")}
+                  "alpha_step_size", "loss", "adjustment", "max_cg")}
 _SOLVER_NAME = re.compile(r"\b(" + "|".join(sorted(_SOLVER_FLAGS, key=len, reverse=True)) + r")\b(?=\s*[=:]| must)")
 
 
@@ -450,7 +454,8 @@ def cmd_train(args):
                                estimator=args.estimator, steps=args.steps,
                                tol=args.tol if args.tol and args.tol > 0 else None, radius=args.radius,
                                step_size=_step(args.step_size), alpha_step_size=_step(args.alpha_step_size),
-                               chi=args.chi, seed=args.seed, adjustment=args.adjustment or None)
+                               chi=args.chi, seed=args.seed, adjustment=args.adjustment or None,
+                               max_cg=args.max_cg)
     except ValueError as exc:
         raise ValueError(_as_flags(str(exc))) from None
     settings = {k: v for k, v in vars(args).items() if k not in ("config",)}
@@ -494,7 +499,8 @@ def _result_settings(problem, result, args):
                             "objective": objective_meaning(args.method, args.chi, args.adjustment),
                             "value": _finite_or_none(result.value),
                             "lower_bound": _finite_or_none(result.lower_bound),
-                            "iterations": int(result.n_iter), "bound_kind": result.bound_kind}}
+                            "iterations": int(result.n_iter), "bound_kind": result.bound_kind},
+            "memory": getattr(result, "memory", None)}
 
 
 def _history(problem, result, loss, beta):
@@ -550,7 +556,8 @@ def cmd_select(args):
     split_by = args.split_by or record_split(args)
     problem, record = wd.load_problem(args.workdir, seed=args.seed, split_by=split_by, storage=args.storage)
     solve_kw = dict(estimator=args.estimator, steps=args.steps, step_size=_step(args.step_size),
-                    alpha_step_size=_step(args.alpha_step_size), chi=args.chi, seed=args.seed)
+                    alpha_step_size=_step(args.alpha_step_size), chi=args.chi, seed=args.seed,
+                    max_cg=args.max_cg)
     try:                                             # every solver setting checked before the first solve
         solver_config(problem, loss=args.loss, beta=args.beta, method=args.method, radius=max(radii) or 1.0,
                       tol=args.tol if args.tol and args.tol > 0 else None, adjustment=max(adjustments) or None,
@@ -600,7 +607,8 @@ def cmd_select(args):
 #: their defaults: {attribute: (flag, default)}
 _SHARED_TRAIN_FLAGS = {"estimator": ("--estimator", "auto"), "steps": ("--steps", None), "tol": ("--tol", 1e-6),
                        "step_size": ("--step-size", None), "alpha_step_size": ("--alpha-step-size", None),
-                       "chi": ("--chi", 1.0), "storage": ("--storage", "auto"), "split_by": ("--split-by", None)}
+                       "chi": ("--chi", 1.0), "storage": ("--storage", "auto"), "split_by": ("--split-by", None),
+                       "max_cg": ("--max-cg", None)}
 
 
 def _reproduce_command(args, selection):
@@ -661,7 +669,14 @@ def _train_summary(problem, result, args, storage_used):
             f"(--storage {args.storage}): {meaning} = {result.value:.6g}; "
             f"worst train group: {data.group_names[worst]} {losses[worst]:.4f}; converged={result.converged}, "
             f"certified gap {result.gap:.3e} (relative {result.relative_gap:.2e}, {result.bound_kind}), "
-            f"{result.n_iter} iterations")
+            f"{result.n_iter} iterations" + _solver_line(result))
+
+
+def _solver_line(result):
+    """The second line of ``train``'s summary: which solver ran, why, its memory (none for the reference
+    point R = 0, which solves nothing)."""
+    line = result.solver_summary() if hasattr(result, "solver_summary") else None
+    return "" if line is None else "\n" + line
 
 
 def _print_table(table, split, problem):

@@ -31,5 +31,7 @@ def half_physical_memory():
 
 
 def nbytes_text(nbytes):
-    """Bytes for a message: GiB from 1 GiB up, else MiB."""
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+    """Bytes for a message: GiB from 1 GiB up, MiB from 1 MiB up, else KiB."""
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"

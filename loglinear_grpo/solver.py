@@ -445,6 +445,21 @@ class SolveResult:
     def relative_gap(self):
         return self.gap / max(1.0, abs(self.value))
 
+    def solver_summary(self):
+        """One line: which solver ran and why (the memory plan of ``estimator="auto"``), with the predicted
+        and the peak memory; ``None`` for the first-order estimators."""
+        if self.memory is None:
+            return None
+        from ._numbers import nbytes_text
+        plan = self.memory
+        kind = {"newton": "dense/row-space Newton", "newton_cg": "matrix-free Newton-CG"}.get(self.solver, self.solver)
+        own = plan["dense_bytes"] if self.solver == "newton" else plan["matrix_free_bytes"]
+        line = (f"solver: {self.solver} ({kind}): {plan['reason']}; predicted {nbytes_text(own)} besides S, "
+                f"process peak {nbytes_text(plan['peak_rss_bytes'])} resident")
+        if self.cg_iterations is not None:
+            line += f"; {self.cg_iterations} Hessian products in {self.n_iter} iterations, {self.passes} passes over S"
+        return line
+
     def summary(self):
         """One line: converged, the value with its meaning (:attr:`SolverConfig.objective_name`), the
         certified gap, iterations."""

@@ -101,6 +101,12 @@ def test_tables_settings_and_figure(work, capsys, monkeypatch):
     worst = train_names[int(np.argmax(losses))]
     assert "worst-group loss (train) = " in summary[0]
     assert f"worst train group: {worst} {losses.max():.4f}" in summary[0]
+    # which second-order solver ran, why, and the predicted and peak memory (issue 21)
+    solver_line = out.splitlines()[out.splitlines().index(summary[0]) + 1]
+    assert solver_line.startswith("solver: newton (dense/row-space Newton): the dense solver's matrices")
+    assert "predicted" in solver_line and "process peak" in solver_line
+    assert settings["solver"]["estimator"] == "newton" and settings["memory"]["estimator"] == "newton"
+    assert settings["memory"]["peak_rss_bytes"] > settings["memory"]["dense_bytes"] > 0
 
     # every split's table: the worst row one named group, the extremes and the means labelled
     for split in ("train", "test"):
