@@ -209,3 +209,69 @@ def test_box_step_matches_the_exact_bounded_least_squares(seed):
     model = lambda x: g @ x + 0.5 * x @ hess @ x                        # noqa: E731
     assert info["converged"] and np.all(p >= -0.05) and np.all(p <= 0.08)
     assert model(p) <= model(exact) + 1e-10 * abs(model(exact))
+
+
+def _implicit_head(tmp_path, n=300, length=4, hidden=32, vocab=60, seed=0):
+    """An implicit S of an LLM head (``llm_head.features.PairDifferenceOperator``) over a random float16
+    cache in benchmarks/implicit_features.py's layout, d = vocab · hidden > N."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from implicit_features import load_features, make_cache
+    from llm_head.features import PairDifferenceOperator
+    make_cache(str(tmp_path), n, length, hidden, vocab, seed=seed)
+    features, chosen, rejected = load_features(str(tmp_path), n, length, hidden)
+    op = PairDifferenceOperator(features, chosen, rejected)
+    rng = np.random.default_rng(seed)
+    groups = rng.choice(3, n, p=[0.6, 0.3, 0.1])
+    groups[:3] = np.arange(3)
+    return op, lg.PreferenceData(op, groups, rng.normal(size=n))
+
+
+def test_implicit_head_float32_hessian_products_and_the_row_space_optimum(tmp_path):
+    """On an LLM head's implicit S the Hessian products run in float32 (about 1e-7 relative); the
+    certified optimum is the row-space solver's, for DPO and IPO."""
+    op, data = _implicit_head(tmp_path)
+    fast_mv, fast_rmv = data.storage.approximate_products()
+    rng = np.random.default_rng(1)
+    x, u = rng.normal(size=data.dim), rng.normal(size=data.n_samples)
+    exact_mv, exact_rmv = op.matvec(x), op.rmatvec(u)
+    assert 0 < np.abs(fast_mv(x) - exact_mv).max() <= 1e-5 * np.abs(exact_mv).max()
+    assert 0 < np.abs(fast_rmv(u) - exact_rmv).max() <= 1e-5 * np.abs(exact_rmv).max()
+    for loss in ("dpo", "ipo"):
+        row_space = lg.solve(data, loss=loss, radius=1.0, estimator="newton", tol=1e-8)
+        free = lg.solve(data, loss=loss, radius=1.0, estimator="newton_cg", tol=1e-8)
+        assert row_space.converged and free.converged
+        assert abs(free.value - row_space.value) <= 2e-8 * max(1.0, row_space.value)
+
+
+def test_a_failed_float32_step_switches_to_exact_products(monkeypatch):
+    """Approximate products far less precise than float32 (relative noise 1e-3) cannot stop a solve:
+    once a step fails with them it is taken again with the exact products, which serve to the end."""
+    import loglinear_grpo.newton_cg as newton_cg
+    import loglinear_grpo.storage as storage
+    data = _problem(200, 10, seed=8)
+    rng = np.random.default_rng(0)
+
+    def noisy(self):
+        def matvec(x):
+            exact = self.matvec(x)
+            return exact + 1e-3 * np.abs(exact).max() * rng.standard_normal(exact.shape)
+
+        def rmatvec(u):
+            exact = self.rmatvec(u)
+            return exact + 1e-3 * np.abs(exact).max() * rng.standard_normal(exact.shape)
+        return matvec, rmatvec
+    monkeypatch.setattr(storage.DenseRows, "approximate_products", noisy)
+    switched = []
+    solve_step = newton_cg.MatrixFreeNewton.model_step
+
+    def watched(self):
+        out = solve_step(self)
+        switched.append(self.exact_hessian)
+        return out
+    monkeypatch.setattr(newton_cg.MatrixFreeNewton, "model_step", watched)
+    res = lg.solve(data, estimator="newton_cg", radius=1.0)
+    assert not switched[0] and switched[-1]                         # noisy first, exact at the end
+    reference = lg.solve(data, estimator="newton", radius=1.0)
+    assert res.converged and abs(res.value - reference.value) <= 2e-6 * max(1.0, reference.value)
