@@ -147,8 +147,10 @@ class MatrixFreeNewton(NewtonMinimax):
         """One pass for the gradient ∇ = Sᵀ(w ⊙ ℓ'); the Hessian stays an operator (:meth:`hessp`)."""
         oracle, data = self.oracle, self.data
         self.x = self.p = self.grad = None          # the last step's vectors: their memory is needed now
-        self.values, self.d1, self.d2 = oracle.terms(self.h)
-        self.losses = oracle.group_means(self.values) + self.shift
+        self.values = self.d1 = self.d2 = self.pair_w = self.curv = self.rank_coef = None
+        values, self.d1, self.d2 = oracle.terms(self.h)
+        self.losses = oracle.group_means(values) + self.shift
+        del values                                  # (per-pair vectors: at N = 10⁷ each is 80 MB)
         if self.robust:
             self.soft = softmax(self.losses / self.temp)
             self.lam = mixing_weights(self.soft, self.chi)
@@ -159,6 +161,7 @@ class MatrixFreeNewton(NewtonMinimax):
         self.curv = self.pair_w * np.maximum(self.d2, 0.0)
         self.grad = oracle.rproduct(self.pair_w * self.d1)
         self.grads = None
+        self.rank_coef = oracle.pair_inv_size * self.d1 if self.robust else None     # ℓ'_i / N_{g_i}
 
     def hessp(self, v):
         """:math:`\\nabla^2F_\\mu v` (module docstring): two passes, in the storage's approximate products
@@ -170,7 +173,9 @@ class MatrixFreeNewton(NewtonMinimax):
         if self.robust:
             gv = oracle.group_means(self.d1 * sv)
             mix = (self.chi / self.temp) * self.soft * (gv - float(self.soft @ gv))
-            coef += mix[self.data.groups] * oracle.pair_inv_size * self.d1
+            term = mix[self.data.groups]
+            term *= self.rank_coef
+            coef += term
         return oracle.rproduct(coef) if self.exact_hessian else oracle.approx_rproduct(coef)
 
     def loss_hessp(self, v):
@@ -231,6 +236,8 @@ class MatrixFreeNewton(NewtonMinimax):
         alpha = self.soft
         _, hat, _, _ = self.refined_bound()        # the first-order α̂: stabler than softmax(L/μ) at small μ
         alpha = hat if hat is not None else alpha
+        # this iterate's per-pair vectors are recomputed after: the inner solve gets their memory
+        self.d1 = self.d2 = self.pair_w = self.curv = self.rank_coef = None
         inner = MatrixFreeNewton(self.data, self.loss, self.beta, self.theta_set, max_cg=self.max_cg,
                                  weights=mixing_weights(alpha, self.chi), tol=1e-3 * self.tol, max_iter=50,
                                  shift=self.shift)
