@@ -34,15 +34,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from implicit_features import peak_rss_bytes  # noqa: E402  (the same VmHWM reading)
+
 SHARES = np.array([0.35, 0.25, 0.15, 0.12, 0.08, 0.05])
-
-
-def peak_rss_bytes():
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return float("nan")
 
 
 def groups_for(n, seed=0):

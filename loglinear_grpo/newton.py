@@ -549,6 +549,11 @@ class NewtonMinimax:
         self.p = self.x - self.theta
         self.decrement = max(-float(self.grad @ self.p), 0.0)
         self.row["decrement"] = self.decrement
+        return self.decrement_action()
+
+    def decrement_action(self):
+        """What the Newton decrement says: ``"colder"`` when this temperature's stage is solved (μ shrinks
+        tenfold), ``"stop"`` when it is at float64 resolution, else ``"step"``."""
         if self.robust and self.temp > self.temp_floor and self.decrement <= DECREMENT_SHARE * self.temp:
             self.temp = max(self.temp * SHRINK, self.temp_floor)
             self.row["step_length"] = 0.0

@@ -50,7 +50,7 @@ from .certificate import DualPoint, refined_dual_bound
 from .constraints import L2Ball, ThetaSet, Unconstrained
 from ._numbers import nbytes_text
 from .losses import get_loss
-from .newton import EPS, DECREMENT_SHARE, REFINE_EARLY, SHRINK, NewtonMinimax, NewtonResult, PairOracle, newton_memory_budget, \
+from .newton import DECREMENT_SHARE, REFINE_EARLY, SHRINK, NewtonMinimax, NewtonResult, PairOracle, newton_memory_budget, \
     newton_memory_nbytes
 from .objective import minimax_value
 from .steps import mixing_weights
@@ -282,13 +282,7 @@ class MatrixFreeNewton(NewtonMinimax):
             if self.temp > self.temp_floor:
                 self.temp = max(self.temp * SHRINK, self.temp_floor)
             return "colder"                          # (at the floor: the same temperature, a fresh step)
-        if self.robust and self.temp > self.temp_floor and self.decrement <= DECREMENT_SHARE * self.temp:
-            self.temp = max(self.temp * SHRINK, self.temp_floor)
-            self.row["step_length"] = 0.0
-            return "colder"
-        if self.decrement <= EPS * max(1.0, abs(self.upper)):
-            return "stop"
-        return "step"
+        return self.decrement_action()
 
     def finalize(self):
         result = super().finalize()

@@ -12,7 +12,7 @@ import loglinear_grpo as lg
 import loglinear_grpo.newton as newton
 from loglinear_grpo._krylov import box_quadratic_min, conjugate_gradient, lanczos_trust_region
 from loglinear_grpo._linalg import ball_quadratic_min
-from loglinear_grpo.newton_cg import choose_solver, newton_cg_minimax
+from loglinear_grpo.newton_cg import choose_solver
 
 
 def _problem(n, d, seed=0, k=3, scale=1.0):
