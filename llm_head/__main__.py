@@ -173,9 +173,9 @@ def _training_flags(p, select):
                    help="'auto': the certified second-order solver, dense ('newton') where its matrices fit half "
                         "the memory, else matrix-free ('newton_cg')")
     p.add_argument("--max-cg", type=_positive_int, default=None,
-                   help="newton_cg: Hessian products per model step at most (default 250)")
+                   help="newton_cg: Krylov iterations per model step at most (default 250)")
     p.add_argument("--steps", type=_positive_int, default=None,
-                   help="iteration budget (default: the estimator's: 200 Newton iterations, ...)")
+                   help="iteration budget (default: the estimator's: 200 Newton iterations, 300 for newton_cg, ...)")
     p.add_argument("--tol", type=_tolerance, default=1e-6,
                    help="stop at this relative certified duality gap (0: run all steps)")
     if not select:

@@ -27,9 +27,10 @@ KEEP_BYTES = 256 << 20
 
 def _axpy(a, x, y):
     """y += a·x in place (BLAS; no temporary of the vectors' size: at d = 1.6·10⁷ one is 131 MB)."""
-    if y.dtype == np.float64 and x.dtype == np.float64 and y.flags.c_contiguous and x.flags.c_contiguous:
+    if y.dtype == np.float64 and x.dtype == np.float64 and y.flags.c_contiguous and x.flags.c_contiguous \
+            and y.flags.writeable:
         daxpy(x, y, a=a)
-    else:                                               # pragma: no cover - the solvers' vectors are float64
+    else:                             # numpy's own checks (a read-only y raises, as it must)
         y += a * x
     return y
 

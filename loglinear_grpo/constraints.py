@@ -405,13 +405,16 @@ class L2Ball(ThetaSet):
         """The trust-region step of :meth:`minimize_quadratic`, matrix-free: with z = x − c and δ = θ − c,
         minimise ½zᵀHz + (g − Hδ)ᵀz over ‖z‖ ≤ R by GLTR's Lanczos method
         (:func:`~loglinear_grpo._krylov.lanczos_trust_region`), to an optimality residual of ``rtol`` times
-        the one at θ, :math:`\\min_{\\nu\\ge0}\\|g + \\nu\\delta\\|` (which vanishes at the solution, so the
-        steps stay accurate as they shrink)."""
+        the one at θ — ‖g‖ inside the ball, :math:`\\min_{\\nu\\ge0}\\|g + \\nu\\delta\\|` on the sphere — which
+        vanishes at the solution, so the steps stay accurate as they shrink."""
         delta = theta if self.center is None else theta - self.center
         grad = np.asarray(grad, dtype=np.float64)
         square = float(delta @ delta)
-        nu = max(0.0, -float(grad @ delta) / square) if square > 0 else 0.0
-        current = safe_norm(grad + nu * delta)
+        # the KKT residual at θ: inside the ball the multiplier is 0 (complementarity), on the sphere
+        # the best ν ≥ 0
+        on_sphere = square > 0 and math.sqrt(square) >= self.radius * (1 - 1e-9)
+        nu = max(0.0, -float(grad @ delta) / square) if on_sphere else 0.0
+        current = safe_norm(grad + nu * delta) if nu > 0 else safe_norm(grad)
         if current == 0.0:
             return theta, {"iterations": 0, "residual": 0.0, "converged": True}
         h_delta = hessp(delta) if square > 0 else np.zeros_like(delta)

@@ -55,7 +55,8 @@ from .newton import DECREMENT_SHARE, REFINE_EARLY, SHRINK, NewtonMinimax, Newton
 from .objective import minimax_value
 from .steps import mixing_weights
 
-#: Hessian products per model step at most (``max_cg``)
+#: Krylov iterations per model step at most (``max_cg``; a two-pass Lanczos step makes up to twice as many
+#: Hessian products)
 MAX_CG = 250
 #: the forcing term η of the inexact model steps stays in [ETA_MIN, ETA_MAX]
 ETA_MAX = 0.1
@@ -64,6 +65,8 @@ ETA_MIN = 1e-10
 REFINE_ENTRIES = 200_000
 #: at the coldest temperature, the best-response bound is tried at most once in this many iterations
 RESPONSE_EVERY = 5
+#: the quadratic model's estimate of the feasible dual bound solves H₁z = ∇ to this relative residual
+ESTIMATE_RTOL = 1e-3
 #: the feasible dual's correction H₁z = ρ is solved to this relative residual (then refined, checked)
 DUAL_RTOL = 1e-12
 
@@ -71,7 +74,7 @@ DUAL_RTOL = 1e-12
 #: point and step, four Krylov vectors, a product's output, the certificate's residual), and N-vectors
 #: (margins, loss terms, weights, products and their temporaries)
 D_VECTORS = 12
-N_VECTORS = 16
+N_VECTORS = 18
 
 
 def matrix_free_memory_nbytes(data):
@@ -128,7 +131,8 @@ class MatrixFreeNewton(NewtonMinimax):
     Parameters
     ----------
     max_cg : int
-        Hessian products per model step at most (default :data:`MAX_CG`).
+        Krylov iterations per model step at most (default :data:`MAX_CG`; on a ball whose Lanczos vectors
+        do not fit in memory each iteration's product is made twice, in the second pass).
     Others
         As :class:`~loglinear_grpo.newton.NewtonMinimax`.
     """
@@ -137,7 +141,8 @@ class MatrixFreeNewton(NewtonMinimax):
         super().__init__(data, loss, beta, theta_set, **kw)
         self.max_cg = int(max_cg)
         self._responded_at = -RESPONSE_EVERY     # the iteration of the last best-response bound
-        self.exact_hessian = False               # True once the approximate products have failed a step
+        # True once the approximate products have failed a step, or from the start when there are none
+        self.exact_hessian = data.storage.approximate_products() is None
         self.cg_iterations = 0
         self.cg_exhausted = 0          # model steps whose Krylov solve used its whole budget unconverged
         self.model_steps = 0
@@ -182,9 +187,11 @@ class MatrixFreeNewton(NewtonMinimax):
         """:math:`H_1v = S^\\top(c\\odot Sv)`, the loss part only (the feasible dual's metric)."""
         return self.oracle.rproduct(self.curv * self.oracle.product(v))
 
-    def solve_loss_hessian(self, rhs, free=None):
-        """:math:`H_1z = ` ``rhs`` by conjugate gradients (on the coordinates ``free`` when given), to
-        :data:`DUAL_RTOL`; the feasible dual's refinement and its rounding test do the rest."""
+    def solve_loss_hessian(self, rhs, free=None, rtol=None):
+        """:math:`H_1z = ` ``rhs`` by conjugate gradients (on the coordinates ``free`` when given): to
+        :data:`ESTIMATE_RTOL` for the quadratic model's estimate of the feasible dual bound (which only
+        decides whether to compute it), to :data:`DUAL_RTOL` for the bound's own correction (then its
+        refinement and rounding test do the rest)."""
         if free is None or np.all(free):
             hessp = self.loss_hessp
         else:
@@ -192,12 +199,12 @@ class MatrixFreeNewton(NewtonMinimax):
                 full = np.zeros(self.data.dim)
                 full[free] = v
                 return self.loss_hessp(full)[free]
-        z, info = conjugate_gradient(hessp, rhs, DUAL_RTOL, 10 * self.max_cg)
+        z, info = conjugate_gradient(hessp, rhs, ESTIMATE_RTOL if rtol is None else rtol, 10 * self.max_cg)
         self.cg_iterations += info["iterations"]
         return z
 
     def loss_hessian(self):
-        return self.solve_loss_hessian
+        return lambda rhs, free: self.solve_loss_hessian(rhs, free, DUAL_RTOL)
 
     def refined_bound(self):
         r"""The refined bound, in two tiers.

@@ -129,8 +129,8 @@ RULES = (
      "estimator='newton_cg' (matrix-free) needs a smooth loss (DPO or IPO); the hinge is one linear or conic "
      "program (estimator='newton'), which does not scale to an LLM head"),
     (lambda s: s.max_cg is not None and s.estimator not in ("auto", "newton_cg"),
-     "max_cg is the matrix-free solver's budget of Hessian products per model step (estimator='newton_cg' "
-     "or 'auto')"),
+     "max_cg: only for the matrix-free solver (estimator='newton_cg' or 'auto'): its Krylov iterations per "
+     "model step"),
     (lambda s: s.estimator == "closed_form" and s.step_size is not None,
      "step_size: the closed-form θ step is exact; only alpha_step_size applies"),
 )

@@ -120,7 +120,7 @@ class SolverConfig:
 
     ``settings`` is what the user gave (:class:`~loglinear_grpo.settings.Settings`); the fields
     below are the same settings with the defaults that depend on the estimator and the data resolved
-    (``estimator="auto"`` → ``"newton"``, ``steps``, ``tol``, the step-size schedules, Θ, θ⁽⁰⁾, α⁽⁰⁾);
+    (``estimator="auto"`` → ``"newton"`` or ``"newton_cg"`` by predicted memory, ``steps``, ``tol``, the step-size schedules, Θ, θ⁽⁰⁾, α⁽⁰⁾);
     ``derived`` holds the arrays precomputed from the data. Built by :func:`make_config`.
     """
 
@@ -177,7 +177,8 @@ class SolverConfig:
                 "adjustment": None if self.shift is None else [float(c) for c in self.shift],
                 "step_size": None if self.theta_step is None else self.theta_step.describe(),
                 "alpha_step_size": None if self.alpha_step is None else self.alpha_step.describe(),
-                "constraint": self.theta_set.fingerprint()}
+                "constraint": self.theta_set.fingerprint(),
+                **({"max_cg": self.max_cg} if self.estimator == "newton_cg" else {})}
 
 
 @functools.partial(with_settings_signature, leading=("data", "settings"))
@@ -188,9 +189,11 @@ def make_config(data, settings=None, **options):
     :func:`solve`; keywords given with ``settings`` replace its fields). Defaults that depend on the
     estimator:
 
-    * ``steps``: the iteration budget — 200 Newton iterations, 20 000 full-batch iterations,
-      5 000 closed-form alternations, 1 000 stochastic steps.
-    * ``tol``: 10⁻⁶ (relative certified duality gap) for ``newton``, ``full`` and ``closed_form``;
+    * ``estimator="auto"``: ``"newton"`` where its dense matrices fit the memory budget, else
+      ``"newton_cg"`` (:func:`~loglinear_grpo.newton_cg.choose_solver`).
+    * ``steps``: the iteration budget — 200 Newton iterations (300 for ``newton_cg``), 20 000 full-batch
+      iterations, 5 000 closed-form alternations, 1 000 stochastic steps.
+    * ``tol``: 10⁻⁶ (relative certified duality gap) for ``newton``, ``newton_cg``, ``full`` and ``closed_form``;
       ``None`` (run all T steps, the theory-verification mode) for ``stochastic``.
     * θ step (``full``): 1/L for DPO and IPO, L = sup ℓ''·max_g λ_max(S_gᵀS_g/N_g) (gradient
       descent on any convex combination of the L_g is then monotone); for the hinge the full-batch
@@ -454,8 +457,9 @@ class SolveResult:
         plan = self.memory
         kind = {"newton": "dense/row-space Newton", "newton_cg": "matrix-free Newton-CG"}.get(self.solver, self.solver)
         own = plan["dense_bytes"] if self.solver == "newton" else plan["matrix_free_bytes"]
+        peak = plan.get("peak_rss_bytes")
         line = (f"solver: {self.solver} ({kind}): {plan['reason']}; predicted {nbytes_text(own)} besides S, "
-                f"process peak {nbytes_text(plan['peak_rss_bytes'])} resident")
+                f"process peak {'unknown' if peak is None else nbytes_text(peak)} resident")
         if self.cg_iterations is not None:
             line += f"; {self.cg_iterations} Hessian products in {self.n_iter} iterations, {self.passes} passes over S"
         return line
@@ -577,7 +581,8 @@ def solve(data, config=None, *, log_every=None, duality_gap=False, checkpoint=No
         so far, at least 10). A certificate costs one or two exact best responses — about as much
         as 5–20 full-batch iterations — and is also computed once at the end.
     max_cg : int, optional
-        ``newton_cg``: Hessian products per model step at most (default 250; each is two passes over S).
+        ``newton_cg``: Krylov iterations per model step at most (default 250; each is a Hessian product,
+        two passes over S, and on a ball whose Lanczos vectors do not fit in memory, two products).
     log_every : int, optional
         History period of the first-order estimators (default: T/100, at least 1).
     duality_gap : bool
@@ -646,7 +651,7 @@ def _stop_reason(result, config):
     if result.n_iter >= config.steps:
         return None
     if result.cg_exhausted:
-        return (f"its Krylov budget (max_cg={config.max_cg} Hessian products per model step) ran out in "
+        return (f"its Krylov budget (max_cg={config.max_cg} iterations per model step) ran out in "
                 f"{result.cg_exhausted} model steps, and the inexact steps stalled; raise max_cg")
     if not np.isfinite(result.lower_bound):
         return "no certified lower bound was available at the points it reached"
@@ -698,14 +703,15 @@ def _warn_unconverged(result, config, what):
 
 
 def peak_rss_bytes():
-    """The process's peak resident memory so far, in bytes (``getrusage``; NaN where unavailable)."""
+    """The process's peak resident memory so far, in bytes (``getrusage``; ``None`` where unavailable: it
+    goes into strict JSON, which has no NaN)."""
     try:
         import resource
         import sys
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(peak) * (1 if sys.platform == "darwin" else 1024)
     except (ImportError, OSError, ValueError):           # pragma: no cover - not POSIX
-        return float("nan")
+        return None
 
 
 def _solve_newton(data, config, *, progress, callback, temperature0=None, **_first_order_only):

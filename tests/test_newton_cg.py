@@ -275,3 +275,35 @@ def test_a_failed_float32_step_switches_to_exact_products(monkeypatch):
     assert not switched[0] and switched[-1]                         # noisy first, exact at the end
     reference = lg.solve(data, estimator="newton", radius=1.0)
     assert res.converged and abs(res.value - reference.value) <= 2e-6 * max(1.0, reference.value)
+
+
+def test_ball_step_inside_the_ball_uses_the_gradient_as_its_residual():
+    """Review finding: inside the ball the KKT multiplier is 0, so the residual at θ is ‖g‖. The old code
+    took min over ν ≥ 0 of ‖g + νδ‖, which is 0 when g is anti-parallel to δ: the step returned θ itself,
+    marked converged, and a d = 1 solve stalled unconverged on every seed."""
+    ball = lg.L2Ball(5.0)
+    x, info = ball.minimize_quadratic_operator(np.array([1.0]), np.array([-3.0]), lambda v: 2.0 * v, 0.1, 50)
+    np.testing.assert_allclose(x, [2.5])                 # the model's minimiser, inside the ball
+    assert info["iterations"] > 0
+    for seed in range(4):
+        data = _problem(200, 1, seed=seed)
+        dense = lg.solve(data, radius=5.0, estimator="newton", tol=1e-8)
+        free = lg.solve(data, radius=5.0, estimator="newton_cg", tol=1e-8)
+        assert dense.converged and free.converged
+        assert abs(free.value - dense.value) <= 2e-8 * max(1.0, dense.value)
+
+
+def test_axpy_refuses_a_read_only_vector():
+    from loglinear_grpo._krylov import _axpy
+    y = np.ones(4)
+    y.setflags(write=False)
+    with pytest.raises(ValueError):
+        _axpy(2.0, np.ones(4), y)
+
+
+def test_unknown_peak_memory_is_none_not_nan(monkeypatch):
+    """Strict JSON (llm_head's settings.json) has no NaN: an unknown peak is None, printed as unknown."""
+    import loglinear_grpo.solver as solver
+    monkeypatch.setattr(solver, "peak_rss_bytes", lambda: None)
+    res = lg.solve(_problem(60, 3), radius=1.0)
+    assert res.memory["peak_rss_bytes"] is None and "process peak unknown" in res.solver_summary()
