@@ -192,3 +192,20 @@ def test_adjustment_flag(work, capsys):
     assert "worst-group adjusted loss (train) = " in out
     with pytest.raises(SystemExit):
         cli(["train", "--workdir", str(work), "--run", "bad", "--adjustment", "-1"])
+
+
+def test_train_with_the_matrix_free_solver_through_the_cli(work, capsys):
+    """`--estimator newton_cg --max-cg N`: the same certified optimum as the default solver, the solver
+    line names it, settings.json records it and its budget (issue 21)."""
+    out = _train(work, "cg", capsys, "--estimator", "newton_cg", "--max-cg", "80")
+    dense = _settings(work, "gr") if (work / "runs" / "gr").exists() else None
+    settings = _settings(work, "cg")
+    assert settings["solver"]["estimator"] == "newton_cg" and settings["solver"]["max_cg"] == 80
+    assert settings["certificate"]["converged"] and settings["memory"]["estimator"] == "newton_cg"
+    line = [x for x in out.splitlines() if x.startswith("solver: ")]
+    assert len(line) == 1 and line[0].startswith("solver: newton_cg (matrix-free Newton-CG): estimator='newton_cg' was asked for")
+    assert "Hessian products" in line[0]
+    if dense is not None and dense["certificate"]["converged"]:
+        assert settings["certificate"]["value"] == pytest.approx(dense["certificate"]["value"], rel=2e-6, abs=2e-6)
+    with pytest.raises(SystemExit, match="--max-cg: only for the matrix-free solver"):
+        cli(["train", "--workdir", str(work), "--radius", "0.5", "--run", "bad", "--max-cg", "5", "--estimator", "full"])
