@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py [--pairs 10000 30000 100000] [--losses dpo ipo] [--row-space-at 10000]
         [--length 8] [--hidden-size 2048] [--vocab 8000] [--radius 1.0] [--cache-dir DIR] [--quick]
-        [--out paper_figures/performance] [--dense N --dense-dim 64]
+        [--out paper_figures/performance] [--dense N --dense-dim 64] [--combine A.csv B.csv ...]
 
 The cache is random float16 hidden states (no model needed; ``benchmarks/implicit_features.py``'s
 layout), memory-mapped: ``pairs`` pairs of two answers of L tokens, one hidden state of size d_h per
@@ -168,10 +168,20 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="N = 1000 2000, d_h = 256, |V'| = 1000 (a smoke run)")
     p.add_argument("--out", default=os.path.join(ROOT, "paper_figures", "performance"))
     p.add_argument("--name", default="scale", help="output file stem")
+    p.add_argument("--combine", nargs="+", metavar="CSV",
+                   help="only draw scale.png (and scale_all.csv) from these tables of earlier runs")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure:
         measure(args)
+        return 0
+    if args.combine:
+        table = pd.concat([pd.read_csv(path) for path in args.combine], ignore_index=True)
+        if "error" in table:
+            table = table[table["error"].isna()]
+        implicit = table[table["source"] == "implicit"]
+        implicit.to_csv(os.path.join(args.out, f"{args.name}_all.csv"), index=False)
+        plot(implicit, os.path.join(args.out, f"{args.name}.png"))
         return 0
     if args.quick:
         args.pairs, args.hidden_size, args.vocab, args.row_space_at = [1000, 2000], 256, 1000, [1000]
