@@ -452,18 +452,24 @@ class NewtonMinimax:
         """One pass: per-pair ℓ, ℓ', ℓ''; the group losses; the weights λ = (1−χ)/K + χ softmax(L/μ)
         (or the fixed weights); the group gradients G, the weighted gradient ∇ = λᵀG and the loss
         part of the Hessian, H₁ = Sᵀ diag(λ_g ℓ''_i / N_g) S."""
-        oracle, data = self.oracle, self.data
+        oracle = self.oracle
         self.values, self.d1, self.d2 = oracle.terms(self.h)
-        self.losses = oracle.group_means(self.values) + self.shift
+        self.set_weights(self.values)
+        self.grads, self.hess1 = oracle.gradients_and_hessian(self.d1, self.pair_w * self.d2)
+        self.grad = self.lam @ self.grads
+
+    def set_weights(self, values):
+        """From the pairs' losses: the (adjusted) group losses, the smoothed weights σ = softmax(L/μ) and
+        λ = (1−χ)/K + χσ (or the fixed weights), the objective's value and the pair weights
+        w_i = λ_{g_i}/N_{g_i}."""
+        self.losses = self.oracle.group_means(values) + self.shift
         if self.robust:
             self.soft = softmax(self.losses / self.temp)
             self.lam = mixing_weights(self.soft, self.chi)
         else:
             self.soft = self.lam = self.weights
         self.upper = minimax_value(self.losses, self.chi, self.fixed)
-        self.pair_w = self.lam[data.groups] * oracle.pair_inv_size
-        self.grads, self.hess1 = oracle.gradients_and_hessian(self.d1, self.pair_w * self.d2)
-        self.grad = self.lam @ self.grads
+        self.pair_w = self.lam[self.data.groups] * self.oracle.pair_inv_size
 
     def certify(self):
         """The bound at this iterate (:mod:`loglinear_grpo.certificate`): the linearisation where Θ is

@@ -43,7 +43,6 @@ Nesterov (2005), Smooth minimization of non-smooth functions, Math. Program. 103
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import softmax
 
 from ._krylov import conjugate_gradient
 from .certificate import DualPoint, refined_dual_bound
@@ -52,7 +51,6 @@ from ._numbers import nbytes_text
 from .losses import get_loss
 from .newton import DECREMENT_SHARE, REFINE_EARLY, SHRINK, NewtonMinimax, NewtonResult, PairOracle, newton_memory_budget, \
     newton_memory_nbytes
-from .objective import minimax_value
 from .steps import mixing_weights
 
 #: Krylov iterations per model step at most (``max_cg``; a two-pass Lanczos step makes up to twice as many
@@ -150,19 +148,12 @@ class MatrixFreeNewton(NewtonMinimax):
     # ------------------------------------------------------------------ steps
     def gradient_hessian(self):
         """One pass for the gradient ∇ = Sᵀ(w ⊙ ℓ'); the Hessian stays an operator (:meth:`hessp`)."""
-        oracle, data = self.oracle, self.data
+        oracle = self.oracle
         self.x = self.p = self.grad = None          # the last step's vectors: their memory is needed now
         self.values = self.d1 = self.d2 = self.pair_w = self.curv = self.rank_coef = None
         values, self.d1, self.d2 = oracle.terms(self.h)
-        self.losses = oracle.group_means(values) + self.shift
+        self.set_weights(values)
         del values                                  # (per-pair vectors: at N = 10⁷ each is 80 MB)
-        if self.robust:
-            self.soft = softmax(self.losses / self.temp)
-            self.lam = mixing_weights(self.soft, self.chi)
-        else:
-            self.soft = self.lam = self.weights
-        self.upper = minimax_value(self.losses, self.chi, self.fixed)
-        self.pair_w = self.lam[data.groups] * oracle.pair_inv_size
         self.curv = self.pair_w * np.maximum(self.d2, 0.0)
         self.grad = oracle.rproduct(self.pair_w * self.d1)
         self.grads = None
