@@ -59,7 +59,8 @@ MAX_CG = 250
 #: the forcing term η of the inexact model steps stays in [ETA_MIN, ETA_MAX]
 ETA_MAX = 0.1
 ETA_MIN = 1e-10
-#: a bounded box's refined bound (a cone program with d variables) is tried up to K · d of this size
+#: a bounded box's refined bound (a cone program with d variables; the group sums hold an N × K matrix) is
+#: tried up to K · max(d, N/50) of this size
 REFINE_ENTRIES = 200_000
 #: at the coldest temperature, the best-response bound is tried at most once in this many iterations
 RESPONSE_EVERY = 5
@@ -203,21 +204,23 @@ class MatrixFreeNewton(NewtonMinimax):
         1. On a ball, :func:`ball_refined_bound` (first-order information at θ, 2K + 2 passes); on a
            bounded box with K · d ≤ :data:`REFINE_ENTRIES`, the dense solver's
            (:func:`~loglinear_grpo.certificate.refined_dual_bound`, K vectors of length d).
-        2. At the end of a temperature stage (the smoothed problem solved), if that was not enough: the
-           certified best response to the smoothed weights, :math:`L^*\ge\min_{\theta'\in\Theta}\sum_g
-           \lambda_gL_g(\theta')` with λ = (1−χ)/K + χ softmax(L/μ), by this solver with the weights fixed
-           (warm-started at θ; once per stage). With α fixed there is no max, so no 1/μ curvature: the
+        2. At the end of a temperature stage (the smoothed problem solved): the certified best response
+           :math:`L^*\ge\min_{\theta'\in\Theta}\sum_g\lambda_gL_g(\theta')` with λ = (1−χ)/K + χα̂, α̂ from
+           tier 1 where it ran, else softmax(L/μ) (:meth:`best_response_bound`, by this solver with the
+           weights fixed, warm-started at θ). With α fixed there is no max, so no 1/μ curvature: the
            inner solve certifies quickly where the linearisation at θ would need θ to a precision the
            Krylov steps cannot give at small μ (the rank-K term makes the Hessian's condition number grow
            as 1/μ). And by concavity of the dual function its value is below L* only to second order
            in λ − α*.
+
+        This method is tier 1; it returns ``(lower, alpha, kind, dual)``.
         """
         best = (-np.inf, None, "none", None)
         if isinstance(self.theta_set, L2Ball):
             best = ball_refined_bound(self.oracle, self.losses, self.d1, self.theta, self.theta_set, self.chi,
                                       self.shift)
         elif np.isfinite(self.theta_set.bounding_ball(self.data.dim)[1]) and \
-                self.data.dim * self.data.n_groups <= REFINE_ENTRIES:
+                max(self.data.dim, self.data.n_samples // 50) * self.data.n_groups <= REFINE_ENTRIES:
             # a bounded box: the dense refined bound's cone program, over K group-gradient vectors of length d
             grads = self.data.storage.group_sums(self.d1, self.data.groups, self.data.n_groups) * \
                 self.oracle.inv_size[:, None]
