@@ -24,11 +24,13 @@ def certified_best_response(alpha, data, loss, beta, theta_set, *, tol=1e-12, th
     from .newton import newton_minimax
     from .newton_cg import choose_solver, newton_cg_minimax
     spec = get_loss(loss)
-    if spec.name == "hinge":
+    matrix_free = choose_solver(data, spec.name, theta_set)[0] == "newton_cg"    # the dense form would not fit
+    if spec.name == "hinge" and not matrix_free:
         return hinge_program(data, beta, theta_set, weights=np.asarray(alpha, dtype=np.float64))
-    if choose_solver(data, spec.name, theta_set)[0] == "newton_cg":       # the dense matrices would not fit
+    if matrix_free:
+        floor = 1e-10 if spec.smooth else 1e-7      # the smoothed hinge pays a temperature stage per decade
         return newton_cg_minimax(data, spec.name, beta, theta_set, weights=np.asarray(alpha, dtype=np.float64),
-                                 theta0=theta0, tol=max(tol, 1e-10), max_iter=max_iter)
+                                 theta0=theta0, tol=max(tol, floor), max_iter=max_iter)
     return newton_minimax(data, spec.name, beta, theta_set, weights=np.asarray(alpha, dtype=np.float64),
                           theta0=theta0, tol=tol, max_iter=max_iter)
 

@@ -137,6 +137,24 @@ def _hinge_conjugate(u, beta):
     return u / beta                           # on its domain [-β, 0]
 
 
+def _hinge_smoothed(h, beta, nu):
+    r"""The hinge smoothed by softplus at temperature ν > 0 (the matrix-free solver's path ν → 0):
+
+    .. math::
+
+        \ell_\nu(h) = \nu\log\big(1 + e^{z/\nu}\big),\quad z = 1 - \beta h,\qquad
+        \ell_\nu' = -\beta\,\sigma(z/\nu),\qquad \ell_\nu'' = \frac{\beta^2}{\nu}\,\sigma(z/\nu)\,\sigma(-z/\nu),
+
+    with :math:`0 \le \ell_\nu - \ell \le \nu\log 2` (Nesterov 2005's smoothing of max(0, z) by the
+    entropy of a two-point distribution). ℓ'_ν lies in (−β, 0), the domain of the hinge's conjugate, so it
+    is always a dual point of the hinge's own certificate. Returns ``(ℓ_ν, ℓ'_ν, ℓ''_ν)``, in log space.
+    """
+    t = (1.0 - beta * h) / nu
+    value = nu * np.logaddexp(0.0, t)
+    p = expit(t)
+    return value, -beta * p, (beta * beta / nu) * p * expit(-t)
+
+
 def _hinge_bounds(h_max, beta):
     return float(1.0 + beta * h_max), float(beta)
 
@@ -189,6 +207,10 @@ class Loss:
         The same for one Python float (Algorithm 1 with one pair per step).
     in_place : callable ``(h, beta, z, e, value, deriv) -> (value, deriv)``, optional
         The same for one block of margins, into preallocated buffers (the full-batch kernels).
+    smoothed : callable ``(h, beta, nu) -> (ℓ_ν, ℓ'_ν, ℓ''_ν)``, optional
+        A non-smooth loss's smooth approximation at temperature ν (the hinge's softplus), with
+        ℓ'_ν in the conjugate's domain: the second-order solvers follow ν → 0 and certify the loss
+        itself with these dual points.
     """
 
     name: str
@@ -203,6 +225,7 @@ class Loss:
     value_and_derivative: Callable | None = None
     scalar: Callable | None = None
     in_place: Callable | None = None
+    smoothed: Callable | None = None
 
     def max_curvature(self, beta):
         """:math:`\\sup_h \\ell''(h)` (``inf`` for the hinge)."""
@@ -228,7 +251,7 @@ LOSSES = {
     "ipo": Loss("ipo", _ipo_value, _ipo_derivative, _ipo_curvature, _ipo_conjugate, (-np.inf, np.inf), True,
                 _ipo_bounds, _cvxpy_ipo, None, _ipo_scalar),
     "hinge": Loss("hinge", _hinge_value, _hinge_derivative, _hinge_curvature, _hinge_conjugate, (-1.0, 0.0),
-                  False, _hinge_bounds, _cvxpy_hinge, None, _hinge_scalar),
+                  False, _hinge_bounds, _cvxpy_hinge, None, _hinge_scalar, smoothed=_hinge_smoothed),
 }
 
 #: TRL's names (``loss_type``) and ours

@@ -16,8 +16,12 @@ set; then an Armijo line search — Boyd & Vandenberghe 2004, §9.5) and follows
 reducing μ tenfold whenever the Newton decrement is small next to μ (as an interior-point
 method follows its barrier parameter). For the importance-sampling and vanilla methods (α fixed)
 there is no max, and the solver is Newton's method on :math:`\\sum_g\\alpha_g L_g`: an exact best
-response. The non-smooth hinge loss is not solved here but as one linear (or conic) program,
-:func:`loglinear_grpo.hinge.hinge_program`.
+response. The non-smooth hinge loss is solved by ``solve`` as one linear (or conic) program,
+:func:`loglinear_grpo.hinge.hinge_program`; where that does not fit, the matrix-free solver
+(:mod:`loglinear_grpo.newton_cg`) runs this template on its softplus smoothing at the same temperature,
+:math:`\\ell_\\mu(h) = \\mu\\log(1 + e^{(1-\\beta h)/\\mu})` (:attr:`~loglinear_grpo.losses.Loss.smoothed`),
+and certifies the hinge itself: the value is the hinge's, and every bound uses the hinge's conjugate at
+:math:`u = \\ell_\\mu'(h)` (:meth:`NewtonMinimax.set_weights`).
 
 Every iteration also yields the certificate, at no extra pass over S. With
 :math:`\\lambda = (1-\\chi)/K + \\chi\\,\\mathrm{softmax}(L/\\mu)` (the smoothed problem's group
@@ -67,6 +71,9 @@ from .losses import get_loss
 #: the temperature μ shrinks by this factor once the Newton decrement is at most DECREMENT_SHARE of it
 SHRINK = 0.1
 DECREMENT_SHARE = 0.1
+#: the same factor on a smoothed loss's path (the hinge's softplus: its curvature is confined to a band of
+#: width μ around the kink, so a Newton step from the last stage's point must not face a much narrower one)
+SHRINK_SMOOTHED = 0.3
 #: the refined bound is also tried at the end of every temperature stage at most this many times the floor
 REFINE_EARLY = 1e3
 
@@ -413,8 +420,11 @@ class NewtonMinimax:
         takes_state = "state" in inspect.signature(theta_set.minimize_quadratic).parameters
         self.model_kw = {"state": {}} if takes_state else {}
         self.oracle = PairOracle(data, loss, beta)
-        if not self.oracle.spec.smooth:
-            raise ValueError(f"the Newton solver needs a smooth loss, got {loss!r} (see loglinear_grpo.hinge.hinge_program)")
+        spec = self.oracle.spec
+        if not spec.smooth and spec.smoothed is None:
+            raise ValueError(f"the Newton solver needs a smooth loss or a smoothing of it, got {loss!r}")
+        # a non-smooth loss (the hinge) is replaced by its smoothing at the same temperature μ (module docstring)
+        self.smoothed_loss = not spec.smooth
         k = data.n_groups
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
         self.robust = self.weights is None and k > 1
@@ -422,11 +432,26 @@ class NewtonMinimax:
             self.weights = np.ones(1)
         self.fixed = None if self.robust else self.weights
         self.log_k = np.log(max(k, 2))
+        # a temperature path μ → 0: for the smoothed max, and for a smoothed loss even with fixed weights
+        self.on_path = self.robust or self.smoothed_loss
+        self.shrink = SHRINK_SMOOTHED if self.smoothed_loss else SHRINK
 
     # ------------------------------------------------------------------ steps
     def group_losses(self, h):
-        """The (adjusted) group losses :math:`L_g + c_g` at margins h."""
-        return self.oracle.group_means(self.oracle.spec.value(h, self.beta)) + self.shift
+        """The (adjusted) group losses :math:`L_g + c_g` at margins h, of the loss the model steps minimise
+        (a smoothed loss at the current temperature)."""
+        spec = self.oracle.spec
+        values = spec.smoothed(h, self.beta, self.temp)[0] if self.smoothed_loss and self.temp > 0 else \
+            spec.value(h, self.beta)
+        return self.oracle.group_means(values) + self.shift
+
+    def pair_terms(self, h):
+        """ℓ, ℓ', ℓ'' of every pair, of the loss the model steps minimise: the loss itself, or its smoothing
+        at the temperature μ (:attr:`~loglinear_grpo.losses.Loss.smoothed`; ℓ' is then a dual point of the
+        loss's own certificate)."""
+        if self.smoothed_loss:
+            return self.oracle.spec.smoothed(h, self.beta, self.temp)
+        return self.oracle.terms(h)
 
     def setup(self, theta0):
         """θ⁰ projected onto Θ (default: Θ's centre, else 0), its margins, the first temperature (the
@@ -437,10 +462,11 @@ class NewtonMinimax:
             theta0 = np.zeros(data.dim) if center is None else np.asarray(center, dtype=np.float64)
         self.theta = self.theta_set.project(np.array(theta0, dtype=np.float64))
         self.h = oracle.margins(self.theta)
+        self.temp = 0.0
         losses0 = self.group_losses(self.h)
         self.temp = max(float(np.ptp(losses0)), 0.1 * max(float(np.max(np.abs(losses0))), 1e-300)) \
-            if self.robust else 0.0
-        if self.robust and self.temperature0 is not None:
+            if self.on_path else 0.0
+        if self.on_path and self.temperature0 is not None:
             self.temp = min(self.temp, float(self.temperature0))
         # every loss is ≥ 0: L* ≥ the objective of the adjustment's shifts alone (0 without one)
         trivial = trivial_bound(self.chi, self.fixed, None if not np.any(self.shift) else self.shift)
@@ -453,22 +479,35 @@ class NewtonMinimax:
         (or the fixed weights); the group gradients G, the weighted gradient ∇ = λᵀG and the loss
         part of the Hessian, H₁ = Sᵀ diag(λ_g ℓ''_i / N_g) S."""
         oracle = self.oracle
-        self.values, self.d1, self.d2 = oracle.terms(self.h)
+        self.values, self.d1, self.d2 = self.pair_terms(self.h)
         self.set_weights(self.values)
         self.grads, self.hess1 = oracle.gradients_and_hessian(self.d1, self.pair_w * self.d2)
         self.grad = self.lam @ self.grads
 
     def set_weights(self, values):
-        """From the pairs' losses: the (adjusted) group losses, the smoothed weights σ = softmax(L/μ) and
-        λ = (1−χ)/K + χσ (or the fixed weights), the objective's value and the pair weights
-        w_i = λ_{g_i}/N_{g_i}."""
-        self.losses = self.oracle.group_means(values) + self.shift
+        """From the pairs' losses (of the model's loss; ``self.d1`` its derivatives at ``self.h``): the
+        (adjusted) group losses, the smoothed weights σ = softmax(L/μ) and λ = (1−χ)/K + χσ (or the fixed
+        weights), the objective's value and the pair weights w_i = λ_{g_i}/N_{g_i}.
+
+        With a smoothed loss three sets of group values differ: ``losses`` (the smoothed loss: the model,
+        the weights, the line search), ``value_losses`` (the loss itself: the objective's value, an upper
+        bound on L*) and ``bound_losses``, the group means of the Fenchel–Young terms
+        :math:`u_ih_i - \\ell^*(u_i)` at :math:`u = \\ell_\\mu'(h)` (the hinge: :math:`\\sigma_i(1-\\beta h_i)`),
+        which every bound uses in place of the group losses (:mod:`loglinear_grpo.certificate`, (⋆))."""
+        oracle = self.oracle
+        self.losses = oracle.group_means(values) + self.shift
+        if self.smoothed_loss:
+            spec, h = oracle.spec, self.h
+            self.value_losses = oracle.group_means(spec.value(h, self.beta)) + self.shift
+            self.bound_losses = oracle.group_means(self.d1 * h - spec.conjugate(self.d1, self.beta)) + self.shift
+        else:
+            self.value_losses = self.bound_losses = self.losses
         if self.robust:
             self.soft = softmax(self.losses / self.temp)
             self.lam = mixing_weights(self.soft, self.chi)
         else:
             self.soft = self.lam = self.weights
-        self.upper = minimax_value(self.losses, self.chi, self.fixed)
+        self.upper = minimax_value(self.value_losses, self.chi, self.fixed)
         self.pair_w = self.lam[self.data.groups] * self.oracle.pair_inv_size
 
     def certify(self):
@@ -480,7 +519,7 @@ class NewtonMinimax:
         if self.upper < best["value"]:
             best.update(value=self.upper, theta=self.theta)      # θ is rebound each step, never changed in place
         self.target = convergence_target(best["value"], self.tol)
-        weighted = float(self.lam @ self.losses)
+        weighted = float(self.lam @ self.bound_losses)
         offset = float(self.lam @ self.shift)                  # Σ_g λ_g c_g = Σ_i w_i c_{g_i}
         lower, kind, dual_u = linear_bound(weighted, self.theta, theta_set, self.grad), "rigorous", self.d1
         if not np.isfinite(lower):
@@ -516,7 +555,7 @@ class NewtonMinimax:
         ``(lower, alpha, kind, dual)``."""
         theta_set = self.theta_set
         return refined_dual_bound(
-            self.losses, self.grads, self.hess1, self.theta, theta_set, self.data, self.chi, self.d1,
+            self.bound_losses, self.grads, self.hess1, self.theta, theta_set, self.data, self.chi, self.d1,
             best_response=lambda lam: newton_minimax(self.data, self.loss, self.beta, theta_set, weights=lam,
                                                      theta0=self.theta, tol=1e-3 * self.tol, max_iter=50,
                                                      shift=self.shift),
@@ -560,8 +599,8 @@ class NewtonMinimax:
     def decrement_action(self):
         """What the Newton decrement says: ``"colder"`` when this temperature's stage is solved (μ shrinks
         tenfold), ``"stop"`` when it is at float64 resolution, else ``"step"``."""
-        if self.robust and self.temp > self.temp_floor and self.decrement <= DECREMENT_SHARE * self.temp:
-            self.temp = max(self.temp * SHRINK, self.temp_floor)
+        if self.on_path and self.temp > self.temp_floor and self.decrement <= DECREMENT_SHARE * self.temp:
+            self.temp = max(self.temp * self.shrink, self.temp_floor)
             self.row["step_length"] = 0.0
             return "colder"
         if self.decrement <= EPS * max(1.0, abs(self.upper)):
@@ -572,7 +611,7 @@ class NewtonMinimax:
         """Armijo backtracking on F_μ along p (Boyd & Vandenberghe 2004, §9.5), on the margins
         h + t·Sp (one product); on success θ moves (a convex combination of two points of Θ) and the
         margins are recomputed from S every 10 iterations. Returns whether a step was accepted."""
-        oracle, beta = self.oracle, self.beta
+        oracle = self.oracle
         sp_dir = oracle.product(self.p)
         f0 = _objective(self.losses, self.fixed, self.chi, self.temp)
         t, accepted = 1.0, False
@@ -591,7 +630,7 @@ class NewtonMinimax:
     def emit(self):
         self.history.append(self.row)
         if self.callback is not None:
-            self.callback({**self.row, "losses": self.losses - self.shift, "alpha": np.array(self.soft, dtype=np.float64),
+            self.callback({**self.row, "losses": self.value_losses - self.shift, "alpha": np.array(self.soft, dtype=np.float64),
                            "theta": self.theta_at_row})
 
     def finalize(self):
@@ -602,7 +641,7 @@ class NewtonMinimax:
         return NewtonResult(theta=best["theta"], alpha=np.asarray(alpha, dtype=np.float64), value=best["value"],
                             lower_bound=best["lower"], converged=self.converged, n_iter=self.it,
                             passes=self.oracle.passes, bound_kind=self.bound_kind, history=self.history,
-                            dual=best["dual"], temperature=self.temp if self.robust else None)
+                            dual=best["dual"], temperature=self.temp if self.on_path else None)
 
     # ------------------------------------------------------------------ the loop
     def solve(self, theta0=None):
@@ -626,8 +665,8 @@ class NewtonMinimax:
             accepted = self.line_search()
             self.emit()
             if not accepted:
-                if self.robust and self.temp > self.temp_floor:      # no decrease representable: go colder
-                    self.temp = max(self.temp * SHRINK, self.temp_floor)
+                if self.on_path and self.temp > self.temp_floor:     # no decrease representable: go colder
+                    self.temp = max(self.temp * self.shrink, self.temp_floor)
                     continue
                 break
         return self.finalize()

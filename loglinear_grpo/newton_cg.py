@@ -31,6 +31,9 @@ gradient and the support function of Θ), on R^d the feasible dual point (its co
 before), and on a ball the refined bound in the K-dimensional dual
 (:func:`ball_refined_bound`: 2K + 2 passes, one d-vector at a time).
 
+The hinge is smoothed by softplus at the temperature μ on the same path and certified with its own
+conjugate (:mod:`loglinear_grpo.newton`'s docstring; on a bounded Θ only: :func:`smoothed_hinge_applies`).
+
 References
 ----------
 Dembo, Eisenstat & Steihaug (1982), Inexact Newton methods, SIAM J. Numer. Anal. 19.
@@ -49,7 +52,7 @@ from .certificate import DualPoint, refined_dual_bound
 from .constraints import L2Ball, ThetaSet, Unconstrained
 from ._numbers import nbytes_text
 from .losses import get_loss
-from .newton import DECREMENT_SHARE, REFINE_EARLY, SHRINK, NewtonMinimax, NewtonResult, PairOracle, newton_memory_budget, \
+from .newton import DECREMENT_SHARE, REFINE_EARLY, NewtonMinimax, NewtonResult, PairOracle, newton_memory_budget, \
     newton_memory_nbytes
 from .steps import mixing_weights
 
@@ -88,13 +91,34 @@ def has_matrix_free_step(theta_set):
     return method is not ThetaSet.minimize_quadratic_operator
 
 
+def smoothed_hinge_applies(theta_set, dim):
+    """Whether the matrix-free solver certifies the hinge on Θ: Θ bounded (a ball, a bounded box), where the
+    smoothed hinge's dual points give the rigorous bound. On R^d or an open box the bound needs a dual point
+    made feasible, and the softplus duals, saturated at −β or 0 for most pairs, are not moved there (measured:
+    no certificate in 300 iterations on random problems), so it is refused."""
+    return has_matrix_free_step(theta_set) and bool(np.isfinite(theta_set.bounding_ball(dim)[1]))
+
+
+def check_matrix_free(loss, theta_set, dim):
+    """``ValueError`` when the matrix-free solver cannot take this loss on Θ (the hinge on an unbounded Θ)."""
+    if not get_loss(loss).smooth and not smoothed_hinge_applies(theta_set, dim):
+        raise ValueError(
+            "estimator='newton_cg' certifies the hinge (smoothed by softplus on the path μ → 0, its conjugate in "
+            "the certificate) only on a bounded Θ (radius=... or a bounded Box): on R^d or an open box its dual "
+            "points cannot be made feasible, and no certificate would come. Bound Θ, or use estimator='newton' "
+            "(the hinge as one linear program, in memory)")
+
+
 def choose_solver(data, loss, theta_set):
     """The second-order solver ``estimator="auto"`` runs, chosen by predicted memory: ``"newton"`` (dense
     or row space) where its matrices (:func:`~loglinear_grpo.newton.newton_memory_nbytes`) fit the budget
     (:data:`~loglinear_grpo.newton.NEWTON_MEMORY_BUDGET`, default half the physical memory), else
-    ``"newton_cg"`` (matrix-free) for a smooth loss on a ball, a box or R^d. The hinge (one linear or
-    conic program) and a general convex set stay with ``"newton"``, which then refuses with the
-    prediction if it does not fit.
+    ``"newton_cg"`` (matrix-free) for a smooth loss on a ball, a box or R^d. For the hinge ``"newton"`` is
+    its linear or conic program (:func:`~loglinear_grpo.hinge.hinge_program_nbytes` against
+    :data:`~loglinear_grpo.hinge.HINGE_MEMORY_BUDGET`); where that does not fit and Θ is bounded,
+    ``"newton_cg"`` with the smoothed hinge (:func:`smoothed_hinge_applies`). A general convex set, and the
+    hinge on an unbounded Θ, stay with ``"newton"``, which then refuses with the prediction if it does not
+    fit.
 
     Returns
     -------
@@ -102,15 +126,22 @@ def choose_solver(data, loss, theta_set):
         ``plan`` = {``estimator``, ``dense_bytes``, ``dense_layout``, ``matrix_free_bytes``,
         ``budget_bytes``, ``reason``} (bytes predicted from the shapes alone; S itself not counted).
     """
-    dense, layout = newton_memory_nbytes(data, theta_set)
-    budget = newton_memory_budget()
-    light = matrix_free_memory_nbytes(data)
     smooth = get_loss(loss).smooth
-    if dense <= budget or not smooth or not has_matrix_free_step(theta_set):
+    if smooth:
+        dense, layout = newton_memory_nbytes(data, theta_set)
+        budget = newton_memory_budget()
+        free = has_matrix_free_step(theta_set)
+    else:
+        from .hinge import hinge_memory_budget, hinge_program_nbytes
+        dense, layout = hinge_program_nbytes(data, theta_set), "the hinge's linear or conic program"
+        budget = hinge_memory_budget()
+        free = smoothed_hinge_applies(theta_set, data.dim)
+    light = matrix_free_memory_nbytes(data)
+    if dense <= budget or not free:
         estimator = "newton"
         reason = (f"the dense solver's matrices ({layout}) need about {nbytes_text(dense)}, within the budget of "
                   f"{nbytes_text(budget)}" if dense <= budget else
-                  f"the dense solver is the only one for {'this loss' if not smooth else 'this Θ'}")
+                  f"the dense solver is the only one for {'this Θ' if smooth else 'the hinge on an unbounded Θ'}")
     else:
         estimator = "newton_cg"
         reason = (f"the dense solver's matrices ({layout}) would need about {nbytes_text(dense)}, more than the "
@@ -137,11 +168,15 @@ class MatrixFreeNewton(NewtonMinimax):
     """
 
     def __init__(self, data, loss, beta, theta_set, *, max_cg=MAX_CG, **kw):
+        check_matrix_free(loss, theta_set, data.dim)
         super().__init__(data, loss, beta, theta_set, **kw)
         self.max_cg = int(max_cg)
         self._responded_at = -RESPONSE_EVERY     # the iteration of the last best-response bound
         # True once the approximate products have failed a step, or from the start when there are none
         self.exact_hessian = data.storage.approximate_products() is None
+        # the best response's own tolerance, a share of this one's: its gap adds to ours (a smoothed loss
+        # pays for each decade of it with a temperature stage)
+        self.response_share = 0.1 if self.smoothed_loss else 1e-3
         self.cg_iterations = 0
         self.cg_exhausted = 0          # model steps whose Krylov solve used its whole budget unconverged
         self.model_steps = 0
@@ -152,7 +187,7 @@ class MatrixFreeNewton(NewtonMinimax):
         oracle = self.oracle
         self.x = self.p = self.grad = None          # the last step's vectors: their memory is needed now
         self.values = self.d1 = self.d2 = self.pair_w = self.curv = self.rank_coef = None
-        values, self.d1, self.d2 = oracle.terms(self.h)
+        values, self.d1, self.d2 = self.pair_terms(self.h)
         self.set_weights(values)
         del values                                  # (per-pair vectors: at N = 10⁷ each is 80 MB)
         self.curv = self.pair_w * np.maximum(self.d2, 0.0)
@@ -217,7 +252,7 @@ class MatrixFreeNewton(NewtonMinimax):
         """
         best = (-np.inf, None, "none", None)
         if isinstance(self.theta_set, L2Ball):
-            best = ball_refined_bound(self.oracle, self.losses, self.d1, self.theta, self.theta_set, self.chi,
+            best = ball_refined_bound(self.oracle, self.bound_losses, self.d1, self.theta, self.theta_set, self.chi,
                                       self.shift)
         elif np.isfinite(self.theta_set.bounding_ball(self.data.dim)[1]) and \
                 max(self.data.dim, self.data.n_samples // 50) * self.data.n_groups <= REFINE_ENTRIES:
@@ -225,7 +260,7 @@ class MatrixFreeNewton(NewtonMinimax):
             grads = self.data.storage.group_sums(self.d1, self.data.groups, self.data.n_groups) * \
                 self.oracle.inv_size[:, None]
             self.oracle.passes += 1
-            best = refined_dual_bound(self.losses, grads, None, self.theta, self.theta_set, self.data, self.chi,
+            best = refined_dual_bound(self.bound_losses, grads, None, self.theta, self.theta_set, self.data, self.chi,
                                       self.d1, best_response=None, shift=self.shift)
         return best
 
@@ -240,8 +275,8 @@ class MatrixFreeNewton(NewtonMinimax):
         # this iterate's per-pair vectors are recomputed after: the inner solve gets their memory
         self.d1 = self.d2 = self.pair_w = self.curv = self.rank_coef = None
         inner = MatrixFreeNewton(self.data, self.loss, self.beta, self.theta_set, max_cg=self.max_cg,
-                                 weights=mixing_weights(alpha, self.chi), tol=1e-3 * self.tol, max_iter=50,
-                                 shift=self.shift)
+                                 weights=mixing_weights(alpha, self.chi), tol=self.response_share * self.tol,
+                                 max_iter=50, shift=self.shift)
         res = inner.solve(self.theta)
         self.oracle.passes += res.passes
         self.cg_iterations += res.cg_iterations
@@ -272,8 +307,8 @@ class MatrixFreeNewton(NewtonMinimax):
             self.cg_exhausted += 1
         self.row["cg_iterations"] = info["iterations"]
         self.row["decrement"] = self.decrement
-        if self.robust and self.decrement <= DECREMENT_SHARE * self.temp and self.temp <= REFINE_EARLY * self.temp_floor \
-                and self.it - self._responded_at >= RESPONSE_EVERY:
+        if self.robust and not self.smoothed_loss and self.decrement <= DECREMENT_SHARE * self.temp \
+                and self.temp <= REFINE_EARLY * self.temp_floor and self.it - self._responded_at >= RESPONSE_EVERY:
             self.x = self.p = self.grad = None      # the best response's own vectors take their memory
             self.best_response_bound()             # this stage is solved: its weights are near α*
             self.row.update(lower_bound=self.best["lower"], gap=self.gap, step_length=0.0)
@@ -281,7 +316,7 @@ class MatrixFreeNewton(NewtonMinimax):
                 self.converged = True
                 return "stop"
             if self.temp > self.temp_floor:
-                self.temp = max(self.temp * SHRINK, self.temp_floor)
+                self.temp = max(self.temp * self.shrink, self.temp_floor)
             return "colder"                          # (at the floor: the same temperature, a fresh step)
         return self.decrement_action()
 
@@ -358,5 +393,6 @@ def newton_cg_minimax(data, loss, beta, theta_set, *, weights=None, chi=1.0, the
     return solver.solve(theta0)
 
 
-__all__ = ["MatrixFreeNewton", "NewtonResult", "PairOracle", "ball_refined_bound", "choose_solver",
-           "has_matrix_free_step", "matrix_free_memory_nbytes", "newton_cg_minimax"]
+__all__ = ["MatrixFreeNewton", "NewtonResult", "PairOracle", "ball_refined_bound", "check_matrix_free",
+           "choose_solver", "has_matrix_free_step", "matrix_free_memory_nbytes", "newton_cg_minimax",
+           "smoothed_hinge_applies"]

@@ -125,9 +125,6 @@ RULES = (
     (lambda s: s.estimator in ("auto", "newton", "newton_cg") and (s.step_size is not None or s.alpha_step_size is not None),
      "step_size and alpha_step_size belong to the first-order estimators (estimator='full', 'stochastic' or "
      "'closed_form'); the Newton solver needs none"),
-    (lambda s: s.estimator == "newton_cg" and s.loss == "hinge",
-     "estimator='newton_cg' (matrix-free) needs a smooth loss (DPO or IPO); the hinge is one linear or conic "
-     "program (estimator='newton'), which does not scale to an LLM head"),
     (lambda s: s.max_cg is not None and s.estimator not in ("auto", "newton_cg"),
      "max_cg: only for the matrix-free solver (estimator='newton_cg' or 'auto'): its Krylov iterations per "
      "model step"),

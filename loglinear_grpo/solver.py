@@ -67,7 +67,7 @@ from .duality import certified_best_response
 from .hinge import hinge_program
 from .losses import get_loss
 from .kernels import Workspace
-from .newton_cg import MAX_CG, choose_solver, has_matrix_free_step
+from .newton_cg import MAX_CG, check_matrix_free, choose_solver, has_matrix_free_step
 from .objective import _check_data, _group_losses, group_adjustment, group_metrics, minimax_value, objective_name, \
     trivial_bound
 from .settings import ESTIMATOR_CHOICES, Settings, with_settings_signature  # noqa: F401 (re-exported)
@@ -227,6 +227,8 @@ def make_config(data, settings=None, **options):
         if estimator == "newton_cg" and not has_matrix_free_step(theta_set):
             raise ValueError(f"estimator='newton_cg' needs a ball, a box or R^d; {theta_set!r} has no matrix-free "
                              "model step (use estimator='newton')")
+        if estimator == "newton_cg":
+            check_matrix_free(loss, theta_set, data.dim)
     shift = group_adjustment(settings.adjustment, data.group_sizes, data.group_names)
     steps = DEFAULT_STEPS[estimator] if steps is None else steps
     if isinstance(tol, str):                            # Settings' DEFAULT
@@ -455,7 +457,10 @@ class SolveResult:
             return None
         from ._numbers import nbytes_text
         plan = self.memory
-        kind = {"newton": "dense/row-space Newton", "newton_cg": "matrix-free Newton-CG"}.get(self.solver, self.solver)
+        hinge = get_loss(self.config.loss).name == "hinge"
+        kind = {"newton": "the linear/conic program" if hinge else "dense/row-space Newton",
+                "newton_cg": "matrix-free Newton-CG" + (", the hinge smoothed by softplus" if hinge else "")
+                }.get(self.solver, self.solver)
         own = plan["dense_bytes"] if self.solver == "newton" else plan["matrix_free_bytes"]
         peak = plan.get("peak_rss_bytes")
         line = (f"solver: {self.solver} ({kind}): {plan['reason']}; predicted {nbytes_text(own)} besides S, "
@@ -743,7 +748,7 @@ def _solve_newton(data, config, *, progress, callback, temperature0=None, **_fir
     weights = None if config.adaptive_alpha else config.alpha0
     tol = config.tol if config.tol is not None else DEFAULT_TOL
     try:
-        if get_loss(config.loss).name == "hinge":
+        if get_loss(config.loss).name == "hinge" and config.estimator == "newton":
             res = hinge_program(data, config.beta, config.theta_set, weights=weights, chi=config.chi,
                                 shift=config.shift)
         else:

@@ -79,7 +79,7 @@ def test_matrix_free_on_memory_mapped_and_implicit_S(tmp_path):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), steps=st.integers(1, 12), loss=st.sampled_from(["dpo", "ipo"]),
+@given(seed=st.integers(0, 10_000), steps=st.integers(1, 12), loss=st.sampled_from(["dpo", "ipo", "hinge"]),
        where=st.sampled_from(["ball", "box", "rd"]), max_cg=st.sampled_from([1, 3, 250]))
 def test_matrix_free_gap_is_a_valid_bound(seed, steps, loss, where, max_cg):
     """Stopped at any budget, with any Krylov budget: the certified lower bound never exceeds the true
@@ -87,6 +87,8 @@ def test_matrix_free_gap_is_a_valid_bound(seed, steps, loss, where, max_cg):
     rng = np.random.default_rng(seed)
     n, d = int(rng.integers(20, 80)), int(rng.integers(2, 12))
     data = _problem(n, d, seed=seed, scale=float(rng.uniform(0.3, 3.0)))
+    if loss == "hinge" and where == "rd":
+        where = "ball"                                            # (refused on R^d)
     constraint = SETS[where](d)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lg.ConvergenceWarning)     # the truth's bounds hold either way
@@ -95,6 +97,74 @@ def test_matrix_free_gap_is_a_valid_bound(seed, steps, loss, where, max_cg):
     scale = max(1.0, abs(truth.value))
     assert res.lower_bound <= truth.value + 1e-9 * scale          # L* ≤ truth.value
     assert res.value >= truth.lower_bound - 1e-9 * scale          # L* ≥ truth.lower_bound
+
+
+# ---------------------------------------------------------------- the smoothed hinge
+HINGE_CASES = [(where, shape) for where in ("ball", "box") for shape in ((300, 20), (120, 400))]
+
+
+@pytest.mark.parametrize("where, shape", HINGE_CASES)
+def test_smoothed_hinge_reaches_the_linear_program(where, shape):
+    """The hinge, matrix-free: softplus on the path μ → 0, certified with the hinge's own conjugate, equals
+    the linear/conic program's certified optimum."""
+    n, d = shape
+    data = _problem(n, d, seed=n + d)
+    kw = dict(loss="hinge", beta=0.5, constraint=SETS[where](d), tol=1e-6)
+    exact = lg.solve(data, estimator="newton", **kw)
+    free = lg.solve(data, estimator="newton_cg", **kw)
+    assert exact.converged and free.converged and free.solver == "newton_cg"
+    scale = max(1.0, abs(exact.value))
+    assert free.value - exact.value <= 1e-6 * scale + exact.gap      # certified to 1e-6 against the exact program
+    assert free.lower_bound <= exact.value + 1e-12 * scale and exact.lower_bound <= free.value + 1e-12 * scale
+    # the value is the hinge's own (not the smoothed loss's)
+    assert free.value == pytest.approx(lg.worst_group_loss(free.theta, data, loss="hinge", beta=0.5), rel=1e-13)
+
+
+@pytest.mark.parametrize("case", ["vanilla", "chi", "adjustment"])
+def test_smoothed_hinge_other_methods(case):
+    data = _problem(200, 10, seed=11)
+    kw = {"vanilla": dict(method="vanilla"), "chi": dict(chi=0.4), "adjustment": dict(adjustment=[0.0, 0.5, 2.0])}[case]
+    exact = lg.solve(data, loss="hinge", estimator="newton", radius=1.0, tol=1e-6, **kw)
+    free = lg.solve(data, loss="hinge", estimator="newton_cg", radius=1.0, tol=1e-6, **kw)
+    assert exact.converged and free.converged
+    assert abs(free.value - exact.value) <= 1e-6 * max(1.0, abs(exact.value)) + exact.gap
+
+
+def test_smoothed_hinge_terms():
+    """0 ≤ ℓ_ν − ℓ ≤ ν log 2; ℓ'_ν in (−β, 0] (the conjugate's domain) and the derivative of ℓ_ν;
+    ℓ''_ν ≥ 0 the derivative of ℓ'_ν."""
+    from loglinear_grpo.losses import get_loss
+    spec, beta = get_loss("hinge"), 0.7
+    h = np.r_[np.linspace(-30, 30, 2001), 1.0 / beta + np.linspace(-1e-5, 1e-5, 101)]     # and at the kink
+    for nu in (1.0, 1e-2, 1e-6):
+        value, d1, d2 = spec.smoothed(h, beta, nu)
+        gap = value - spec.value(h, beta)
+        assert np.all(gap >= -4 * np.finfo(float).eps * np.maximum(1.0, value)) and np.all(gap <= nu * np.log(2) * (1 + 1e-12))
+        assert np.all((d1 >= -beta) & (d1 <= 0)) and np.all(d2 >= 0)
+    step, h0 = 1e-6, np.array([-1.0, 0.3, 1.0 / beta, 2.0])
+    v_hi, d_hi, _ = spec.smoothed(h0 + step, beta, 0.5)
+    v_lo, d_lo, _ = spec.smoothed(h0 - step, beta, 0.5)
+    _, d1, d2 = spec.smoothed(h0, beta, 0.5)
+    np.testing.assert_allclose((v_hi - v_lo) / (2 * step), d1, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose((d_hi - d_lo) / (2 * step), d2, rtol=1e-5, atol=1e-9)
+
+
+def test_auto_takes_the_smoothed_hinge_when_its_program_would_not_fit(monkeypatch):
+    import loglinear_grpo.hinge as hinge
+    data = _problem(150, 30, seed=6)
+    need = hinge.hinge_program_nbytes(data, lg.L2Ball(1.0))
+    monkeypatch.setattr(hinge, "HINGE_MEMORY_BUDGET", need - 1)
+    estimator, plan = choose_solver(data, "hinge", lg.L2Ball(1.0))
+    assert estimator == "newton_cg" and plan["dense_bytes"] == need
+    res = lg.solve(data, loss="hinge", radius=1.0)
+    assert res.solver == "newton_cg" and res.converged
+    # on R^d the smoothed hinge cannot certify: auto keeps the program, which refuses with its prediction
+    assert choose_solver(data, "hinge", lg.Unconstrained())[0] == "newton"
+    with pytest.raises(MemoryError, match="hinge"):
+        lg.solve(data, loss="hinge")
+    # a first-order estimator's certificate takes the same route
+    first = lg.solve(data, loss="hinge", estimator="full", radius=1.0, steps=50, tol=None)
+    assert np.isfinite(first.lower_bound) and first.lower_bound <= res.value + 1e-9
 
 
 def test_matrix_free_allocates_nothing_of_order_n2_or_d2():
@@ -136,7 +206,8 @@ def test_auto_picks_the_matrix_free_solver_when_the_dense_one_would_not_fit(monk
         lg.solve(data, radius=1.0, estimator="newton")
     monkeypatch.setattr(newton, "NEWTON_MEMORY_BUDGET", need)
     assert lg.solve(data, radius=1.0).solver == "newton"
-    # the hinge and a general convex set have no matrix-free solver: auto stays dense (and refuses clearly)
+    # the hinge has its linear/conic program while that fits (its own budget), a general convex set no
+    # matrix-free step: auto stays dense there
     assert choose_solver(data, "hinge", lg.L2Ball(1.0))[0] == "newton"
 
 
@@ -152,8 +223,10 @@ def test_first_order_certificates_use_the_matrix_free_solver_when_needed(monkeyp
 
 def test_settings_refuse_what_the_matrix_free_solver_cannot_do():
     data = _problem(50, 4)
-    with pytest.raises(ValueError, match="smooth loss"):
-        lg.solve(data, loss="hinge", estimator="newton_cg", radius=1.0)
+    with pytest.raises(ValueError, match="only on a bounded"):      # the smoothed hinge: bounded Θ only
+        lg.solve(data, loss="hinge", estimator="newton_cg")
+    with pytest.raises(ValueError, match="only on a bounded"):
+        lg.solve(data, loss="hinge", estimator="newton_cg", constraint=lg.Box(-1.0, np.inf))
     with pytest.raises(ValueError, match="max_cg"):
         lg.solve(data, estimator="full", max_cg=10, radius=1.0)
     with pytest.raises(ValueError, match="max_cg"):

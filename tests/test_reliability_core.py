@@ -327,8 +327,12 @@ def test_item13_hinge_on_a_memmap_is_refused_before_any_big_allocation(tmp_path,
         tracemalloc.stop()
     assert peak < dense_bytes / 8, f"{peak} bytes allocated before the refusal"
     assert exact.hinge_program_nbytes(data) > 10 * dense_bytes      # the prediction covers the solver too
-    with pytest.raises(MemoryError, match="HINGE_MEMORY_BUDGET"):  # and solve() passes it on
-        lg.solve(data, loss="hinge", radius=None, constraint=theta_set)
+    with pytest.raises(MemoryError, match="HINGE_MEMORY_BUDGET"):  # and solve(estimator="newton") passes it on
+        lg.solve(data, loss="hinge", radius=None, constraint=theta_set, estimator="newton")
+    # the default, on this bounded Θ, takes the matrix-free smoothed hinge instead (no program)
+    assert lg.make_config(data, loss="hinge", radius=None, constraint=theta_set).estimator == "newton_cg"
+    with pytest.raises(MemoryError, match="HINGE_MEMORY_BUDGET"):  # on R^d there is none: refused as before
+        lg.solve(data, loss="hinge", radius=None)
 
 
 def test_item13_small_hinge_problems_still_solve_under_the_budget(tmp_path, monkeypatch):
