@@ -16,6 +16,19 @@ available, in its default dtype) and compared:
 ``--save`` writes the new features as a work folder, so that the whole Figure-5 run can be
 repeated on them (``paper_figures/global_opinions.py --workdir``). Exits 1 when the relative
 error of the hidden states exceeds ``--rtol``. Writes ``llm_device_check.csv`` to ``--out``.
+
+Then (skipped with ``--no-products``; alone with ``--products-only``, which needs no model or
+reference) the implicit S on torch (``PairDifferenceOperator(backend="torch")``) over a random
+memory-mapped float16 cache (``benchmarks/implicit_features.py``'s; ``--products-pairs`` pairs of
+``--products-length`` tokens, d_h = ``--products-hidden``, |V′| = ``--products-vocab``): the time of
+S x and Sᵀ u in float64 and float32 on cuda and on the CPU (passes/s, relative error against numpy
+float64), and one certified ``newton_cg`` GR-DPO solve (ball of radius 1) with the cuda operator,
+its value against the numpy operator's when ``--products-compare`` (the CPU solve is slow). Without
+cuda the cuda parts are skipped and the solve runs on the CPU torch operator. Writes
+``llm_device_products.csv`` to ``--out``; exits 1 when a float64 product differs from numpy's by more
+than 1e-10 relative or the solve is not certified.
+
+    python benchmarks/llm_device_check.py --products-only [--products-pairs 2000]
 """
 from __future__ import annotations
 
@@ -64,9 +77,29 @@ def main(argv=None):
     parser.add_argument("--rtol", type=float, default=0.05)
     parser.add_argument("--save", help="write the new features as a work folder here")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--products-only", action="store_true",
+                        help="only the torch products and solve on a random cache (no model, no reference)")
+    parser.add_argument("--no-products", action="store_true", help="skip the torch products and solve")
+    parser.add_argument("--products-pairs", type=int, default=2000)
+    parser.add_argument("--products-length", type=int, default=8)
+    parser.add_argument("--products-hidden", type=int, default=2048)
+    parser.add_argument("--products-vocab", type=int, default=8000)
+    parser.add_argument("--products-repeats", type=int, default=3)
+    parser.add_argument("--products-compare", action="store_true",
+                        help="also solve with the numpy operator and compare the values")
     args = parser.parse_args(argv)
     if args.save and args.limit:
         parser.error("--save needs every item: drop --limit")
+    if args.products_only:
+        return products_check(args)
+    status = extraction_check(args)
+    if not args.no_products:
+        status = max(status, products_check(args))
+    return status
+
+
+def extraction_check(args):
+    """The features extracted on ``--device`` against the reference work folder (0 when within rtol)."""
 
     import torch
     all_features, all_theta, record, ref_spec, _ = wd.load_workdir(args.reference)
@@ -131,6 +164,84 @@ def main(argv=None):
         print(f"FAILED: a relative error exceeds rtol={args.rtol}")
         return 1
     return 0
+
+
+def products_check(args):
+    """The implicit S on torch: products on cuda and CPU, and one certified newton_cg solve (0 when the
+    float64 products agree with numpy's and the solve is certified)."""
+    import tempfile
+    import warnings
+
+    import torch
+
+    import loglinear_grpo as lg
+    from llm_head.features import PairDifferenceOperator
+
+    sys.path.insert(0, HERE)
+    from implicit_features import load_features, make_cache
+    from torch_products import relative_error, timed
+
+    has_cuda = torch.cuda.is_available()
+    n, length, hidden, vocab = args.products_pairs, args.products_length, args.products_hidden, args.products_vocab
+    cache_bytes = 2 * n * length * hidden * 2
+    print(f"\nimplicit S on torch: N = {n:,} pairs, L = {length}, d_h = {hidden}, |V'| <= {vocab:,}; "
+          f"float16 cache {cache_bytes / 2**30:.2f} GiB, theta {vocab * hidden * 8 / 2**30:.2f} GiB (float64); "
+          f"cuda: {torch.cuda.get_device_name() if has_cuda else 'not available (cuda parts skipped)'}")
+    rows, status = [], 0
+    with tempfile.TemporaryDirectory() as folder:
+        make_cache(folder, n, length, hidden, vocab, seed=n)
+        features, chosen, rejected = load_features(folder, n, length, hidden)
+        rng = np.random.default_rng(0)
+        x, u = 1e-2 * rng.standard_normal(features.dim), rng.standard_normal(n)
+        reference = PairDifferenceOperator(features, chosen, rejected, backend="numpy")
+        exact = {"matvec": reference.matvec(x), "rmatvec": reference.rmatvec(u)}
+        ops = [("numpy", "cpu", reference), ("torch", "cpu", PairDifferenceOperator(features, chosen, rejected,
+                                                                                    backend="torch"))]
+        if has_cuda:
+            ops.append(("torch", "cuda", PairDifferenceOperator(features, chosen, rejected, device="cuda")))
+        for backend, device, op in ops:
+            sync = torch.cuda.synchronize if device == "cuda" else None
+            fast_mv, fast_rmv = op.approximate_products()
+            for precision, (mv, rmv) in (("float64", (op.matvec, op.rmatvec)), ("float32", (fast_mv, fast_rmv))):
+                for name, fn, arg in (("matvec", mv, x), ("rmatvec", rmv, u)):
+                    seconds, out = timed(fn, arg, args.products_repeats, sync)
+                    err = relative_error(out, exact[name])
+                    if precision == "float64" and err > 1e-10:
+                        status = 1
+                    rows.append({"check": f"{backend} {device} {precision} {name}", "seconds": seconds,
+                                 "passes_per_s": 1 / seconds, "rel_error_vs_numpy64": err})
+        groups = rng.choice(3, n, p=[0.6, 0.3, 0.1])
+        groups[:3] = np.arange(3)
+        ref_margin = rng.normal(size=n)
+        solve_op = ops[-1][2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tic = time.perf_counter()
+            res = lg.solve(lg.PreferenceData(solve_op, groups, ref_margin), loss="dpo", radius=1.0,
+                           estimator="newton_cg", progress=False)
+            seconds = time.perf_counter() - tic
+        if not (res.converged and res.relative_gap <= 1e-6):
+            status = 1
+        rows.append({"check": f"newton_cg solve, torch {ops[-1][1]}: seconds", "seconds": seconds,
+                     "passes_per_s": res.passes / seconds})
+        solved = [("certified gap", res.gap), ("relative gap", res.relative_gap), ("value", res.value),
+                  ("passes", res.passes), ("converged", float(res.converged))]
+        if args.products_compare:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                base = lg.solve(lg.PreferenceData(reference, groups, ref_margin), loss="dpo", radius=1.0,
+                                estimator="newton_cg", progress=False)
+            solved.append(("|value - numpy value|", abs(res.value - base.value)))
+            if abs(res.value - base.value) > res.gap + base.gap + 1e-12 * max(1.0, abs(base.value)):
+                status = 1                        # both certified: each value is within its gap of the optimum
+        rows += [{"check": f"newton_cg solve, torch {ops[-1][1]}: {k}", "value": v} for k, v in solved]
+    table = pd.DataFrame(rows)
+    os.makedirs(args.out, exist_ok=True)
+    table.to_csv(os.path.join(args.out, "llm_device_products.csv"), index=False)
+    print(table.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))
+    if status:
+        print("FAILED: a float64 product differs from numpy's, or the solve is not certified")
+    return status
 
 
 if __name__ == "__main__":

@@ -251,6 +251,189 @@ class TokenEntries:
         return out.astype(np.float64, copy=False)
 
 
+
+# ------------------------------------------------------------------------------ products on torch
+#: the backends of :class:`PairDifferenceOperator` (``"auto"``: see :func:`resolve_backend`)
+BACKENDS = ("auto", "numpy", "torch")
+#: a cuda operator keeps the whole hidden-state cache on the GPU while it takes at most this share
+#: of the free GPU memory (else it moves one block at a time)
+RESIDENT_SHARE = 0.5
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as exc:
+        raise ImportError("backend='torch' needs PyTorch, which is not importable here: install the 'llm' "
+                          "extra (pip install 'loglinear-grpo[llm]') or use backend='numpy'") from exc
+    return torch
+
+
+def torch_available():
+    """Whether PyTorch can be imported (the ``llm`` extra)."""
+    try:
+        _import_torch()
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend="auto", device="cpu"):
+    """The backend the products of a :class:`PairDifferenceOperator` run on: ``"numpy"`` or ``"torch"``.
+
+    ``"auto"`` picks torch on a cuda device, else numpy: on a CPU the numpy products (BLAS per token
+    column) are faster than torch's gather / ``index_add_`` (``benchmarks/torch_products.py``,
+    ``docs/llm_head.md`` § Products on torch). ``"torch"`` without PyTorch raises ``ImportError``; a
+    cuda device needs torch (``backend="numpy"`` with it raises ``ValueError``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    kind = str(device).split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (optionally 'cuda:i'), got {device!r}")
+    if backend == "auto":
+        backend = "torch" if kind == "cuda" else "numpy"
+    if backend == "numpy":
+        if kind != "cpu":
+            raise ValueError(f"backend='numpy' computes on the CPU only, got device={device!r}: use backend='torch'")
+        return "numpy"
+    torch = _import_torch()
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but torch.cuda.is_available() is False")
+    return "torch"
+
+
+class TorchEntries:
+    """Token occurrences m = (owner, token column, hidden row), ordered by hidden row, with the same two
+    products as :class:`TokenEntries`, computed with torch on ``device`` by gather and ``index_add_``:
+
+    * :meth:`scores`: per occurrence block, the rows ``θ[c_m]`` are gathered, dotted row-wise with the
+      hidden block and summed per owner (``index_add_``);
+    * :meth:`scatter`: ``W.index_add_(0, c, a[:, None] * H)`` per block.
+
+    The hidden rows are read in file order, one block of at most ``BLOCK_BYTES / (8 d)`` occurrences at a
+    time (rows read contiguously where they are dense in their range, so a memory-mapped cache is read
+    once, sequentially), moved to ``device`` in their stored dtype and converted there to the compute
+    dtype (float64 or float32). Temporaries: two work blocks of the compute dtype allocated once per
+    product (the converted hidden rows; the gathered θ rows or the weighted hidden rows), 2 ·
+    ``BLOCK_BYTES`` (64 MiB) in float64, half in float32, plus the stored block (≤ ``BLOCK_BYTES`` / 4
+    for float16; where hidden rows repeat within a block, also its converted copy) — at most about
+    ``3 · BLOCK_BYTES`` (96 MiB) — plus θ in the compute dtype (a copy unless float64 on the CPU) and the
+    outputs: n_owners scores, or the k · |V′| · d gradient in the compute dtype (then float64). On cuda the whole cache is copied to the GPU once
+    (in its stored dtype) when it takes at most ``RESIDENT_SHARE`` of the free GPU memory.
+    """
+
+    def __init__(self, hidden, owner, col, hid, device="cpu"):
+        torch = _import_torch()
+        self.torch = torch
+        self.device = torch.device(device)
+        self.hidden = hidden
+        order = np.lexsort((col, hid))
+        owner, col, hid = owner[order], col[order], hid[order]
+        self.size = hid.size
+        step = _entry_block_size(hidden.shape[1])
+        self._blocks = []
+        for a in range(0, hid.size, step):
+            b = min(a + step, hid.size)
+            rows = hid[a:b]
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            if hi - lo <= 2 * rows.size:                      # contiguous read of lo..hi
+                consecutive = hi - lo == rows.size and bool(np.all(rows[1:] > rows[:-1]))
+                local = None if consecutive else torch.from_numpy(rows - lo).to(self.device)
+                read = (lo, hi)
+            else:                                             # sparse rows: read only them
+                unique, inverse = np.unique(rows, return_inverse=True)
+                local, read = torch.from_numpy(inverse.astype(np.int64)).to(self.device), unique
+            self._blocks.append((read, local, torch.from_numpy(owner[a:b]).to(self.device),
+                                 torch.from_numpy(col[a:b]).to(self.device)))
+        self._resident = None
+        if self.device.type == "cuda":
+            self._resident = self._upload()
+
+    def _upload(self):
+        """The whole cache on the GPU (stored dtype) when its bytes are at most RESIDENT_SHARE of the free
+        GPU memory, else None (blocks are moved one at a time)."""
+        torch = self.torch
+        nbytes = int(np.prod(self.hidden.shape)) * self.hidden.dtype.itemsize
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if nbytes > RESIDENT_SHARE * free:
+            return None
+        out = torch.empty(tuple(self.hidden.shape), dtype=_torch_dtype(torch, self.hidden.dtype), device=self.device)
+        step = max(1, BLOCK_BYTES // max(1, self.hidden.shape[1] * self.hidden.dtype.itemsize))
+        for start in range(0, self.hidden.shape[0], step):
+            out[start:start + step] = _to_tensor(torch, self.hidden[start:start + step]).to(self.device)
+        return out
+
+    def _buffers(self, tdtype):
+        """Two (block, d) work tensors of the compute dtype, allocated once per product (torch's CPU
+        allocator returns big blocks to the system, and fresh pages cost as much as the arithmetic)."""
+        rows = max((b.shape[0] for _, _, _, b in self._blocks), default=0)
+        shape = (rows, self.hidden.shape[1])
+        return (self.torch.empty(shape, dtype=tdtype, device=self.device),
+                self.torch.empty(shape, dtype=tdtype, device=self.device))
+
+    def _hidden_block(self, read, local, into):
+        """The block's hidden rows (one per occurrence) converted to ``into``'s dtype, in ``into``."""
+        torch = self.torch
+        if self._resident is not None:
+            stored = self._resident[read[0]:read[1]] if isinstance(read, tuple) else \
+                self._resident.index_select(0, torch.from_numpy(read).to(self.device))
+        else:
+            stored = self.hidden[read[0]:read[1]] if isinstance(read, tuple) else self.hidden[read]
+            stored = _to_tensor(torch, stored).to(self.device)
+        if local is None:
+            return into[:stored.shape[0]].copy_(stored)
+        return torch.index_select(stored.to(into.dtype), 0, local, out=into[:local.shape[0]])
+
+    def _dtype(self, dtype):
+        return self.torch.float64 if np.dtype(dtype) == np.float64 else self.torch.float32
+
+    def scores(self, theta_rows, n_owners, dtype=np.float64):
+        """Per owner, :math:`\\sum_{m: o_m = o} h_m^\\top w_{c_m}` (float64 array; summed in ``dtype``)."""
+        torch, tdtype = self.torch, self._dtype(dtype)
+        theta = torch.from_numpy(np.ascontiguousarray(theta_rows, dtype=np.float64)).to(self.device, tdtype)
+        out = torch.zeros(n_owners, dtype=tdtype, device=self.device)
+        hidden_buf, work = self._buffers(tdtype)
+        for read, local, owner, col in self._blocks:
+            block = self._hidden_block(read, local, hidden_buf)
+            gathered = torch.index_select(theta, 0, col, out=work[:col.shape[0]])
+            out.index_add_(0, owner, gathered.mul_(block).sum(dim=1))
+        return out.to(torch.float64).cpu().numpy()
+
+    def scatter(self, owner_weights, n_columns, dtype=np.float64):
+        """``owner_weights`` (n_owners, k) → array (k, n_columns, d), float64 (accumulated in ``dtype``)."""
+        torch, tdtype = self.torch, self._dtype(dtype)
+        weights = torch.from_numpy(np.ascontiguousarray(owner_weights, dtype=np.float64)).to(self.device, tdtype)
+        k = weights.shape[1]
+        out = torch.zeros((k, n_columns, self.hidden.shape[1]), dtype=tdtype, device=self.device)
+        hidden_buf, work = self._buffers(tdtype)
+        for read, local, owner, col in self._blocks:
+            block = self._hidden_block(read, local, hidden_buf)
+            coef = weights.index_select(0, owner)
+            for j in range(k):
+                out[j].index_add_(0, col, torch.mul(block, coef[:, j:j + 1], out=work[:col.shape[0]]))
+        return out.to(torch.float64).cpu().numpy()
+
+
+def _torch_dtype(torch, dtype):
+    return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+            np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
+
+
+def _to_tensor(torch, block):
+    """A numpy block (a memmap slice too, read-only or not) as a CPU tensor in its dtype, without a copy
+    where numpy gives a contiguous one."""
+    block = np.ascontiguousarray(block)
+    if block.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"hidden states of dtype {block.dtype} are not supported (float16, float32 or float64)")
+    if not block.flags.writeable:       # torch warns about read-only memory; the tensor is never written to
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(block)
+    return torch.from_numpy(block)
+
+
 def _ranges(starts, counts):
     """Concatenation of ``arange(s, s + c)`` for each (s, c), vectorised."""
     total = int(counts.sum())
@@ -287,9 +470,22 @@ class PairDifferenceOperator(PairOperator):
     source_fingerprint : str, optional
         A checksum of the features (e.g. the work folder's SHA-256); :meth:`fingerprint` then hashes it
         with the pair structure instead of streaming the hidden states.
+    backend : {"auto", "numpy", "torch"}, default "auto"
+        What computes :meth:`matvec`, :meth:`rmatvec`, :meth:`rmatmat` and :meth:`approximate_products`:
+        numpy (BLAS per token column, :class:`TokenEntries`) or torch (gather / ``index_add_``,
+        :class:`TorchEntries`); ``"auto"``: :func:`resolve_backend` (torch on cuda, numpy on a CPU,
+        where it is the faster). Either way the exact products are float64 sums (results equal to
+        float64 rounding, ~1e-12 relative) and the approximate ones float32 sums (~1e-7 relative,
+        results float64 arrays); every margin, gradient and certificate bound uses the float64 ones.
+        Rows, row norms, the kernel and the fingerprint are computed by numpy for both backends (the
+        fingerprint describes the data, not the backend).
+    device : str, default "cpu"
+        ``"cpu"`` or ``"cuda"`` (``"cuda:i"``), for the torch backend: the hidden blocks are moved there
+        one at a time, or the whole cache once where it fits (:class:`TorchEntries`); results come back
+        as numpy float64.
     """
 
-    def __init__(self, features, chosen, rejected, source_fingerprint=None):
+    def __init__(self, features, chosen, rejected, source_fingerprint=None, backend="auto", device="cpu"):
         self.features = features
         self.chosen = np.asarray(chosen, dtype=np.int64).ravel()
         self.rejected = np.asarray(rejected, dtype=np.int64).ravel()
@@ -300,6 +496,8 @@ class PairDifferenceOperator(PairOperator):
             if idx.size and (idx.min() < 0 or idx.max() >= n_c):
                 raise ValueError(f"{name} holds candidate indices outside 0..{n_c - 1}")
         self.source_fingerprint = source_fingerprint
+        self.backend = resolve_backend(backend, device)
+        self.device = str(device)
         self.hidden = features.hidden
         self.hidden_size = features.hidden_size
         self.vocab_size = features.vocab.size
@@ -309,8 +507,12 @@ class PairDifferenceOperator(PairOperator):
         used = np.zeros(n_c, dtype=bool)
         used[self.chosen] = used[self.rejected] = True
         keep = np.flatnonzero(used[features.entry_candidate])
-        self._entries = TokenEntries(self.hidden, features.entry_candidate[keep], col[keep],
-                                     features.entry_hidden[keep])
+        if self.backend == "torch":
+            self._entries = TorchEntries(self.hidden, features.entry_candidate[keep], col[keep],
+                                         features.entry_hidden[keep], device=self.device)
+        else:
+            self._entries = TokenEntries(self.hidden, features.entry_candidate[keep], col[keep],
+                                         features.entry_hidden[keep])
         # pair entries (pair, token column, hidden row, ±1), by pair then column (rows, norms, kernel)
         by_cand = np.argsort(features.entry_candidate, kind="stable")
         counts = np.bincount(features.entry_candidate, minlength=n_c)
@@ -352,7 +554,7 @@ class PairDifferenceOperator(PairOperator):
         """Sx and Sᵀu with the hidden states and θ in float32 (sums per token run in float32, results
         float64): about twice as fast as the float64 products, relative error about 1e-7. The
         matrix-free solver uses them for its Hessian products only; every margin, gradient and bound
-        uses the float64 ones."""
+        uses the float64 ones. Both backends (numpy, torch on cpu or cuda) give them the same way."""
         def matvec(x):
             rows = np.asarray(x, dtype=np.float64).reshape(self.vocab_size, self.hidden_size)
             scores = self._entries.scores(rows, self.features.n_candidates, dtype=np.float32)
@@ -447,7 +649,8 @@ class PairDifferenceOperator(PairOperator):
         if index.dtype == bool:
             index = np.flatnonzero(index)
         return PairDifferenceOperator(self.features, self.chosen[index], self.rejected[index],
-                                      source_fingerprint=self.source_fingerprint)
+                                      source_fingerprint=self.source_fingerprint, backend=self.backend,
+                                      device=self.device)
 
     def explicit_nbytes(self):
         """Bytes of the CSR S: float64 values and int32 column indices of every stored (pair, token) block."""
@@ -478,15 +681,18 @@ class PairDifferenceOperator(PairOperator):
         return cached
 
 
-def pair_rows(features, chosen, rejected, storage="auto", source_fingerprint=None):
+def pair_rows(features, chosen, rejected, storage="auto", source_fingerprint=None, backend="auto", device="cpu"):
     """S of the pairs as CSR or as a :class:`PairDifferenceOperator`.
 
     ``storage``: ``"csr"``, ``"implicit"``, or ``"auto"`` — CSR while its predicted size is at most
     ``CSR_LIMIT_BYTES`` (faster for short answers), implicit beyond (memory = the hidden states).
+    ``backend`` and ``device``: the implicit operator's (:class:`PairDifferenceOperator`); they are
+    checked, and ignored when CSR is returned.
     """
     if storage not in ("auto", "csr", "implicit"):
         raise ValueError(f"storage must be 'auto', 'csr' or 'implicit', got {storage!r}")
-    op = PairDifferenceOperator(features, chosen, rejected, source_fingerprint=source_fingerprint)
+    op = PairDifferenceOperator(features, chosen, rejected, source_fingerprint=source_fingerprint,
+                                backend=backend, device=device)
     if storage == "implicit" or (storage == "auto" and op.explicit_nbytes() > CSR_LIMIT_BYTES):
         return op
     return features.pair_differences(chosen, rejected)
