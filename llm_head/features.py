@@ -316,14 +316,15 @@ class TorchEntries:
     once, sequentially), moved to ``device`` in their stored dtype and converted there to the compute
     dtype (float64 or float32). Temporaries: two work blocks of the compute dtype allocated once per
     product (the converted hidden rows; the gathered θ rows or the weighted hidden rows), 2 ·
-    ``BLOCK_BYTES`` (64 MiB) in float64, half in float32, plus the stored block (≤ ``BLOCK_BYTES`` / 4
-    for float16; where hidden rows repeat within a block, also its converted copy) — at most about
-    ``3 · BLOCK_BYTES`` (96 MiB) — plus θ in the compute dtype (a copy unless float64 on the CPU) and the
+    ``BLOCK_BYTES`` (64 MiB) in float64, half in float32, plus the stored block (a block reads up to
+    twice its rows: ≤ ``BLOCK_BYTES`` / 2 for float16; where hidden rows repeat or leave gaps within a
+    block, also its converted copy, ≤ 2 · ``BLOCK_BYTES``) — at most about ``4 · BLOCK_BYTES`` (128 MiB),
+    whatever N — plus θ in the compute dtype (a copy unless float64 on the CPU) and the
     outputs: n_owners scores, or the k · |V′| · d gradient in the compute dtype (then float64). On cuda the whole cache is copied to the GPU once
     (in its stored dtype) when it takes at most ``RESIDENT_SHARE`` of the free GPU memory.
     """
 
-    def __init__(self, hidden, owner, col, hid, device="cpu"):
+    def __init__(self, hidden, owner, col, hid, device="cpu", resident=None):
         torch = _import_torch()
         self.torch = torch
         self.device = torch.device(device)
@@ -346,8 +347,8 @@ class TorchEntries:
                 local, read = torch.from_numpy(inverse.astype(np.int64)).to(self.device), unique
             self._blocks.append((read, local, torch.from_numpy(owner[a:b]).to(self.device),
                                  torch.from_numpy(col[a:b]).to(self.device)))
-        self._resident = None
-        if self.device.type == "cuda":
+        self._resident = resident                     # a resident cache shared with another operator (subset)
+        if self.device.type == "cuda" and resident is None:
             self._resident = self._upload()
 
     def _upload(self):
@@ -485,7 +486,8 @@ class PairDifferenceOperator(PairOperator):
         as numpy float64.
     """
 
-    def __init__(self, features, chosen, rejected, source_fingerprint=None, backend="auto", device="cpu"):
+    def __init__(self, features, chosen, rejected, source_fingerprint=None, backend="auto", device="cpu",
+                 _resident=None):
         self.features = features
         self.chosen = np.asarray(chosen, dtype=np.int64).ravel()
         self.rejected = np.asarray(rejected, dtype=np.int64).ravel()
@@ -508,8 +510,9 @@ class PairDifferenceOperator(PairOperator):
         used[self.chosen] = used[self.rejected] = True
         keep = np.flatnonzero(used[features.entry_candidate])
         if self.backend == "torch":
+            # (a subset shares its parent's GPU-resident cache: the per-group subsets are not K uploads)
             self._entries = TorchEntries(self.hidden, features.entry_candidate[keep], col[keep],
-                                         features.entry_hidden[keep], device=self.device)
+                                         features.entry_hidden[keep], device=self.device, resident=_resident)
         else:
             self._entries = TokenEntries(self.hidden, features.entry_candidate[keep], col[keep],
                                          features.entry_hidden[keep])
@@ -650,7 +653,7 @@ class PairDifferenceOperator(PairOperator):
             index = np.flatnonzero(index)
         return PairDifferenceOperator(self.features, self.chosen[index], self.rejected[index],
                                       source_fingerprint=self.source_fingerprint, backend=self.backend,
-                                      device=self.device)
+                                      device=self.device, _resident=getattr(self._entries, "_resident", None))
 
     def explicit_nbytes(self):
         """Bytes of the CSR S: float64 values and int32 column indices of every stored (pair, token) block."""

@@ -51,6 +51,8 @@ ROUNDING_FACTOR = 4.0
 CONSISTENCY_SLACK = 1e3
 #: at most this many refinements of a dual point towards feasibility
 MAX_REFINEMENTS = 4
+#: the Fenchel–Young sum of a dual point is taken this many pairs at a time
+SUM_BLOCK = 1 << 16
 
 
 class CertificateWarning(UserWarning):
@@ -95,7 +97,11 @@ def conjugate_sum(spec, beta, u, h, weights):
     lo, hi = spec.conjugate_domain
     if not np.all(np.isfinite(u)) or np.any(u < lo * beta) or np.any(u > hi * beta):
         return -np.inf
-    return float(weights @ (u * h - spec.conjugate(u, beta)))
+    total = 0.0
+    for a in range(0, u.size, SUM_BLOCK):        # block by block: no N-sized temporaries
+        b = a + SUM_BLOCK
+        total += float(weights[a:b] @ (u[a:b] * h[a:b] - spec.conjugate(u[a:b], beta)))
+    return total
 
 
 def residual_term(theta, theta_set, rho, abs_terms):

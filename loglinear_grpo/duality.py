@@ -41,7 +41,9 @@ def best_response(alpha, data, *, loss="dpo", beta=0.1, radius=None, center=None
 
     Exact to a certified relative accuracy of 10⁻¹²: Newton's method with exact model steps over Θ
     (IPO: the closed form in one step; DPO: a weighted logistic regression; hinge: a linear or
-    conic program); see :func:`certified_best_response`. ``loss`` takes
+    conic program); see :func:`certified_best_response`. Where the dense form would not fit the memory
+    budget the matrix-free solver runs instead, to 10⁻¹⁰ (DPO, IPO) or 10⁻⁷ (the smoothed hinge, bounded Θ
+    only), within 100 iterations: θ is then as good as that solve certified. ``loss`` takes
     TRL's names too (``"sigmoid"`` is DPO).
 
     Θ is given as in :func:`loglinear_grpo.solve`, :func:`duality_gap` and

@@ -13,7 +13,7 @@ exactly where its optimum lies. The solver replaces the max by its entropic smoo
 minimises it by Newton's method over Θ (each step minimises the exact quadratic model over Θ:
 a trust-region subproblem on a ball, bounded least squares on a box, a QP for a general convex
 set; then an Armijo line search — Boyd & Vandenberghe 2004, §9.5) and follows the path μ → 0,
-reducing μ tenfold whenever the Newton decrement is small next to μ (as an interior-point
+reducing μ tenfold (0.3× for a smoothed loss) whenever the Newton decrement is small next to μ (as an interior-point
 method follows its barrier parameter). For the importance-sampling and vanilla methods (α fixed)
 there is no max, and the solver is Newton's method on :math:`\\sum_g\\alpha_g L_g`: an exact best
 response. The non-smooth hinge loss is solved by ``solve`` as one linear (or conic) program,
@@ -21,7 +21,7 @@ response. The non-smooth hinge loss is solved by ``solve`` as one linear (or con
 (:mod:`loglinear_grpo.newton_cg`) runs this template on its softplus smoothing at the same temperature,
 :math:`\\ell_\\mu(h) = \\mu\\log(1 + e^{(1-\\beta h)/\\mu})` (:attr:`~loglinear_grpo.losses.Loss.smoothed`),
 and certifies the hinge itself: the value is the hinge's, and every bound uses the hinge's conjugate at
-:math:`u = \\ell_\\mu'(h)` (:meth:`NewtonMinimax.set_weights`).
+:math:`u = \\ell_\\mu'(h)` (:meth:`NewtonMinimax.set_group_weights`).
 
 Every iteration also yields the certificate, at no extra pass over S. With
 :math:`\\lambda = (1-\\chi)/K + \\chi\\,\\mathrm{softmax}(L/\\mu)` (the smoothed problem's group
@@ -74,6 +74,8 @@ DECREMENT_SHARE = 0.1
 #: the same factor on a smoothed loss's path (the hinge's softplus: its curvature is confined to a band of
 #: width μ around the kink, so a Newton step from the last stage's point must not face a much narrower one)
 SHRINK_SMOOTHED = 0.3
+#: per-pair terms are made and reduced this many pairs at a time (block temporaries of 512 KiB)
+PAIR_BLOCK = 1 << 16
 #: the refined bound is also tried at the end of every temperature stage at most this many times the floor
 REFINE_EARLY = 1e3
 
@@ -150,8 +152,12 @@ class PairOracle:
         self.spec = get_loss(loss)
         self.beta = beta
         self.inv_size = 1.0 / data.group_sizes
-        self.pair_inv_size = self.inv_size[data.groups]
         self.passes = 0
+
+    @property
+    def pair_inv_size(self):
+        """:math:`1/N_{g_i}` of every pair (gathered on each use: an N-vector the solvers need not keep)."""
+        return self.inv_size[self.data.groups]
 
     # -- S-products ------------------------------------------------------------------
     def _blocks(self):
@@ -203,16 +209,15 @@ class PairOracle:
         self.passes += 1
         data = self.data
         k, d = data.n_groups, data.dim
-        weights = pair_d1 * self.pair_inv_size
-        curv = np.maximum(pair_curv, 0.0)
         grads = np.zeros((k, d))
         hess = np.zeros((d, d))
-        for start, stop, block in self._blocks():
+        for start, stop, block in self._blocks():          # (per-pair weights made block by block)
             rows = np.arange(stop - start)
-            indicator = sp.csr_matrix((weights[start:stop], (data.groups[start:stop], rows)),
+            groups = data.groups[start:stop]
+            indicator = sp.csr_matrix((pair_d1[start:stop] * self.inv_size[groups], (groups, rows)),
                                       shape=(k, stop - start))
             grads += data.storage.left_product(indicator, block)
-            hess += weighted_gram(block, curv[start:stop])
+            hess += weighted_gram(block, np.maximum(pair_curv[start:stop], 0.0))
         return grads, hess
 
     # -- per-pair terms ------------------------------------------------------------------
@@ -395,7 +400,9 @@ class NewtonMinimax:
     ----------
     data : PreferenceData
     loss : str
-        A smooth loss (DPO, IPO).
+        A smooth loss (DPO, IPO), or the hinge, replaced by its softplus smoothing on the path (module
+        docstring; reliable on a bounded Θ — ``solve`` routes the hinge to its linear program or, bounded,
+        to the matrix-free solver).
     beta : float
     theta_set : Θ object
     weights : ndarray (K,), optional
@@ -474,41 +481,106 @@ class NewtonMinimax:
         self.bound_kind = "trivial (losses ≥ 0)"
         self.history, self.converged, self.it = [], False, 0
 
+    # -- per-pair work, in blocks: the solver keeps two per-pair vectors of its own between passes besides
+    # the margins h, ℓ'(h) and c = w ⊙ max(ℓ''(h), 0); every other per-pair quantity (the losses, the pair
+    # weights w, ℓ'', the Fenchel–Young terms, the line search's trial losses) is made and reduced
+    # PAIR_BLOCK pairs at a time, so that the heap stays far below a memory-mapped S
+    def _blocks(self):
+        n = self.data.n_samples
+        return ((a, min(a + PAIR_BLOCK, n)) for a in range(0, n, PAIR_BLOCK))
+
+    def _group_sums(self, fn):
+        """Σ over the pairs of each group of ``fn(a, b)`` (the values of pairs a..b−1), block by block."""
+        k, groups = self.data.n_groups, self.data.groups
+        total = np.zeros(k)
+        for a, b in self._blocks():
+            total += np.bincount(groups[a:b], weights=fn(a, b), minlength=k)
+        return total
+
+    def evaluate_pairs(self):
+        """Block by block over the margins h: ℓ' (``d1``) and the Hessian's pair weights
+        c = w ⊙ max(ℓ'', 0) (``curv``), kept; the group means of ℓ (and, for a smoothed loss, of the loss
+        itself and of the Fenchel–Young terms), reduced on the way, give the weights
+        (:meth:`set_group_weights`)."""
+        oracle, data, spec, beta = self.oracle, self.data, self.oracle.spec, self.beta
+        self.d1 = self.curv = None                   # the last iterate's: their memory is needed now
+        n, k, groups = data.n_samples, data.n_groups, data.groups
+        d1, curv = np.empty(n), np.empty(n)
+        sums = np.zeros((3, k))
+        for a, b in self._blocks():
+            h, g = self.h[a:b], groups[a:b]
+            value, d1[a:b], curv[a:b] = self.pair_terms(h)
+            sums[0] += np.bincount(g, weights=value, minlength=k)
+            if self.smoothed_loss:
+                sums[1] += np.bincount(g, weights=spec.value(h, beta), minlength=k)
+                sums[2] += np.bincount(g, weights=d1[a:b] * h - spec.conjugate(d1[a:b], beta), minlength=k)
+        means = sums * oracle.inv_size + self.shift
+        self.set_group_weights(means[0], *((means[1], means[2]) if self.smoothed_loss else ()))
+        scale = self.lam * oracle.inv_size               # w_i = scale[g_i]
+        for a, b in self._blocks():
+            np.maximum(curv[a:b], 0.0, out=curv[a:b])
+            curv[a:b] *= scale[groups[a:b]]
+        self.d1, self.curv = d1, curv
+
+    def pair_weights(self):
+        """w_i = λ_{g_i}/N_{g_i} of this iterate (a new N-vector, for the certificate's dual points)."""
+        return (self.lam * self.oracle.inv_size)[self.data.groups]
+
+    @property
+    def d2(self):
+        """max(ℓ''(h), 0) of every pair, as c / w block by block (0 where w = 0, where any metric serves): the
+        feasible dual point's metric, on an unbounded Θ only."""
+        scale, groups = self.lam * self.oracle.inv_size, self.data.groups
+        out = np.zeros(self.data.n_samples)
+        for a, b in self._blocks():
+            w = scale[groups[a:b]]
+            np.divide(self.curv[a:b], w, out=out[a:b], where=w > 0)
+        return out
+
     def gradient_hessian(self):
-        """One pass: per-pair ℓ, ℓ', ℓ''; the group losses; the weights λ = (1−χ)/K + χ softmax(L/μ)
-        (or the fixed weights); the group gradients G, the weighted gradient ∇ = λᵀG and the loss
-        part of the Hessian, H₁ = Sᵀ diag(λ_g ℓ''_i / N_g) S."""
-        oracle = self.oracle
-        self.values, self.d1, self.d2 = self.pair_terms(self.h)
-        self.set_weights(self.values)
-        self.grads, self.hess1 = oracle.gradients_and_hessian(self.d1, self.pair_w * self.d2)
+        """One pass: per-pair ℓ', ℓ'' and the group losses (:meth:`evaluate_pairs`); the weights
+        λ = (1−χ)/K + χ softmax(L/μ) (or the fixed weights); the group gradients G, the weighted gradient
+        ∇ = λᵀG and the loss part of the Hessian, H₁ = Sᵀ diag(λ_g ℓ''_i / N_g) S."""
+        self.evaluate_pairs()
+        self.grads, self.hess1 = self.oracle.gradients_and_hessian(self.d1, self.curv)
         self.grad = self.lam @ self.grads
 
-    def set_weights(self, values):
-        """From the pairs' losses (of the model's loss; ``self.d1`` its derivatives at ``self.h``): the
-        (adjusted) group losses, the smoothed weights σ = softmax(L/μ) and λ = (1−χ)/K + χσ (or the fixed
-        weights), the objective's value and the pair weights w_i = λ_{g_i}/N_{g_i}.
+    def set_group_weights(self, losses, value_losses=None, bound_losses=None):
+        """From the (adjusted) group means: the smoothed weights σ = softmax(L/μ) and λ = (1−χ)/K + χσ (or the
+        fixed weights) and the objective's value.
 
         With a smoothed loss three sets of group values differ: ``losses`` (the smoothed loss: the model,
         the weights, the line search), ``value_losses`` (the loss itself: the objective's value, an upper
         bound on L*) and ``bound_losses``, the group means of the Fenchel–Young terms
         :math:`u_ih_i - \\ell^*(u_i)` at :math:`u = \\ell_\\mu'(h)` (the hinge: :math:`\\sigma_i(1-\\beta h_i)`),
         which every bound uses in place of the group losses (:mod:`loglinear_grpo.certificate`, (⋆))."""
-        oracle = self.oracle
-        self.losses = oracle.group_means(values) + self.shift
-        if self.smoothed_loss:
-            spec, h = oracle.spec, self.h
-            self.value_losses = oracle.group_means(spec.value(h, self.beta)) + self.shift
-            self.bound_losses = oracle.group_means(self.d1 * h - spec.conjugate(self.d1, self.beta)) + self.shift
-        else:
-            self.value_losses = self.bound_losses = self.losses
+        self.losses = losses
+        self.value_losses = losses if value_losses is None else value_losses
+        self.bound_losses = losses if bound_losses is None else bound_losses
         if self.robust:
             self.soft = softmax(self.losses / self.temp)
             self.lam = mixing_weights(self.soft, self.chi)
         else:
             self.soft = self.lam = self.weights
         self.upper = minimax_value(self.value_losses, self.chi, self.fixed)
-        self.pair_w = self.lam[self.data.groups] * self.oracle.pair_inv_size
+
+    def trial_losses(self, t, direction):
+        """The (adjusted) group losses of the model's loss at the margins h + t·``direction`` (the line search),
+        block by block."""
+        inv, spec, beta = self.oracle.inv_size, self.oracle.spec, self.beta
+
+        def values(a, b):
+            h = self.h[a:b] + t * direction[a:b]
+            if self.smoothed_loss:
+                return spec.smoothed(h, beta, self.temp)[0]
+            return spec.value(h, beta)
+        return self._group_sums(values) * inv + self.shift
+
+
+    def dual_point(self, u, lower, kind, offset):
+        """The :class:`~loglinear_grpo.certificate.DualPoint` of this iterate's bound, kept with the best bound
+        (the row-space solve re-certifies it on the original S)."""
+        return DualPoint(self.pair_weights(), u, lower, kind, offset)
 
     def certify(self):
         """The bound at this iterate (:mod:`loglinear_grpo.certificate`): the linearisation where Θ is
@@ -528,11 +600,11 @@ class NewtonMinimax:
             estimate = weighted - 0.5 * float(self.grad @ z)
             if best["value"] - estimate <= max(self.target, 0.25 * (best["value"] - best["lower"])):
                 lower, dual_u = feasible_dual(self.oracle, self.oracle.spec, self.beta, self.theta, theta_set,
-                                              self.h, self.pair_w, self.d1, np.maximum(self.d2, 0.0),
+                                              self.h, self.pair_weights(), self.d1, self.d2,
                                               self.loss_hessian(), self.grad, z=z)
                 lower += offset
-        self._keep_bound(lower, np.array(self.soft, dtype=np.float64),
-                         DualPoint(self.pair_w, dual_u, lower, kind, offset), kind)
+        self._keep_bound(lower, np.array(self.soft, dtype=np.float64), self.dual_point(dual_u, lower, kind, offset),
+                         kind)
         self.temp_floor = 0.1 * self.target / self.log_k
         if self.robust and not self.check_convergence() and (self.temp <= self.temp_floor or self._stage_end()):
             lower_r, alpha_hat, kind_r, dual = self.refined_bound()
@@ -584,7 +656,7 @@ class NewtonMinimax:
     def model_step(self):
         """The exact minimiser x of the quadratic model of F_μ over Θ (the Hessian adds the smoothed
         max's rank-K term (χ/μ) Gᵀ(diag(σ) − σσᵀ)G), and its Newton decrement. Returns ``"colder"``
-        when this temperature's stage is solved (μ shrinks tenfold), ``"stop"`` when the decrement is
+        when this temperature's stage is solved (μ shrinks by ``shrink``), ``"stop"`` when the decrement is
         at float64 resolution, else ``"step"``."""
         hess = self.hess1
         if self.robust:
@@ -598,7 +670,8 @@ class NewtonMinimax:
 
     def decrement_action(self):
         """What the Newton decrement says: ``"colder"`` when this temperature's stage is solved (μ shrinks
-        tenfold), ``"stop"`` when it is at float64 resolution, else ``"step"``."""
+        by ``shrink``: tenfold, 0.3× for a smoothed loss), ``"stop"`` when it is at float64 resolution, else
+        ``"step"``."""
         if self.on_path and self.temp > self.temp_floor and self.decrement <= DECREMENT_SHARE * self.temp:
             self.temp = max(self.temp * self.shrink, self.temp_floor)
             self.row["step_length"] = 0.0
@@ -616,7 +689,7 @@ class NewtonMinimax:
         f0 = _objective(self.losses, self.fixed, self.chi, self.temp)
         t, accepted = 1.0, False
         for _ in range(60):
-            f_try = _objective(self.group_losses(self.h + t * sp_dir), self.fixed, self.chi, self.temp)
+            f_try = _objective(self.trial_losses(t, sp_dir), self.fixed, self.chi, self.temp)
             if np.isfinite(f_try) and f_try <= f0 - 1e-4 * t * self.decrement:
                 accepted = True
                 break

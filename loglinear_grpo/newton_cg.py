@@ -74,9 +74,10 @@ DUAL_RTOL = 1e-12
 
 #: float64 d-vectors the matrix-free solver holds at its peak (θ, the best θ, the gradient, the model
 #: point and step, four Krylov vectors, a product's output, the certificate's residual), and N-vectors
-#: (margins, loss terms, weights, products and their temporaries)
+#: (margins, ℓ', the Hessian's pair weights, a product Sv, the line search's direction, the best response's
+#: own; measured with tracemalloc on a memory-mapped S of 10⁶ pairs: 6.5 on a ball, 8 on a box, 10 on R^d)
 D_VECTORS = 12
-N_VECTORS = 18
+N_VECTORS = 12
 
 
 def matrix_free_memory_nbytes(data):
@@ -183,32 +184,40 @@ class MatrixFreeNewton(NewtonMinimax):
 
     # ------------------------------------------------------------------ steps
     def gradient_hessian(self):
-        """One pass for the gradient ∇ = Sᵀ(w ⊙ ℓ'); the Hessian stays an operator (:meth:`hessp`)."""
-        oracle = self.oracle
+        """One pass for the gradient ∇ = Sᵀ(w ⊙ ℓ'); the Hessian stays an operator (:meth:`hessp`). The
+        per-pair terms are made block by block (:meth:`NewtonMinimax.evaluate_pairs
+        <loglinear_grpo.newton.NewtonMinimax.evaluate_pairs>`)."""
+        oracle, groups = self.oracle, self.data.groups
         self.x = self.p = self.grad = None          # the last step's vectors: their memory is needed now
-        self.values = self.d1 = self.d2 = self.pair_w = self.curv = self.rank_coef = None
-        values, self.d1, self.d2 = self.pair_terms(self.h)
-        self.set_weights(values)
-        del values                                  # (per-pair vectors: at N = 10⁷ each is 80 MB)
-        self.curv = self.pair_w * np.maximum(self.d2, 0.0)
-        self.grad = oracle.rproduct(self.pair_w * self.d1)
+        self.evaluate_pairs()
+        scale = self.lam * oracle.inv_size
+        weighted = np.empty(self.data.n_samples)
+        for a, b in self._blocks():
+            np.multiply(scale[groups[a:b]], self.d1[a:b], out=weighted[a:b])
+        self.grad = oracle.rproduct(weighted)
+        del weighted
         self.grads = None
-        self.rank_coef = oracle.pair_inv_size * self.d1 if self.robust else None     # ℓ'_i / N_{g_i}
 
     def hessp(self, v):
         """:math:`\\nabla^2F_\\mu v` (module docstring): two passes, in the storage's approximate products
         where it has them (:meth:`~loglinear_grpo.storage.Rows.approximate_products`: the Hessian only
-        steers the model step; the gradient, the margins and every bound use the exact products)."""
-        oracle = self.oracle
+        steers the model step; the gradient, the margins and every bound use the exact products). The
+        coefficients c ⊙ Sv + a are written over Sv block by block (no other per-pair vector)."""
+        oracle, groups = self.oracle, self.data.groups
         sv = oracle.product(v) if self.exact_hessian else oracle.approx_product(v)
-        coef = self.curv * sv
+        if not sv.flags.writeable or sv.dtype != np.float64:
+            sv = np.array(sv, dtype=np.float64)
+        mix = None
         if self.robust:
-            gv = oracle.group_means(self.d1 * sv)
-            mix = (self.chi / self.temp) * self.soft * (gv - float(self.soft @ gv))
-            term = mix[self.data.groups]
-            term *= self.rank_coef
-            coef += term
-        return oracle.rproduct(coef) if self.exact_hessian else oracle.approx_rproduct(coef)
+            gv = self._group_sums(lambda a, b: self.d1[a:b] * sv[a:b]) * oracle.inv_size
+            # a_i = (ℓ'_i / N_{g_i}) (χ/μ) σ_{g_i} ((Gv)_{g_i} − σᵀGv)
+            mix = (self.chi / self.temp) * self.soft * (gv - float(self.soft @ gv)) * oracle.inv_size
+        for a, b in self._blocks():
+            block = sv[a:b]
+            block *= self.curv[a:b]
+            if mix is not None:
+                block += mix[groups[a:b]] * self.d1[a:b]
+        return oracle.rproduct(sv) if self.exact_hessian else oracle.approx_rproduct(sv)
 
     def loss_hessp(self, v):
         """:math:`H_1v = S^\\top(c\\odot Sv)`, the loss part only (the feasible dual's metric)."""
@@ -270,10 +279,10 @@ class MatrixFreeNewton(NewtonMinimax):
         most every :data:`RESPONSE_EVERY` iterations at the coldest temperature."""
         self._responded_at = self.it
         alpha = self.soft
-        _, hat, _, _ = self.refined_bound()        # the first-order α̂: stabler than softmax(L/μ) at small μ
+        hat = self.refined_bound()[1]              # the first-order α̂: stabler than softmax(L/μ) at small μ
         alpha = hat if hat is not None else alpha
         # this iterate's per-pair vectors are recomputed after: the inner solve gets their memory
-        self.d1 = self.d2 = self.pair_w = self.curv = self.rank_coef = None
+        self.d1 = self.curv = None
         inner = MatrixFreeNewton(self.data, self.loss, self.beta, self.theta_set, max_cg=self.max_cg,
                                  weights=mixing_weights(alpha, self.chi), tol=self.response_share * self.tol,
                                  max_iter=50, shift=self.shift)
@@ -319,6 +328,14 @@ class MatrixFreeNewton(NewtonMinimax):
                 self.temp = max(self.temp * self.shrink, self.temp_floor)
             return "colder"                          # (at the floor: the same temperature, a fresh step)
         return self.decrement_action()
+
+    def dual_point(self, u, lower, kind, offset):
+        # a dual point's per-pair arrays are only read by the dense solver's row-space re-certification: none
+        # is made or kept here (two N-vectors of an old iterate)
+        return None
+
+    def _keep_bound(self, lower, alpha, dual, kind):
+        super()._keep_bound(lower, alpha, None, kind)
 
     def finalize(self):
         result = super().finalize()

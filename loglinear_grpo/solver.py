@@ -12,7 +12,8 @@ difference (the duality gap) bounds how far θ is from optimal.
 ``"newton_cg"``
     The same smoothed minimax, path and certificate, matrix-free (:mod:`loglinear_grpo.newton_cg`):
     Newton–CG with Krylov model steps over a ball, a box or R^d; memory = S plus a few vectors, time =
-    passes over S. For DPO and IPO at LLM-head scale.
+    passes over S. For DPO and IPO at LLM-head scale, and the hinge (smoothed by softplus on the same path,
+    certified with its own conjugate) on a bounded Θ.
 ``"full"``
     Full-batch alternating mirror descent: the α step of Algorithm 1 with exact group losses,
     then a projected gradient step on θ. First order; O(N·d) per iteration.
@@ -97,16 +98,27 @@ class DerivedState:
 
     n_samples: int
     group_sizes: np.ndarray                             # N_g (float)
-    pair_inv_size: np.ndarray = field(repr=False)       # 1/N_{g_i}, shape (N,)
+    groups: np.ndarray = field(repr=False)              # the data's group labels (a reference, not a copy)
     group_cum: np.ndarray = field(repr=False)           # cumulative N_g/N (sampler)
     group_offsets: np.ndarray = field(repr=False)       # start of each group in `members`
-    members: np.ndarray = field(repr=False)             # pair indices sorted by group
     streamed: bool = False                              # S is read block by block from outside memory
     scalar_loss: Callable | None = field(default=None, repr=False)  # (h, β) -> (ℓ, ℓ') for one float
     normal_equations: object = field(default=None, repr=False)     # closed form: (H_g, q_g) or RowSpaceForm
     theory: dict = field(default_factory=dict)          # Proposition 3's constants, when computed
     shift: np.ndarray | None = None                     # the group adjustment c_g = C_g/√N_g (None: none)
     memory: dict | None = None                          # the second-order solver's memory plan (choose_solver)
+
+    # two per-pair arrays only the first-order estimators read: made on first use (a second-order solve of
+    # 10⁷ pairs never holds their 160 MB)
+    @functools.cached_property
+    def pair_inv_size(self):
+        """1/N_{g_i} of every pair, shape (N,)."""
+        return (1.0 / self.group_sizes)[self.groups]
+
+    @functools.cached_property
+    def members(self):
+        """The pair indices sorted by group (stable), shape (N,)."""
+        return np.argsort(self.groups, kind="stable")
 
 
 def _derived(name):
@@ -282,11 +294,10 @@ def make_config(data, settings=None, **options):
             if step is not None and not np.isfinite(step.scale):
                 raise ValueError(f"{name} resolved to a non-finite value ({step.scale}); give it explicitly")
 
-    members = np.argsort(data.groups, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     derived = DerivedState(
-        n_samples=data.n_samples, group_sizes=sizes.astype(np.float64), pair_inv_size=(1.0 / sizes)[data.groups],
-        group_cum=np.cumsum(sizes) / sizes.sum(), group_offsets=offsets, members=members,
+        n_samples=data.n_samples, group_sizes=sizes.astype(np.float64), groups=data.groups,
+        group_cum=np.cumsum(sizes) / sizes.sum(), group_offsets=offsets,
         streamed=data.storage.out_of_core, theory=dict(cache), scalar_loss=get_loss(loss).scalar, shift=shift,
         memory=memory,
         normal_equations=(group_normal_equations(data, 0.5 / beta, theta_set)
@@ -384,7 +395,8 @@ class SolveResult:
     passes : int or None
         Full passes over S the Newton solver made (``None`` for the other estimators).
     temperature : float or None
-        Newton, ``group_robust``: the last smoothing temperature μ (a warm start's ``temperature0``).
+        Newton, ``group_robust`` (and the matrix-free hinge with any method): the last smoothing temperature
+        μ (a warm start's ``temperature0``).
     cg_iterations, cg_exhausted : int or None
         ``newton_cg``: Hessian products in all model steps, and model steps whose budget (``max_cg``) ran
         out before their Krylov solve met its tolerance.

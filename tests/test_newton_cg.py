@@ -185,6 +185,33 @@ def test_matrix_free_allocates_nothing_of_order_n2_or_d2():
         assert peak < smallest_matrix / 2, (n, d, peak, smallest_matrix)      # the dense solver holds 5 to 8
 
 
+@pytest.mark.parametrize("estimator", ["newton", "newton_cg"])
+def test_the_heap_stays_far_below_a_memory_mapped_S(tmp_path, estimator):
+    """Per-pair terms are made block by block (issue 21): both second-order solvers hold a few float64
+    N-vectors at their peak (the margins, ℓ', the Hessian's pair weights, a product), not the ~16 they held
+    before — far below a memory-mapped S of 16 float32 columns (8 N-vectors' worth)."""
+    import cvxpy  # noqa: F401  (imported before tracing)
+    n, d = 300_000, 16
+    rng = np.random.default_rng(8)
+    path = tmp_path / "S.f32"
+    mapped = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, d))
+    mapped[:] = rng.standard_normal((n, d), dtype=np.float32)
+    mapped.flush()
+    del mapped
+    data = lg.PreferenceData(np.memmap(path, dtype=np.float32, mode="r", shape=(n, d)),
+                             rng.choice(3, n, p=[0.6, 0.3, 0.1]), 0.3 * rng.standard_normal(n))
+    for constraint in (lg.L2Ball(1.0), lg.Box(-0.1, 0.1)):
+        lg.solve(data.subset(np.arange(500)), estimator=estimator, constraint=constraint)      # warm imports
+        tracemalloc.start()
+        try:
+            res = lg.solve(data, estimator=estimator, constraint=constraint)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert res.converged
+        assert peak < 9.5 * 8 * n, (constraint, peak / (8 * n))      # in float64 N-vectors (16-18 before)
+
+
 def test_krylov_budget_runs_out_with_a_convergence_warning():
     data = _problem(300, 20, seed=1)
     with pytest.warns(lg.ConvergenceWarning, match=r"reached a certified relative gap of .*max_cg.*1"):
