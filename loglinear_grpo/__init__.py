@@ -10,6 +10,7 @@ for the DPO, IPO and hinge losses, and certifies the answer (exact optimum, dual
 from .certificate import CertificateWarning
 from .constraints import Box, ConvexSet, L2Ball, ThetaSet, Unconstrained
 from .data import PreferenceData
+from .groups import Membership, intersect_groupings
 from .closed_form import weighted_least_squares
 from .duality import best_response, duality_gap
 from .exact import ExactResult, solve_exact
@@ -27,7 +28,7 @@ from . import inference
 __version__ = "0.1.0"
 
 __all__ = [
-    "CertificateWarning", "ConvergenceWarning", "PathResult", "ReferencePoint", "group_adjustment", "inference",
+    "CertificateWarning", "ConvergenceWarning", "Membership", "intersect_groupings", "PathResult", "ReferencePoint", "group_adjustment", "inference",
     "solve_path", "Box", "ConvexSet", "ExactResult", "L2Ball", "PairOperator", "PreferenceData", "Settings", "SolveResult", "SolverConfig",
     "SolverState", "StepSize", "ThetaSet", "Unconstrained", "averaged_alpha", "averaged_theta", "best_response",
     "duality_gap", "group_losses", "group_metrics", "init", "make_config", "margins", "pair_loss",

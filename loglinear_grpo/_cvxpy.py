@@ -12,7 +12,7 @@ def _cvxpy_diff(data):
     """The data with S in memory (cvxpy and the LP need its entries): a memmap is read, an implicit
     S formed when it fits (``ValueError`` otherwise)."""
     if not data.storage.in_memory:
-        return PreferenceData(data.explicit_diff(), data.groups, data.ref_margin,
+        return PreferenceData(data.explicit_diff(), data.group_input, data.ref_margin,
                               group_names=data.group_names, check_finite=False)
     return data
 

@@ -234,6 +234,8 @@ def _single_pair_run(state, data, config, stop, sampler_cache):
 
 
 def _stochastic_step(state, data, config, batch, t):
+    if data.overlapping:
+        return _overlapping_step(state, data, config, batch, t)
     if batch.size == 1 and config.scalar_loss is not None and data.storage.dense_rows:
         return _single_pair_step(state, data, config, int(batch[0]), t)
     loss, beta = config.loss, config.beta
@@ -246,6 +248,45 @@ def _stochastic_step(state, data, config, batch, t):
     losses = np.bincount(groups, weights=scale * adjusted, minlength=config.group_sizes.size)
     log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
     u = scale * _theta_weights(alpha, config)[groups] * dl
+    grad = np.asarray(rows.T @ u).ravel()
+    theta = _projected_step(state.theta, grad, config, t)
+    return theta, log_alpha, alpha, losses
+
+
+def _overlapping_step(state, data, config, batch, t):
+    r"""Algorithm 1's step with overlapping groups (a pair in :math:`m_i \ge 1` groups).
+
+    The sampler draws as Algorithm 1 does: :math:`g \sim \mathrm{Cat}(N_g/T)` with
+    :math:`T = \sum_h N_h` (the number of memberships), then a member of :math:`D_g` uniformly. Each
+    membership (g, i) is then drawn with probability 1/T, so pair i with :math:`p_i = m_i/T`. The
+    estimates use the pair only, averaged over which of its groups drew it (Rao–Blackwell: unbiased, and
+    no more variable than the estimates from the drawn group alone):
+
+    .. math::
+
+        \hat L_h = \frac{T}{m_i N_h}\,M_{ih}\,(\ell_i + c_h),\qquad
+        \hat\nabla_\theta = \frac{T}{m_i}\Big(\sum_{h\ni i}\frac{\lambda_h}{N_h}\Big)\,\nabla\ell_i,
+
+    unbiased because :math:`E[\hat L_h] = \sum_i \frac{m_i}{T}\frac{T}{m_iN_h}M_{ih}\ell_i = L_h` and
+    :math:`E[\hat\nabla_\theta] = \sum_i\sum_{h\ni i}\frac{\lambda_h}{N_h}\nabla\ell_i = \sum_h\lambda_h\nabla L_h`;
+    a batch of B draws averages B such estimates. With labels (every :math:`m_i = 1`, T = N) these are
+    Algorithm 1's :math:`(N/N_g)\,\ell_i\,e_g` and :math:`(N/N_g)\lambda_g\nabla\ell_i`, and Proposition 3's
+    constants (:func:`~loglinear_grpo.schedules.theory_constants`) hold with N replaced by T.
+    """
+    loss, beta = config.loss, config.beta
+    rows = data.rows(batch)
+    h = np.asarray(rows @ state.theta).ravel() - data.ref_margin[batch]
+    member = data.membership.matrix[batch]                    # B × K, 0/1 (a pair drawn twice: two rows)
+    counts = np.diff(member.indptr)                           # m_i
+    scale = config.total_members / (counts * batch.size)      # T/(m_i B)
+    values, dl = get_loss(loss).value_and_grad(h, beta)
+    inv = 1.0 / config.group_sizes
+    sums = member.T @ (scale * values)
+    if config.shift is not None:
+        sums = sums + config.shift * (member.T @ scale)
+    losses = np.asarray(sums).ravel() * inv
+    log_alpha, alpha = _alpha_step(state.log_alpha, losses, config, t)
+    u = scale * (member @ (_theta_weights(alpha, config) * inv)) * dl
     grad = np.asarray(rows.T @ u).ravel()
     theta = _projected_step(state.theta, grad, config, t)
     return theta, log_alpha, alpha, losses

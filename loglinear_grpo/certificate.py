@@ -284,7 +284,7 @@ def refined_dual_bound(losses, grads, hess, theta, theta_set, data, chi, pair_d1
     if bounded:
         lower = float(lam @ losses) + theta_set.min_linear(theta, lam @ grads)
         offset = 0.0 if shift is None else float(lam @ shift)
-        return lower, alpha, "rigorous", DualPoint(lam[data.groups] / data.group_sizes[data.groups], pair_d1,
+        return lower, alpha, "rigorous", DualPoint(data.membership.spread(lam / data.group_sizes), pair_d1,
                                                    lower, "rigorous", offset)
     res = best_response(lam)
     return res.lower_bound, alpha, res.bound_kind, res.dual

@@ -59,7 +59,7 @@ def data_fingerprint(data):
     h = hashlib.sha256()
     h.update(json.dumps([int(data.n_samples), int(data.dim), int(data.n_groups)]).encode())
     data.storage.update_fingerprint(h)
-    h.update(np.ascontiguousarray(data.groups, dtype=np.int64).tobytes())
+    h.update(data.membership.fingerprint_bytes())
     h.update(np.ascontiguousarray(data.ref_margin, dtype=np.float64).tobytes())
     return h.hexdigest()
 
@@ -90,7 +90,7 @@ def explain_mismatch(stored, current):
     if not stored or not current:
         return ("the data, Θ, θ⁽⁰⁾, the loss, β, the method, the seed or the step sizes differ (the checkpoint "
                 "predates the record that would say which)")
-    names = {"data": "the data (S, r or the group labels)", "theta0": "θ⁽⁰⁾", "constraint": "Θ"}
+    names = {"data": "the data (S, r or the groups)", "theta0": "θ⁽⁰⁾", "constraint": "Θ"}
     diff = [f"{names.get(k, k)}: {stored.get(k)!r} then, {current.get(k)!r} now"
             for k in sorted(set(stored) | set(current)) if k != "theory_steps" and stored.get(k) != current.get(k)]
     text = "; ".join(diff) if diff else "the settings' record matches, the hash does not (a different format)"

@@ -15,12 +15,12 @@ cancels, so a data set is just the rows ``s_i``, the offsets ``r_i`` and the gro
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 
+from .groups import Membership, _parse_groups, membership_from  # noqa: F401 (_parse_groups: the labels' rule)
 from .operators import PairOperator
 from .storage import (CHUNK_ROWS, MAX_SCALE, MIN_SCALE, Rows, as_rows, check_scale as _check_scale,  # noqa: F401
                       weighted_gram)
@@ -28,108 +28,6 @@ from .storage import (CHUNK_ROWS, MAX_SCALE, MIN_SCALE, Rows, as_rows, check_sca
 
 def _is_sparse(a):
     return sp.issparse(a)
-
-
-def _missing_labels_error(count, n):
-    return ValueError(f"groups has {count} missing label(s) (None, NaN, pandas.NA or NaT) among {n} pairs: every "
-                      "pair needs a group; drop those pairs, or give them a group of their own (e.g. "
-                      "groups.fillna('unknown'))")
-
-
-def _is_number_type(t):
-    return issubclass(t, (numbers.Real, np.bool_))
-
-
-def _parse_groups(raw, n, names):
-    """``(labels, names)``: the group labels of :class:`PreferenceData` as an integer or float array of
-    indices (checked later against ``0..K-1``) and the group names (``None`` unless known), by the rule
-    of its docstring: numbers are indices compared by value, other labels are names; missing labels and
-    labels mixing the two are refused."""
-    try:
-        groups = np.asarray(raw)
-    except (TypeError, ValueError):
-        raise ValueError("groups must be a 1-D array of group labels (integers 0..K-1, or names)") from None
-    if groups.ndim != 1 or groups.shape[0] != n:
-        raise ValueError(f"groups must have shape ({n},) to match diff, got {groups.shape}")
-    if isinstance(names, str):
-        raise ValueError("group_names must be a sequence of names, not one string")
-    if groups.dtype.kind in "US" and not isinstance(raw, np.ndarray):
-        # numpy turns a sequence mixing numbers and strings into strings ([1, "1"] -> ["1", "1"]): read its items
-        try:
-            items = np.asarray(raw, dtype=object)
-        except (TypeError, ValueError):          # pragma: no cover - asarray succeeded above
-            items = groups
-        if items.shape == groups.shape:
-            groups = items
-    if groups.dtype.kind == "O":
-        import pandas as pd
-        missing = int(np.count_nonzero(np.asarray(pd.isna(groups), dtype=bool)))
-        if missing:
-            raise _missing_labels_error(missing, n)
-        kinds = {type(g) for g in groups.tolist()}
-        numeric = {t for t in kinds if _is_number_type(t)}
-        if numeric and numeric != kinds:
-            example = {}
-            for g in groups.tolist():
-                example.setdefault(_is_number_type(type(g)), g)
-                if len(example) == 2:
-                    break
-            raise ValueError(
-                f"groups mixes numeric labels (e.g. {example[True]!r}) with other labels (e.g. {example[False]!r}): "
-                "numbers are group indices 0..K-1 and other labels are group names, so a mix is ambiguous "
-                "(is 1 the group '1'?); convert all labels to one kind, e.g. all to str or all to int")
-        if numeric:                              # equal numbers are one group: 1, 1.0, np.int64(1), True
-            integral = all(issubclass(t, (numbers.Integral, np.bool_)) for t in kinds)
-            try:
-                groups = groups.astype(np.int64 if integral else np.float64)
-            except (OverflowError, TypeError, ValueError):
-                raise ValueError("groups has numeric labels that are not 64-bit numbers; labels must be "
-                                 "integers 0..K-1") from None
-    if groups.dtype.kind in "USO":               # names, in order of first appearance, identified by value
-        values = groups.tolist()
-        try:
-            codes = {}
-            index = np.fromiter((codes.setdefault(g, len(codes)) for g in values), dtype=np.intp, count=n)
-        except TypeError:
-            raise ValueError("groups holds an unhashable label (e.g. a list): labels must be numbers or names "
-                             "(str)") from None
-        label_names = [str(g) for g in codes]
-        if len(set(label_names)) != len(label_names):
-            seen = {}
-            for g, name in zip(codes, label_names):
-                if name in seen:
-                    raise ValueError(f"groups has distinct labels {seen[name]!r} and {g!r} that are both named "
-                                     f"{name!r}: convert the labels so that distinct groups print differently")
-                seen[name] = g
-        if names is None:
-            names = label_names
-            groups = index
-        else:
-            position = {str(g): k for k, g in enumerate(names)}
-            unknown = sorted(name for name in label_names if name not in position)[:5]
-            if unknown:
-                raise ValueError(f"groups has label(s) {unknown} that group_names does not list")
-            groups = np.array([position[name] for name in label_names], dtype=np.intp)[index]
-    if groups.dtype.kind == "f":
-        missing = int(np.count_nonzero(np.isnan(groups)))
-        if missing:
-            raise _missing_labels_error(missing, n)
-        if not np.all(np.isfinite(groups)) or not np.all(groups == np.round(groups)):
-            raise ValueError("groups must hold integer labels 0..K-1")
-    elif groups.dtype.kind in "mM":
-        missing = int(np.count_nonzero(np.isnat(groups)))
-        if missing:
-            raise _missing_labels_error(missing, n)
-        raise ValueError(f"groups must hold integer labels 0..K-1 or names, got dtype {groups.dtype}")
-    elif groups.dtype.kind not in "iub":
-        raise ValueError(f"groups must hold integer labels, got dtype {groups.dtype}")
-    if groups.min() < 0:
-        raise ValueError("groups must be non-negative (labels 0..K-1)")
-    top = groups.max()
-    if top >= n:       # before any allocation of size max label: K groups need K non-empty groups
-        raise ValueError(f"groups has label {float(top):.6g} but only {n} pairs: labels must be 0..K-1 "
-                         "with every group holding a pair")
-    return groups.astype(np.intp), names
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,6 +57,17 @@ class PreferenceData:
 
         Refused with a ``ValueError``: missing labels (``None``, NaN, ``pandas.NA``, NaT; the message
         gives their count) and a mix of numbers and other labels (``[1, "1"]`` would be ambiguous).
+
+        **Overlapping groups** (a pair in one or more groups; :mod:`loglinear_grpo.groups`):
+
+        * several groupings, ``{"country": labels, "age": labels}`` (a dict, a pandas DataFrame, or a
+          list of label arrays): their union, every value of every grouping a group named
+          ``"country=Kenya"``, ``"age=18-24"``, each pair in one group of each grouping;
+        * an N × K 0/1 membership matrix (scipy sparse, or a 2-D array; ``group_names`` optional).
+
+        Then ``groups`` is ``None``, ``membership`` holds the matrix and ``overlapping`` is True. A pair
+        in no group, an empty group, a matrix of the wrong shape or with other entries than 0/1 are
+        refused, one clear error each.
     ref_margin : array_like, shape (N,), optional
         :math:`r_i = \\log\\pi_\\mathrm{ref}(y_w|x) - \\log\\pi_\\mathrm{ref}(y_l|x)`;
         zeros (a uniform reference policy) when omitted.
@@ -197,6 +106,7 @@ class PreferenceData:
     check_adjoint: bool = True
     group_sizes: np.ndarray = field(init=False, repr=False)
     storage: Rows = field(init=False, repr=False)
+    membership: Membership = field(init=False, repr=False)
 
     def __post_init__(self):
         storage = as_rows(self.diff, self.check_finite, self.check_adjoint)
@@ -205,7 +115,13 @@ class PreferenceData:
         if n == 0:
             raise ValueError("diff must hold at least one pair (N >= 1)")
 
-        groups, names = _parse_groups(self.groups, n, self.group_names)
+        raw = self.groups
+        if isinstance(raw, Membership) and not raw.overlapping:
+            raw = raw.labels
+        membership, names = membership_from(raw, n, self.group_names)
+        if membership is not None:
+            return self._init_membership(storage, membership, names)
+        groups, names = _parse_groups(raw, n, self.group_names)
 
         k = self.n_groups
         if names is not None:
@@ -232,6 +148,31 @@ class PreferenceData:
         if names is None:
             names = tuple(str(g) for g in range(k))
 
+        self._set(storage, groups, names, k, sizes, Membership(k, labels=groups))
+
+    def _init_membership(self, storage, membership, names):
+        """Overlapping groups (an N × K membership; :mod:`loglinear_grpo.groups`): checked there, named here."""
+        k = membership.n_groups
+        if self.n_groups is not None and self.n_groups != k:
+            raise ValueError(f"n_groups={self.n_groups} disagrees with the membership's K={k} groups")
+        if names is None:
+            names = tuple(str(g) for g in range(k))
+        names = tuple(str(g) for g in names)
+        if len(names) != k:
+            raise ValueError(f"group_names lists {len(names)} names but the membership has K={k} groups")
+        if len(set(names)) != len(names):
+            dupes = sorted({g for g in names if names.count(g) > 1})[:5]
+            raise ValueError(f"group_names has duplicates {dupes}: each group needs its own name")
+        if np.any(membership.sizes == 0):
+            empty = [names[g] for g in np.flatnonzero(membership.sizes == 0)][:5]
+            raise ValueError(f"groups: group(s) {empty} hold no pairs")
+        if np.any(membership.per_pair_counts() == 0):
+            raise ValueError("groups: some pairs belong to no group: every pair needs at least one group")
+        self._set(storage, None, names, k, membership.sizes, membership)
+
+    def _set(self, storage, groups, names, k, sizes, membership):
+        diff = storage.source
+        n = diff.shape[0]
         if self.ref_margin is None:
             ref = np.zeros(n)
         else:
@@ -258,6 +199,19 @@ class PreferenceData:
         object.__setattr__(self, "group_names", names)
         object.__setattr__(self, "n_groups", int(k))
         object.__setattr__(self, "group_sizes", sizes.astype(np.int64))
+        object.__setattr__(self, "membership", membership)
+
+    @property
+    def group_input(self):
+        """What rebuilds these groups in another :class:`PreferenceData` of the same pairs: the labels, or the
+        membership when groups overlap."""
+        return self.membership if self.overlapping else self.groups
+
+    @property
+    def overlapping(self):
+        """True when a pair may belong to several groups (a membership matrix or a union of groupings):
+        ``groups`` is then ``None`` and ``membership`` holds the N × K matrix."""
+        return self.membership.overlapping
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -354,13 +308,16 @@ class PreferenceData:
         index = np.asarray(index)
         if index.dtype == bool:
             index = np.flatnonzero(index)
-        return PreferenceData(self.storage.take(index), self.groups[index], self.ref_margin[index],
+        groups = self.membership.take(index) if self.overlapping else self.groups[index]
+        return PreferenceData(self.storage.take(index), groups, self.ref_margin[index],
                               group_names=self.group_names, check_finite=False, check_adjoint=False)
 
     def sorted_by_group(self):
         """``(data, order)``: the same pairs stored group by group (``data.diff = self.diff[order]``, a copy
         for a dense S), which makes each full-batch iteration one pass over S whatever K
         (:mod:`loglinear_grpo.kernels`). The solution does not depend on the order of the pairs."""
+        if self.overlapping:
+            raise ValueError("sorted_by_group: overlapping groups have no order by group")
         order = np.argsort(self.groups, kind="stable")
         return PreferenceData(self.storage.take(order), self.groups[order], self.ref_margin[order],
                               group_names=self.group_names, check_finite=False, check_adjoint=False), order

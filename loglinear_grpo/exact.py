@@ -98,7 +98,7 @@ def solve_exact(data, *, loss="dpo", beta=0.1, method="group_robust", chi=1.0, r
     t = cp.Variable()
     pair = _cvxpy_pair_losses(cp, data_cp, theta, loss, beta)
     group_loss = [cp.sum(pair[idx]) / len(idx) + (0.0 if shift is None else float(shift[g])) for g, idx in
-                  enumerate(np.flatnonzero(data.groups == g) for g in range(data.n_groups))]
+                  enumerate(data.membership.members(g) for g in range(data.n_groups))]
     k = data.n_groups
     weights = None
     if method == "group_robust":
@@ -137,7 +137,7 @@ def _improving_direction(data, theta_set, tol=1e-9):
         return False
     n, d, k = data.n_samples, data.dim, data.n_groups
     diff = sp.csr_matrix(data.explicit_diff(), dtype=np.float64)
-    indicator = sp.csr_matrix((np.ones(n), (data.groups, np.arange(n))), shape=(k, n))
+    indicator = data.membership.indicator(np.ones(n))
     rows = sp.vstack([sp.hstack([-diff, sp.csr_matrix((n, 1))]),
                       sp.hstack([-(indicator @ diff), np.ones((k, 1))])]).tocsc()
     res = scipy.optimize.linprog(np.r_[np.zeros(d), -1.0], A_ub=rows, b_ub=np.zeros(n + k),

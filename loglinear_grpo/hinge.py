@@ -47,7 +47,7 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0, shift=None):
     k = data.n_groups
     robust = weights is None and k > 1
     w = None if robust else (np.ones(1) if weights is None else np.asarray(weights, dtype=np.float64))
-    inv = 1.0 / data.group_sizes[data.groups]
+    inv = 1.0 / data.group_sizes                 # per group: a pair's weights are sums over its groups
     center, rho = theta_set.bounding_ball(data.dim)
     reach = beta * float(np.max(data.row_norms(), initial=0.0)) * (rho if np.isfinite(rho) else 1.0)
     if reach > 1e15:
@@ -66,8 +66,8 @@ def hinge_program(data, beta, theta_set, *, weights=None, chi=1.0, shift=None):
     lam = mixing_weights(alpha, chi) if robust else w
     value = minimax_value(losses, chi, None if robust else w, shift)
     h = data.matvec(theta) - data.ref_margin
-    lower, kind = hinge_dual_bound(PairOracle(data, "hinge", beta), beta, theta, theta_set, h, lam[data.groups] * inv,
-                                   y)
+    lower, kind = hinge_dual_bound(PairOracle(data, "hinge", beta), beta, theta, theta_set, h,
+                                   data.membership.spread(lam * inv), y)
     lower = max(lower, 0.0)                                   # the hinge is ≥ 0
     if shift is not None:                                     # the adjusted problem's dual gains λᵀc
         lower += float(lam @ shift)
@@ -135,12 +135,12 @@ def _hinge_highs(data, beta, theta_set, robust, w, chi, inv, shift=None):
     rows = [sp.hstack([-beta * diff, -sp.identity(n, format="csr"), sp.csr_matrix((n, 1))])]
     rhs = [-(1.0 + beta * data.ref_margin)]
     if robust:
-        indicator = sp.csr_matrix((inv, (data.groups, np.arange(n))), shape=(k, n))
+        indicator = data.membership.indicator(np.ones(n), scale=inv)        # ξ̄_g = Σ_{i∈D_g} ξ_i / N_g
         rows.append(sp.hstack([sp.csr_matrix((k, d)), indicator, -np.ones((k, 1))]))
         rhs.append(np.zeros(k) if shift is None else -np.asarray(shift, dtype=np.float64))
-        cost = np.concatenate([np.zeros(d), (1.0 - chi) / k * inv, [chi]])
+        cost = np.concatenate([np.zeros(d), (1.0 - chi) / k * data.membership.spread(inv), [chi]])
     else:
-        cost = np.concatenate([np.zeros(d), w[data.groups] * inv, [0.0]])
+        cost = np.concatenate([np.zeros(d), data.membership.spread(w * inv), [0.0]])
     if isinstance(theta_set, Box):
         lo, hi = theta_set.bounds(d)
         theta_bounds = [(a if np.isfinite(a) else None, b if np.isfinite(b) else None) for a, b in zip(lo, hi)]
@@ -165,7 +165,7 @@ def _hinge_conic(data, beta, theta_set, robust, w, chi, inv, shift=None):
     n, d, k = data.n_samples, data.dim, data.n_groups
     theta, xi, t = cp.Variable(d), cp.Variable(n, nonneg=True), cp.Variable()
     pair = xi >= 1.0 - beta * (_cvxpy_diff(data).diff @ theta - data.ref_margin)
-    indicator = sp.csr_matrix((inv, (data.groups, np.arange(n))), shape=(k, n))
+    indicator = data.membership.indicator(np.ones(n), scale=inv)
     cons = [pair] + theta_set.cvxpy_constraints(theta)
     if robust:
         group = (indicator @ xi if shift is None else indicator @ xi + shift) <= t

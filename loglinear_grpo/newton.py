@@ -55,7 +55,6 @@ import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 from scipy.special import logsumexp, softmax
 
 from ._linalg import EPS, solve_psd_scaled
@@ -157,7 +156,7 @@ class PairOracle:
     @property
     def pair_inv_size(self):
         """:math:`1/N_{g_i}` of every pair (gathered on each use: an N-vector the solvers need not keep)."""
-        return self.inv_size[self.data.groups]
+        return self.data.membership.spread(self.inv_size)
 
     # -- S-products ------------------------------------------------------------------
     def _blocks(self):
@@ -212,10 +211,7 @@ class PairOracle:
         grads = np.zeros((k, d))
         hess = np.zeros((d, d))
         for start, stop, block in self._blocks():          # (per-pair weights made block by block)
-            rows = np.arange(stop - start)
-            groups = data.groups[start:stop]
-            indicator = sp.csr_matrix((pair_d1[start:stop] * self.inv_size[groups], (groups, rows)),
-                                      shape=(k, stop - start))
+            indicator = data.membership.indicator(pair_d1[start:stop], start, stop, scale=self.inv_size)
             grads += data.storage.left_product(indicator, block)
             hess += weighted_gram(block, np.maximum(pair_curv[start:stop], 0.0))
         return grads, hess
@@ -227,7 +223,7 @@ class PairOracle:
         return value, d1, self.spec.curvature(h, self.beta)
 
     def group_means(self, values):
-        return np.bincount(self.data.groups, weights=values, minlength=self.data.n_groups) * self.inv_size
+        return self.data.membership.sums(values) * self.inv_size
 
 
 def _objective(losses, weights, chi, mu):
@@ -281,7 +277,7 @@ def row_space_reduction(data, theta_set, origin=None):
     if origin is not None and isinstance(theta_set, Unconstrained):
         center = origin
     offsets = data.ref_margin - data.matvec(center)
-    reduced = PreferenceData(vec * root, data.groups, offsets, group_names=data.group_names,
+    reduced = PreferenceData(vec * root, data.group_input, offsets, group_names=data.group_names,
                              check_finite=False)
     reduced_set = L2Ball(theta_set.radius) if isinstance(theta_set, L2Ball) else Unconstrained()
     return RowSpaceReduction(reduced, reduced_set, center, vec / root)
@@ -491,10 +487,10 @@ class NewtonMinimax:
 
     def _group_sums(self, fn):
         """Σ over the pairs of each group of ``fn(a, b)`` (the values of pairs a..b−1), block by block."""
-        k, groups = self.data.n_groups, self.data.groups
-        total = np.zeros(k)
+        membership = self.data.membership
+        total = np.zeros(self.data.n_groups)
         for a, b in self._blocks():
-            total += np.bincount(groups[a:b], weights=fn(a, b), minlength=k)
+            total += membership.sums(fn(a, b), a, b)
         return total
 
     def evaluate_pairs(self):
@@ -504,36 +500,36 @@ class NewtonMinimax:
         (:meth:`set_group_weights`)."""
         oracle, data, spec, beta = self.oracle, self.data, self.oracle.spec, self.beta
         self.d1 = self.curv = None                   # the last iterate's: their memory is needed now
-        n, k, groups = data.n_samples, data.n_groups, data.groups
+        n, k, membership = data.n_samples, data.n_groups, data.membership
         d1, curv = np.empty(n), np.empty(n)
         sums = np.zeros((3, k))
         for a, b in self._blocks():
-            h, g = self.h[a:b], groups[a:b]
+            h = self.h[a:b]
             value, d1[a:b], curv[a:b] = self.pair_terms(h)
-            sums[0] += np.bincount(g, weights=value, minlength=k)
+            sums[0] += membership.sums(value, a, b)
             if self.smoothed_loss:
-                sums[1] += np.bincount(g, weights=spec.value(h, beta), minlength=k)
-                sums[2] += np.bincount(g, weights=d1[a:b] * h - spec.conjugate(d1[a:b], beta), minlength=k)
+                sums[1] += membership.sums(spec.value(h, beta), a, b)
+                sums[2] += membership.sums(d1[a:b] * h - spec.conjugate(d1[a:b], beta), a, b)
         means = sums * oracle.inv_size + self.shift
         self.set_group_weights(means[0], *((means[1], means[2]) if self.smoothed_loss else ()))
-        scale = self.lam * oracle.inv_size               # w_i = scale[g_i]
+        scale = self.lam * oracle.inv_size               # w_i = Σ_{g∋i} scale_g
         for a, b in self._blocks():
             np.maximum(curv[a:b], 0.0, out=curv[a:b])
-            curv[a:b] *= scale[groups[a:b]]
+            curv[a:b] *= membership.spread(scale, a, b)
         self.d1, self.curv = d1, curv
 
     def pair_weights(self):
         """w_i = λ_{g_i}/N_{g_i} of this iterate (a new N-vector, for the certificate's dual points)."""
-        return (self.lam * self.oracle.inv_size)[self.data.groups]
+        return self.data.membership.spread(self.lam * self.oracle.inv_size)
 
     @property
     def d2(self):
         """max(ℓ''(h), 0) of every pair, as c / w block by block (0 where w = 0, where any metric serves): the
         feasible dual point's metric, on an unbounded Θ only."""
-        scale, groups = self.lam * self.oracle.inv_size, self.data.groups
+        scale, membership = self.lam * self.oracle.inv_size, self.data.membership
         out = np.zeros(self.data.n_samples)
         for a, b in self._blocks():
-            w = scale[groups[a:b]]
+            w = membership.spread(scale, a, b)
             np.divide(self.curv[a:b], w, out=out[a:b], where=w > 0)
         return out
 

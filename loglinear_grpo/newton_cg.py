@@ -187,13 +187,13 @@ class MatrixFreeNewton(NewtonMinimax):
         """One pass for the gradient ∇ = Sᵀ(w ⊙ ℓ'); the Hessian stays an operator (:meth:`hessp`). The
         per-pair terms are made block by block (:meth:`NewtonMinimax.evaluate_pairs
         <loglinear_grpo.newton.NewtonMinimax.evaluate_pairs>`)."""
-        oracle, groups = self.oracle, self.data.groups
+        oracle, membership = self.oracle, self.data.membership
         self.x = self.p = self.grad = None          # the last step's vectors: their memory is needed now
         self.evaluate_pairs()
         scale = self.lam * oracle.inv_size
         weighted = np.empty(self.data.n_samples)
         for a, b in self._blocks():
-            np.multiply(scale[groups[a:b]], self.d1[a:b], out=weighted[a:b])
+            np.multiply(membership.spread(scale, a, b), self.d1[a:b], out=weighted[a:b])
         self.grad = oracle.rproduct(weighted)
         del weighted
         self.grads = None
@@ -203,20 +203,20 @@ class MatrixFreeNewton(NewtonMinimax):
         where it has them (:meth:`~loglinear_grpo.storage.Rows.approximate_products`: the Hessian only
         steers the model step; the gradient, the margins and every bound use the exact products). The
         coefficients c ⊙ Sv + a are written over Sv block by block (no other per-pair vector)."""
-        oracle, groups = self.oracle, self.data.groups
+        oracle, membership = self.oracle, self.data.membership
         sv = oracle.product(v) if self.exact_hessian else oracle.approx_product(v)
         if not sv.flags.writeable or sv.dtype != np.float64:
             sv = np.array(sv, dtype=np.float64)
         mix = None
         if self.robust:
             gv = self._group_sums(lambda a, b: self.d1[a:b] * sv[a:b]) * oracle.inv_size
-            # a_i = (ℓ'_i / N_{g_i}) (χ/μ) σ_{g_i} ((Gv)_{g_i} − σᵀGv)
+            # a_i = ℓ'_i Σ_{g∋i} (χ/μ) σ_g ((Gv)_g − σᵀGv) / N_g
             mix = (self.chi / self.temp) * self.soft * (gv - float(self.soft @ gv)) * oracle.inv_size
         for a, b in self._blocks():
             block = sv[a:b]
             block *= self.curv[a:b]
             if mix is not None:
-                block += mix[groups[a:b]] * self.d1[a:b]
+                block += membership.spread(mix, a, b) * self.d1[a:b]
         return oracle.rproduct(sv) if self.exact_hessian else oracle.approx_rproduct(sv)
 
     def loss_hessp(self, v):
@@ -266,7 +266,7 @@ class MatrixFreeNewton(NewtonMinimax):
         elif np.isfinite(self.theta_set.bounding_ball(self.data.dim)[1]) and \
                 max(self.data.dim, self.data.n_samples // 50) * self.data.n_groups <= REFINE_ENTRIES:
             # a bounded box: the dense refined bound's cone program, over K group-gradient vectors of length d
-            grads = self.data.storage.group_sums(self.d1, self.data.groups, self.data.n_groups) * \
+            grads = self.data.membership.group_row_sums(self.data.storage, self.d1) * \
                 self.oracle.inv_size[:, None]
             self.oracle.passes += 1
             best = refined_dual_bound(self.bound_losses, grads, None, self.theta, self.theta_set, self.data, self.chi,
@@ -365,10 +365,9 @@ def ball_refined_bound(oracle, losses, d1, theta, ball, chi, shift):
     import cvxpy as cp
     data = oracle.data
     k = data.n_groups
-    scaled = d1 * oracle.pair_inv_size
     m = np.zeros((k, k))
-    for h in range(k):
-        g_h = oracle.rproduct(np.where(data.groups == h, scaled, 0.0))
+    for h in range(k):                              # G_h = Sᵀ(ℓ' on the pairs of group h) / N_h
+        g_h = oracle.rproduct(data.membership.column(h) * (d1 * oracle.inv_size[h]))
         m[:, h] = oracle.group_means(d1 * oracle.product(g_h))
     m = 0.5 * (m + m.T)
     center = ball.center_vector(data.dim)
@@ -392,7 +391,7 @@ def ball_refined_bound(oracle, losses, d1, theta, ball, chi, shift):
         return -np.inf, None, "none", None
     hat = hat / hat.sum()
     lam_hat = mixing_weights(hat, chi)
-    pair_w = lam_hat[data.groups] * oracle.pair_inv_size
+    pair_w = data.membership.spread(lam_hat * oracle.inv_size)
     lower = float(lam_hat @ losses) + ball.min_linear(theta, oracle.rproduct(pair_w * d1))
     offset = float(lam_hat @ shift)
     return lower, hat, "rigorous", DualPoint(pair_w, d1, lower, "rigorous", offset)

@@ -21,7 +21,7 @@ def margins(theta, data):
 
 def group_means(values, data):
     """:math:`\\frac{1}{N_g}\\sum_{i\\in D_g} v_i` for every group, shape (K,)."""
-    return np.bincount(data.groups, weights=values, minlength=data.n_groups) / data.group_sizes
+    return data.membership.means(values)
 
 
 def _group_losses(theta, data, loss, beta):
@@ -58,7 +58,7 @@ def weighted_gradient(theta, weights, data, loss, beta):
     """:math:`\\nabla_\\theta \\sum_g w_g L_g(\\theta) = S^\\top u`,
     :math:`u_i = \\frac{w_{g_i}}{N_{g_i}}\\,\\ell'(h_i)` (Eq. (11) summed over the data)."""
     h = margins(theta, data)
-    pair_w = (weights / data.group_sizes)[data.groups]
+    pair_w = data.membership.spread(weights / data.group_sizes)
     return data.rmatvec(pair_w * get_loss(loss).derivative(h, beta))
 
 

@@ -80,15 +80,13 @@ def theory_constants(data, loss, beta, theta_set, estimator="stochastic", shift=
     center_margins = (-data.ref_margin if center is None or not np.any(center)
                       else margins(np.asarray(center, dtype=np.float64), data))
     k = data.n_groups
-    h_group = np.zeros(k)
-    np.maximum.at(h_group, data.groups, np.abs(center_margins) + rho * norms)
-    norm_group = np.zeros(k)
-    np.maximum.at(norm_group, data.groups, norms)
+    h_group = data.membership.group_max(np.abs(center_margins) + rho * norms)
+    norm_group = data.membership.group_max(norms)
     bounds = np.array([spec.bounds(hg, beta) for hg in h_group])
     b_loss, b_grad = bounds[:, 0], bounds[:, 1] * norm_group
     if shift is not None:
         b_loss = b_loss + shift
-    ratio = data.n_samples / data.group_sizes
+    ratio = data.group_sizes.sum() / data.group_sizes          # T/N_g, T = Σ_h N_h (= N for labels)
     if estimator == "stochastic":
         m_theta = float(np.sqrt(np.max(ratio * b_grad ** 2)))
         m_alpha = float(np.sqrt(np.sum(ratio * b_loss ** 2)))

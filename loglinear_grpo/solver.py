@@ -98,7 +98,7 @@ class DerivedState:
 
     n_samples: int
     group_sizes: np.ndarray                             # N_g (float)
-    groups: np.ndarray = field(repr=False)              # the data's group labels (a reference, not a copy)
+    membership: object = field(repr=False)              # the data's groups (loglinear_grpo.groups.Membership)
     group_cum: np.ndarray = field(repr=False)           # cumulative N_g/N (sampler)
     group_offsets: np.ndarray = field(repr=False)       # start of each group in `members`
     streamed: bool = False                              # S is read block by block from outside memory
@@ -112,13 +112,19 @@ class DerivedState:
     # 10⁷ pairs never holds their 160 MB)
     @functools.cached_property
     def pair_inv_size(self):
-        """1/N_{g_i} of every pair, shape (N,)."""
-        return (1.0 / self.group_sizes)[self.groups]
+        """1/N_{g_i} of every pair, shape (N,) (labels only)."""
+        return (1.0 / self.group_sizes)[self.membership.labels]
 
     @functools.cached_property
     def members(self):
-        """The pair indices sorted by group (stable), shape (N,)."""
-        return np.argsort(self.groups, kind="stable")
+        """The pairs of each group, group after group (each group's in increasing order), shape (Σ_g N_g,):
+        the sampler's table (labels: the pair indices sorted by group, N of them)."""
+        return self.membership.member_list()
+
+    @property
+    def total_members(self):
+        """T = Σ_g N_g: the number of (group, pair) memberships (N for labels)."""
+        return int(self.group_sizes.sum())
 
 
 def _derived(name):
@@ -158,6 +164,7 @@ class SolverConfig:
     n_samples = _derived("n_samples")
     group_sizes = _derived("group_sizes")
     pair_inv_size = _derived("pair_inv_size")
+    total_members = _derived("total_members")
     group_cum = _derived("group_cum")
     group_offsets = _derived("group_offsets")
     members = _derived("members")
@@ -241,6 +248,11 @@ def make_config(data, settings=None, **options):
                              "model step (use estimator='newton')")
         if estimator == "newton_cg":
             check_matrix_free(loss, theta_set, data.dim)
+    if data.overlapping and estimator not in ("newton", "newton_cg", "stochastic"):
+        raise ValueError(
+            f"estimator={estimator!r} does not take overlapping groups yet (a pair in several groups): its "
+            "full-batch kernels index one group per pair. Use estimator='auto' (the certified Newton solvers), "
+            "'stochastic' (Algorithm 1), or one grouping's labels")
     shift = group_adjustment(settings.adjustment, data.group_sizes, data.group_names)
     steps = DEFAULT_STEPS[estimator] if steps is None else steps
     if isinstance(tol, str):                            # Settings' DEFAULT
@@ -296,7 +308,7 @@ def make_config(data, settings=None, **options):
 
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     derived = DerivedState(
-        n_samples=data.n_samples, group_sizes=sizes.astype(np.float64), groups=data.groups,
+        n_samples=data.n_samples, group_sizes=sizes.astype(np.float64), membership=data.membership,
         group_cum=np.cumsum(sizes) / sizes.sum(), group_offsets=offsets,
         streamed=data.storage.out_of_core, theory=dict(cache), scalar_loss=get_loss(loss).scalar, shift=shift,
         memory=memory,
@@ -842,7 +854,7 @@ def _first_order_loop(data, config, state, rows, log_every, duality_gap, ckpt, f
         done = is_converged(cert.value, cert.lower_bound, config.tol)
     try:
         single = (config.estimator == "stochastic" and config.batch_size == 1 and config.scalar_loss is not None
-                  and data.storage.dense_rows)
+                  and data.storage.dense_rows and not data.overlapping)
         fast = callback is None and (single or config.estimator == "full")
         while not done and state.step < config.steps:
             if fast:                     # run in place up to the next step that logs, certifies or saves
