@@ -295,10 +295,8 @@ def main(argv=None):
         scales = [float(s) for s in args.scales.split(",")]
         jobs = [(p, loss, s, seed, grid) for p in args.problems for loss in args.losses for s in scales
                 for seed in range(args.seeds)]
-        # (the full-batch and closed-form estimators do not take overlapping groups yet)
-        plain = [p for p in args.problems if p != "overlapping"]
-        det = [(p, loss, "full", s, grid) for p in plain for loss in args.losses for s in scales]
-        det += [(p, "ipo", "closed_form", s, t_grid(1, min(args.t_max, 1e4))) for p in plain
+        det = [(p, loss, "full", s, grid) for p in args.problems for loss in args.losses for s in scales]
+        det += [(p, "ipo", "closed_form", s, t_grid(1, min(args.t_max, 1e4))) for p in args.problems
                 for s in scales if "ipo" in args.losses]
         if args.no_deterministic:
             det = []

@@ -76,7 +76,7 @@ def group_normal_equations(data, target_offset, theta_set=None):
     k, d = data.n_groups, data.dim
     grams, rhs = np.empty((k, d, d)), np.empty((k, d))
     for g in range(k):
-        one_hot = (data.groups == g) / data.group_sizes[g]
+        one_hot = data.membership.column(g) / data.group_sizes[g]
         grams[g], rhs[g] = _normal_equations(data, one_hot, target)
     return grams, rhs
 
@@ -114,7 +114,7 @@ def weighted_least_squares(data, group_weights, target_offset, theta_set=None, n
             normal_equations = group_normal_equations(data, target_offset, theta_set)
         radius = theta_set.radius if isinstance(theta_set, L2Ball) else np.inf
         if isinstance(normal_equations, RowSpaceForm):
-            u = _row_space_least_squares(data, normal_equations, (w / data.group_sizes)[data.groups], radius)
+            u = _row_space_least_squares(data, normal_equations, data.membership.spread(w / data.group_sizes), radius)
             return u if radius == np.inf else theta_set.center_vector(data.dim) + u
         grams, rhs = normal_equations
         hess = np.tensordot(w, grams, axes=1)
@@ -123,7 +123,7 @@ def weighted_least_squares(data, group_weights, target_offset, theta_set=None, n
             return _solve_psd(hess, q)
         center = theta_set.center_vector(data.dim)
         return center + _ball_least_squares(hess, q, theta_set.radius)
-    pair_w = (w / data.group_sizes)[data.groups]
+    pair_w = data.membership.spread(w / data.group_sizes)
     target = data.ref_margin + target_offset
     root_w = np.sqrt(pair_w)
     if isinstance(theta_set, Box) and data.storage.dense_rows:

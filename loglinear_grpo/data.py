@@ -117,6 +117,8 @@ class PreferenceData:
 
         raw = self.groups
         if isinstance(raw, Membership) and not raw.overlapping:
+            if self.n_groups is None:                 # keep its K (an empty declared group is then refused)
+                object.__setattr__(self, "n_groups", raw.n_groups)
             raw = raw.labels
         membership, names = membership_from(raw, n, self.group_names)
         if membership is not None:

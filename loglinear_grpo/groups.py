@@ -51,7 +51,10 @@ def _parse_groups(raw, n, names):
     except (TypeError, ValueError):
         raise ValueError("groups must be a 1-D array of group labels (integers 0..K-1, or names)") from None
     if groups.ndim != 1 or groups.shape[0] != n:
-        raise ValueError(f"groups must have shape ({n},) to match diff, got {groups.shape}")
+        hint = (" (overlapping groups: a membership matrix as a numpy array or scipy sparse matrix of shape "
+                "(N, K), or several groupings as a dict {name: labels} or a list of N-long label arrays)"
+                if groups.ndim == 2 else "")
+        raise ValueError(f"groups must have shape ({n},) to match diff, got {groups.shape}{hint}")
     if isinstance(names, str):
         raise ValueError("group_names must be a sequence of names, not one string")
     if groups.dtype.kind in "US" and getattr(raw, "dtype", None) is None:
@@ -203,25 +206,38 @@ class Membership:
             block = block.multiply(np.asarray(scale, dtype=np.float64)[:, None])
         return sp.csr_matrix(block)
 
+    def _csc(self):
+        if getattr(self, "_by_group", None) is None:
+            self._by_group = self.matrix.tocsc()
+            self._by_group.sort_indices()
+        return self._by_group
+
     def members(self, g):
         """The indices of the pairs of group g, sorted."""
         if self.labels is not None:
             return np.flatnonzero(self.labels == g)
-        return np.sort(self.matrix[:, g].nonzero()[0])
+        csc = self._csc()
+        return csc.indices[csc.indptr[g]:csc.indptr[g + 1]].astype(np.intp)
 
     def column(self, g):
         """:math:`M_{\\cdot g}`: 1.0 for the pairs of group g, else 0, shape (N,)."""
         if self.labels is not None:
             return (self.labels == g).astype(np.float64)
-        return np.asarray(self.matrix[:, g].todense()).ravel()
+        out = np.zeros(self.n_pairs)
+        out[self.members(g)] = 1.0
+        return out
 
     def group_row_sums(self, storage, deriv):
         """:math:`G_g = \\sum_{i\\in D_g}\\mathrm{deriv}_i\\,s_i`, shape (K, d), through the storage's one
         product with an N × K matrix (:meth:`~loglinear_grpo.storage.Rows.group_sums` for labels)."""
         if self.labels is not None:
             return storage.group_sums(deriv, self.labels, self.n_groups)
-        weights = self.matrix.multiply(np.asarray(deriv, dtype=np.float64)[:, None]).toarray()
-        return np.ascontiguousarray(storage.rmatmat(weights).T)
+        deriv = np.asarray(deriv, dtype=np.float64)
+        out = None
+        for start, stop, block in storage.row_blocks():        # K × block sparse indicators, never N × K dense
+            part = storage.left_product(self.indicator(deriv[start:stop], start, stop), block)
+            out = part if out is None else out + part
+        return np.ascontiguousarray(out)
 
     def take(self, index):
         """The membership of the pairs at ``index`` (integer array); groups left empty are kept (the
@@ -247,7 +263,7 @@ class Membership:
         the stable argsort of the labels)."""
         if self.labels is not None:
             return np.argsort(self.labels, kind="stable")
-        return self.matrix.tocsc().indices.astype(np.intp)
+        return self._csc().indices.astype(np.intp)
 
     def group_max(self, values):
         """:math:`\\max_{i\\in D_g} v_i` for every group, shape (K,) (0 for none below 0: v ≥ 0 here)."""
@@ -358,6 +374,8 @@ def intersect_groupings(columns, n=None, min_size=1, small="keep"):
     The labels of dropped pairs are −1. ``n``: the number of pairs (default: the first grouping's length).
     """
     if n is None:
+        if len(columns) == 0:
+            raise ValueError("intersect_groupings: give at least one grouping")
         first = next(iter(columns.values())) if hasattr(columns, "values") else columns[0]
         n = len(first)
     if small not in ("keep", "merge", "drop"):
@@ -370,20 +388,16 @@ def intersect_groupings(columns, n=None, min_size=1, small="keep"):
         c, values = _codes(col, n, name)
         codes.append(c)
         parts.append([f"{name}={v}" for v in values])
-    cell = np.zeros(n, dtype=np.int64)
-    for c, values in zip(codes, parts):
-        cell = cell * len(values) + c
-    unique, labels = np.unique(cell, return_inverse=True)
+    # the non-empty cells: distinct rows of the code matrix (no product of the sizes is formed: no overflow)
+    unique, labels = np.unique(np.column_stack(codes), axis=0, return_inverse=True)
+    labels = np.asarray(labels).ravel()
     sizes = np.bincount(labels)
-
-    def cell_name(code):
-        out = []
-        for values in reversed(parts):
-            code, j = divmod(int(code), len(values))
-            out.append(values[j])
-        return " & ".join(reversed(out))
-    names = [cell_name(u) for u in unique]
+    names = [" & ".join(values[j] for values, j in zip(parts, row)) for row in unique]
     small_cells = np.flatnonzero(sizes < min_size)
+    if small != "keep" and small_cells.size == len(names):
+        raise ValueError(f"intersect_groupings: every one of the {len(names)} cells has fewer than min_size="
+                         f"{min_size} pairs (the largest has {int(sizes.max())}): lower min_size, or intersect "
+                         "fewer groupings")
     report = {names[g]: int(sizes[g]) for g in small_cells}
     keep = np.ones(n, dtype=bool)
     if small_cells.size and small != "keep":
@@ -414,7 +428,7 @@ def membership_from(groups, n, names):
     if isinstance(groups, Membership):
         if groups.n_pairs != n:
             raise ValueError(f"groups: the membership has {groups.n_pairs} pairs, diff {n}")
-        return groups, names
+        return matrix_membership(groups.matrix, n, names), names      # (checked like any other matrix)
     if _is_matrix(groups):
         return matrix_membership(groups, n, names), names
     if isinstance(groups, dict) or (hasattr(groups, "columns") and hasattr(groups, "items")):   # dict, DataFrame

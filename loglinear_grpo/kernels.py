@@ -80,8 +80,10 @@ class Workspace(_Scratch):
         super().__init__(self.rows, k, self.dtype, self.dense_groups)
         # groups stored contiguously (see PreferenceData.sorted_by_group): one product per run of a group
         labels = data.groups
-        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
-        self.runs = (np.r_[starts, labels.size], labels[starts]) if starts.size == k else None
+        self.runs = None
+        if labels is not None:                                         # (overlapping groups have no runs)
+            starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+            self.runs = (np.r_[starts, labels.size], labels[starts]) if starts.size == k else None
         n_blocks = -(-n // self.rows)
         n_parts = max(1, min(MAX_PARTS, n_blocks // PART_BLOCKS)) if storage.parallel_parts else 1
         edges = [self.rows * (n_blocks * j // n_parts) for j in range(n_parts)] + [n]
@@ -126,6 +128,11 @@ def _small_pass(theta, data, spec, beta, ws):
     value, deriv = spec.value_and_grad(h, beta)          # n ≤ SMALL: the loss table's fewest-calls form
     weights = ws.weights
     weights.fill(0.0)
+    if data.overlapping:                                  # one entry per membership (as the labels' one)
+        member = data.membership.matrix
+        rows = np.repeat(ws.columns, np.diff(member.indptr))
+        weights[member.indices, rows] = deriv[rows]
+        return np.bincount(member.indices, weights=value[rows], minlength=data.n_groups), weights @ diff
     weights[data.groups, ws.columns] = deriv
     return np.bincount(data.groups, weights=value, minlength=data.n_groups), weights @ diff
 
@@ -139,13 +146,11 @@ def losses_and_group_gradients(theta, data, loss, beta, workspace=None):
     (U: N × K; :meth:`~loglinear_grpo.storage.Rows.group_sums`; its blocks have no cache reuse to gain).
     """
     spec = get_loss(loss)
-    k = data.n_groups
     storage = data.storage
     if not storage.dense_rows:
         h = storage.matvec(theta) - data.ref_margin
         value, deriv = spec.value_and_grad(h, beta)
-        loss_sums = np.bincount(data.groups, weights=value, minlength=k)
-        return loss_sums, storage.group_sums(deriv, data.groups, k)
+        return data.membership.sums(value), data.membership.group_row_sums(storage, deriv)
     ws = workspace if workspace is not None and workspace.data is data else Workspace(data)
     if data.n_samples <= SMALL and ws.dense_groups and storage.in_memory:
         return _small_pass(theta, data, spec, beta, ws)
@@ -193,6 +198,18 @@ def _part_pass(theta_c, data, spec, beta, ws, scratch, first, last):
                 loss_sums[labels[j]] += value[lo:hi].sum()
                 grads[labels[j]] += deriv[lo:hi].astype(ws.dtype, copy=False) @ block[lo:hi]
             continue
+        if data.overlapping:                      # a pair in several groups: one entry per membership
+            member = data.membership.matrix[start:stop]
+            rows = np.repeat(scratch.columns[:n], np.diff(member.indptr))
+            loss_sums += np.bincount(member.indices, weights=value[rows], minlength=k)
+            if ws.dense_groups:
+                weights = scratch.weights[:, :n]
+                weights.fill(0.0)
+                weights[member.indices, rows] = deriv[rows]
+                grads += weights @ block
+            else:
+                grads += np.asarray(data.membership.indicator(deriv, start, stop) @ np.asarray(block))
+            continue
         g = groups[start:stop]
         loss_sums += np.bincount(g, weights=value, minlength=k)
         if ws.dense_groups:
@@ -223,7 +240,7 @@ class FullPass(NamedTuple):
         """:math:`\\sum_g w_g G_g`, shape (d,)."""
         if self.group_gradients is not None:
             return group_weights @ self.group_gradients
-        return data.rmatvec(group_weights[data.groups] * self.pair_derivatives)
+        return data.rmatvec(data.membership.spread(group_weights) * self.pair_derivatives)
 
 
 def full_pass(theta, data, loss, beta, workspace=None):
@@ -237,11 +254,11 @@ def make_pass(data, loss, beta, workspace=None):
     spec = get_loss(loss)
     storage = data.storage
     if not storage.cheap_rmatmat:             # G would take K products: keep ℓ', one Sᵀu per θ step
-        groups, ref, k = data.groups, data.ref_margin, data.n_groups
+        membership, ref = data.membership, data.ref_margin
 
         def operator_pass(theta):
             value, deriv = spec.value_and_grad(data.matvec(theta) - ref, beta)
-            return FullPass(np.bincount(groups, weights=value, minlength=k), None, deriv)
+            return FullPass(membership.sums(value), None, deriv)
         return operator_pass
     if storage.dense_rows:
         ws = workspace if workspace is not None and workspace.data is data else Workspace(data)

@@ -242,8 +242,9 @@ def group_metrics(theta, data, loss="dpo", beta=0.1, alpha=None):
     """
     theta, loss, beta = _checked(theta, data, loss, beta)
     h = margins(theta, data)
+    pair_values = get_loss(loss).value(h, beta)
     groups = pd.DataFrame({
-        "loss": group_means(get_loss(loss).value(h, beta), data),
+        "loss": group_means(pair_values, data),
         "rewards/accuracies": group_means((h > 0).astype(np.float64), data),
         "rewards/margins": group_means(beta * h, data),
         "n_pairs": data.group_sizes.astype(int),
@@ -253,6 +254,10 @@ def group_metrics(theta, data, loss="dpo", beta=0.1, alpha=None):
         groups["weight"] = check_vector("alpha", alpha, data.n_groups)
         extremes["weight"] = "max"
     aggregates = group_aggregates(groups, extremes)
+    if data.overlapping:          # each pair once (the N_g-weighted mean would count a pair once per group)
+        for column, value in (("loss", pair_values.mean()), ("rewards/accuracies", float(np.mean(h > 0))),
+                              ("rewards/margins", float(np.mean(beta * h))), ("n_pairs", data.n_samples)):
+            aggregates.loc["mean over pairs", column] = value
     aggregates.loc[["mean over groups", "mean over pairs"], [c for c in ("weight",) if c in groups]] = np.nan
     groups["worst_group"] = pd.Series(pd.NA, index=groups.index, dtype=object)
     table = with_aggregates(groups, aggregates)

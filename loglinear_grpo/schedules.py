@@ -145,7 +145,7 @@ def _largest_group_curvature(data, iters=30, seed=0):
         return 0.0
     best = 0.0
     for g in range(data.n_groups):
-        rows = np.flatnonzero(data.groups == g)
+        rows = data.membership.members(g)
         sub = data.storage.subset(rows)
         product, adjoint = sub.matvec, sub.rmatvec
         v = rng.standard_normal(data.dim)

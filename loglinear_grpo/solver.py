@@ -112,7 +112,9 @@ class DerivedState:
     # 10⁷ pairs never holds their 160 MB)
     @functools.cached_property
     def pair_inv_size(self):
-        """1/N_{g_i} of every pair, shape (N,) (labels only)."""
+        """1/N_{g_i} of every pair, shape (N,) (labels only: with overlapping groups a pair has several)."""
+        if self.membership.overlapping:
+            raise ValueError("pair_inv_size: a pair in several groups has no single 1/N_g (overlapping groups)")
         return (1.0 / self.group_sizes)[self.membership.labels]
 
     @functools.cached_property
@@ -248,11 +250,6 @@ def make_config(data, settings=None, **options):
                              "model step (use estimator='newton')")
         if estimator == "newton_cg":
             check_matrix_free(loss, theta_set, data.dim)
-    if data.overlapping and estimator not in ("newton", "newton_cg", "stochastic"):
-        raise ValueError(
-            f"estimator={estimator!r} does not take overlapping groups yet (a pair in several groups): its "
-            "full-batch kernels index one group per pair. Use estimator='auto' (the certified Newton solvers), "
-            "'stochastic' (Algorithm 1), or one grouping's labels")
     shift = group_adjustment(settings.adjustment, data.group_sizes, data.group_names)
     steps = DEFAULT_STEPS[estimator] if steps is None else steps
     if isinstance(tol, str):                            # Settings' DEFAULT
