@@ -92,6 +92,19 @@ class Workspace(_Scratch):
                                  for _ in range(n_parts - 1)]
         # S as one block for the one-call pass of a small S in memory (a view, no copy)
         self.whole = storage.block(0, n) if storage.dense_rows and storage.in_memory and n <= SMALL else None
+        self._memberships = {}
+
+    def memberships(self, start, stop):
+        """Overlapping groups: ``(groups, rows)`` of the memberships of the pairs start..stop−1 (one entry per
+        (group, pair); rows relative to start), made once per block and kept (2 integers a membership)."""
+        key = (start, stop)
+        if key not in self._memberships:
+            member = self.data.membership.matrix[start:stop]
+            rows = np.repeat(np.arange(stop - start), np.diff(member.indptr))
+            groups = member.indices.astype(np.intp)
+            # the flat positions of (group, row) in a (K, self.rows) weights buffer
+            self._memberships[key] = (groups, rows, groups * self.rows + rows)
+        return self._memberships[key]
 
 
 _POOL = {"pid": None, "executor": None, "blas": None}
@@ -199,14 +212,13 @@ def _part_pass(theta_c, data, spec, beta, ws, scratch, first, last):
                 grads[labels[j]] += deriv[lo:hi].astype(ws.dtype, copy=False) @ block[lo:hi]
             continue
         if data.overlapping:                      # a pair in several groups: one entry per membership
-            member = data.membership.matrix[start:stop]
-            rows = np.repeat(scratch.columns[:n], np.diff(member.indptr))
-            loss_sums += np.bincount(member.indices, weights=value[rows], minlength=k)
+            member_groups, rows, flat = ws.memberships(start, stop)
+            loss_sums += np.bincount(member_groups, weights=value.take(rows), minlength=k)
             if ws.dense_groups:
-                weights = scratch.weights[:, :n]
-                weights.fill(0.0)
-                weights[member.indices, rows] = deriv[rows]
-                grads += weights @ block
+                full = scratch.weights
+                full.fill(0.0)
+                full.put(flat, deriv.take(rows))
+                grads += full[:, :n] @ block
             else:
                 grads += np.asarray(data.membership.indicator(deriv, start, stop) @ np.asarray(block))
             continue
