@@ -176,7 +176,20 @@ class Membership:
         stop = self.n_pairs if stop is None else stop
         if self.labels is not None:
             return np.bincount(self.labels[start:stop], weights=values, minlength=self.n_groups)
-        return self.matrix[start:stop].T @ np.asarray(values, dtype=np.float64)
+        groups, rows = self.entries(start, stop)
+        return np.bincount(groups, weights=np.asarray(values, dtype=np.float64)[rows], minlength=self.n_groups)
+
+    def entries(self, start=0, stop=None):
+        """Overlapping groups: ``(groups, rows)``, one entry per membership (g, i) of the pairs start..stop−1,
+        in pair order (rows relative to start). Views into the matrix and into one array of T pair indices
+        made on first use: no slice of the matrix is copied in the solvers' blocked loops."""
+        stop = self.n_pairs if stop is None else stop
+        m = self.matrix
+        if getattr(self, "_entry_pairs", None) is None:
+            self._entry_pairs = np.repeat(np.arange(self.n_pairs), np.diff(m.indptr))
+        lo, hi = m.indptr[start], m.indptr[stop]
+        rows = self._entry_pairs[lo:hi]
+        return m.indices[lo:hi], (rows - start if start else rows)
 
     def means(self, values):
         """:math:`L_g = \\frac1{N_g}\\sum_{i\\in D_g} v_i`, shape (K,)."""
@@ -188,7 +201,8 @@ class Membership:
         group_values = np.asarray(group_values, dtype=np.float64)
         if self.labels is not None:
             return group_values[self.labels[start:stop]]
-        return self.matrix[start:stop] @ group_values
+        groups, rows = self.entries(start, stop)
+        return np.bincount(rows, weights=group_values[groups], minlength=stop - start)
 
     def indicator(self, values, start=0, stop=None, scale=None):
         """The K × (stop − start) sparse matrix with entry ``values_i · scale_g`` at (g, i) for every
@@ -200,11 +214,9 @@ class Membership:
             g = self.labels[start:stop]
             entries = values if scale is None else values * np.asarray(scale)[g]
             return sp.csr_matrix((entries, (g, np.arange(n))), shape=(self.n_groups, n))
-        block = self.matrix[start:stop].T.tocsr()          # K × n, 0/1
-        block = block.multiply(values[None, :])
-        if scale is not None:
-            block = block.multiply(np.asarray(scale, dtype=np.float64)[:, None])
-        return sp.csr_matrix(block)
+        groups, rows = self.entries(start, stop)
+        entries = values[rows] if scale is None else values[rows] * np.asarray(scale, dtype=np.float64)[groups]
+        return sp.csr_matrix((entries, (groups, rows)), shape=(self.n_groups, n))
 
     def _csc(self):
         if getattr(self, "_by_group", None) is None:

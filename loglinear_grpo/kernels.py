@@ -99,11 +99,9 @@ class Workspace(_Scratch):
         (group, pair); rows relative to start), made once per block and kept (2 integers a membership)."""
         key = (start, stop)
         if key not in self._memberships:
-            member = self.data.membership.matrix[start:stop]
-            rows = np.repeat(np.arange(stop - start), np.diff(member.indptr))
-            groups = member.indices.astype(np.intp)
+            groups, rows = self.data.membership.entries(start, stop)
             # the flat positions of (group, row) in a (K, self.rows) weights buffer
-            self._memberships[key] = (groups, rows, groups * self.rows + rows)
+            self._memberships[key] = (groups, rows, groups.astype(np.intp) * self.rows + rows)
         return self._memberships[key]
 
 
@@ -142,10 +140,9 @@ def _small_pass(theta, data, spec, beta, ws):
     weights = ws.weights
     weights.fill(0.0)
     if data.overlapping:                                  # one entry per membership (as the labels' one)
-        member = data.membership.matrix
-        rows = np.repeat(ws.columns, np.diff(member.indptr))
-        weights[member.indices, rows] = deriv[rows]
-        return np.bincount(member.indices, weights=value[rows], minlength=data.n_groups), weights @ diff
+        groups, rows = data.membership.entries()
+        weights[groups, rows] = deriv[rows]
+        return np.bincount(groups, weights=value[rows], minlength=data.n_groups), weights @ diff
     weights[data.groups, ws.columns] = deriv
     return np.bincount(data.groups, weights=value, minlength=data.n_groups), weights @ diff
 
