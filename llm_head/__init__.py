@@ -7,7 +7,7 @@ answer set log-linear in W's rows, so the core solver applies exactly. Pipeline:
     items = items_from_pairs(pairs)                               # distinct prompts, their candidates
     loaded = load_model("google/gemma-2b")                        # or "smollm2", a folder, a .gguf
     feats = extract_features(loaded, list(items.prompt), list(items.candidates), cache_dir="cache")
-    problem = HeadProblem(feats, pair_indices(pairs.table, items, pairs.groups).assign(
+    problem = HeadProblem(feats, pair_indices(pairs.table, items, pairs.groups, pairs.union).assign(
         split=assign_splits(pairs, seed=0)), reference_theta(loaded.model, feats), list(pairs.groups))
     result = train(problem, loss="sigmoid", method="group_robust")     # certified: result.gap
     evaluate(problem, result.theta, loss="sigmoid")

@@ -45,6 +45,7 @@ from .data import detect_format, items_from_pairs, load_preference_pairs, read_t
 from .features import CSR_LIMIT_BYTES
 from .head import export_delta, export_model, reference_theta
 from .opinions import DEFAULT_TEMPLATE, PAPER_COUNTRIES
+from .plots import group_axis, groupings_of
 from .train import AGGREGATES, alpha_history, evaluate, objective_meaning, solver_config, train
 
 LOSSES = ("ipo", "dpo", "sigmoid", "hinge")
@@ -213,7 +214,20 @@ def build_parser():
     p.add_argument("--data", help="preference pairs (.jsonl/.json/.csv/.parquet, a datasets save_to_disk folder or "
                                   "a hub id) or a GlobalOpinionQA table; default: the hub dataset "
                                   "Anthropic/llm_global_opinions")
-    p.add_argument("--group-column", default="group", help="the column that names each pair's group")
+    p.add_argument("--group-column", "--group-columns", nargs="+", dest="group_column", default=["group"],
+                   metavar="COLUMN",
+                   help="the column that names each pair's group; several (--group-columns country age_band) are "
+                        "several groupings at once: the union of their groups ('country=Kenya', 'age_band=18-24'; "
+                        "each pair in one group of each), so that GR serves the worst-off country and the worst-off "
+                        "age band; with --intersect the cells of their cross product instead")
+    p.add_argument("--intersect", action="store_true",
+                   help="with several --group-columns: one group per non-empty cell of their cross product "
+                        "('country=Kenya & age_band=18-24') instead of their union")
+    p.add_argument("--min-group-size", type=_positive_int, default=1, metavar="N",
+                   help="with --intersect: cells with fewer than N pairs are reported, and handled by --small-groups")
+    p.add_argument("--small-groups", choices=("keep", "merge", "drop"), default="keep",
+                   help="with --intersect: the cells below --min-group-size are kept as they are, merged into one "
+                        "cell, or dropped (their pairs reported as skipped)")
     p.add_argument("--groups", "--countries", nargs="+", dest="groups", default=None,
                    help="keep these groups, in this order (GlobalOpinionQA default: the paper's five countries)")
     p.add_argument("--split-by", default=None,
@@ -369,9 +383,12 @@ def cmd_extract(args):
     kind = detect_format(frame, name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")              # the report below says what was skipped
-        pairs = load_preference_pairs(frame, group_column=args.group_column, groups=args.groups,
+        columns = [args.group_column] if isinstance(args.group_column, str) else list(args.group_column)
+        pairs = load_preference_pairs(frame, group_column=columns[0] if len(columns) == 1 else columns,
+                                      groups=args.groups,
                                       countries=args.groups or (PAPER_COUNTRIES if kind == "global_opinions" else None),
-                                      limit=args.limit, template=args.template, name=name)
+                                      limit=args.limit, template=args.template, name=name, intersect=args.intersect,
+                                      min_group_size=args.min_group_size, small_groups=args.small_groups)
     wd.check_split_by(kind, pairs, args.split_by)                # a typo refused now, not by `train`
     items = items_from_pairs(pairs)
     add_eos = {"yes": True, "no": False}.get(args.add_eos, kind == "pairs" and not pairs.conversational)
@@ -704,6 +721,9 @@ def _print_table(table, split, problem):
     print("aggregate rows:")
     for key, what in AGGREGATES.items():
         print(f"  {key}: {what}")
+    for grouping in problem.groupings():
+        print(f"  worst {grouping}: the worst group of the grouping {grouping} (its row; groups overlap: each pair is in "
+              f"one group of each grouping, and mean over pairs counts it once)")
     for name, note in notes.items():
         print(f"note: group {name}: {note}")
     if absent:
@@ -725,11 +745,6 @@ def _evaluate_splits(problem, theta, loss, beta, out):
     return tables
 
 
-def _wrapped(name, width=14):
-    import textwrap
-    return "\n".join(textwrap.wrap(str(name), width)) or str(name)
-
-
 def plot_run(heads, alpha_star, path, title, split):
     """``groups.png``: per group, the ``split``'s loss and rewards/accuracies of every head (grouped
     bars, one colour a head), and the certificate's optimal group weights α* (train split) as a third
@@ -749,8 +764,9 @@ def plot_run(heads, alpha_star, path, title, split):
     import matplotlib.pyplot as plt
     if not heads:
         raise ValueError("plot_run needs at least one head")
-    names = list(next(iter(heads.values())).loc["group"].index)  # the groups' rows, whatever they are called
-    labels = [_wrapped(g) for g in names]
+    first = next(iter(heads.values()))
+    names = list(first.loc["group"].index)            # the groups' rows, whatever they are called
+    groupings = groupings_of(first)                   # overlapping groups: marked by grouping
     x = np.arange(len(names))
     width = 0.8 / len(heads)
     rotate = len(names) > 4
@@ -762,8 +778,7 @@ def plot_run(heads, alpha_star, path, title, split):
                                                      3.6 * panels))
 
     def ticks(ax):
-        ax.set_xticks(x, labels, fontsize=7, rotation=45 if rotate else 0, ha="right" if rotate else "center",
-                      rotation_mode="anchor" if rotate else "default")
+        group_axis(ax, names, groupings, rotate=rotate)
 
     for ax, column in zip(axes[:2], ("loss", "rewards/accuracies")):
         for k, (label, table) in enumerate(heads.items()):
@@ -785,7 +800,7 @@ def plot_run(heads, alpha_star, path, title, split):
             ax.legend(fontsize=7)
         ticks(ax)
         top = float(np.nanmax(weights.to_numpy())) if len(weights) else 1.0
-        ax.set_ylim(0, min(1.0, 1.15 * top) if top > 0 else 1.0)
+        ax.set_ylim(0, min(1.0, 1.25 * top) if top > 0 else 1.0)
         ax.set_title("α*: the certificate's optimal group weights (train split)", fontsize=10)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 if len(names) <= 6 else 0.03, 1, 1))

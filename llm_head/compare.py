@@ -25,6 +25,7 @@ import pandas as pd
 from loglinear_grpo.inference import MIN_GROUP_PAIRS, paired_comparison, paired_interval, small_group_note
 
 from . import workdir as wd
+from .plots import group_axis
 from .select import (C_FREE_METHODS, CRITERIA, DEFAULT_ADJUSTMENTS, DEFAULT_RADII, check_criterion, check_grid,
                      score_table, select_head)
 
@@ -38,6 +39,16 @@ METRICS = {
 }
 #: the paired comparisons, treatment − baseline
 PAIRS = (("group_robust", "vanilla"), ("group_robust", "reference"), ("vanilla", "reference"))
+
+
+def metric_specs(groupings=()):
+    """The compared metrics: :data:`METRICS`, and for the union of several groupings (``groupings``, as
+    :attr:`llm_head.train.HeadProblem.union`) each grouping's worst-group loss, ``"worst <grouping> loss"``
+    (the ``worst <grouping>`` row of :func:`llm_head.train.evaluate`), so that the worst country and the
+    worst age band are each compared across heads."""
+    return dict(METRICS) | {f"worst {g} loss": (f"worst {g}", "loss", False) for g in groupings}
+
+
 #: the metric of the plain sentences for each criterion
 CRITERION_METRIC = {"worst-loss": "worst-group loss", "min-accuracy": "min-group rewards/accuracies"}
 
@@ -95,6 +106,8 @@ class Comparison:
     adjustments: list = field(default_factory=list)
     workdir: str = ""
     group_names: list = field(default_factory=list)
+    metric_specs: dict = field(default_factory=lambda: dict(METRICS))
+    groupings: tuple = ()
 
     # ------------------------------------------------------------------ text
     def interval_words(self):
@@ -103,9 +116,15 @@ class Comparison:
         return f"{how} over {len(self.seeds)} seeds"
 
     def sentences(self):
-        """One plain sentence per comparison, on the criterion's metric."""
-        metric = CRITERION_METRIC[self.criterion]
-        higher = METRICS[metric][2]
+        """One plain sentence per comparison, on the criterion's metric (and, for the union of several
+        groupings, on each grouping's worst-group loss)."""
+        out = []
+        for metric in [CRITERION_METRIC[self.criterion]] + [f"worst {g} loss" for g in self.groupings]:
+            out += self._sentences(metric)
+        return out
+
+    def _sentences(self, metric):
+        higher = self.metric_specs[metric][2]
         out = []
         for treatment, baseline in PAIRS:
             row = self._paired_row(treatment, baseline, metric)
@@ -140,7 +159,7 @@ class Comparison:
         for head in HEADS:
             part = self.metrics[self.metrics["head"] == head]
             row = {"head": head_label(head, self.loss)}
-            for metric in METRICS:
+            for metric in self.metric_specs:
                 values = part[metric].to_numpy(dtype=float)
                 ci = paired_interval(values, level=self.level, method=self.interval)
                 low, high = ci.low, ci.high
@@ -198,7 +217,7 @@ class Comparison:
                   f"## Paired differences on the test split (treatment − baseline, {lvl} interval)", ""]
         prow = []
         for _, r in self.paired.iterrows():
-            higher = METRICS[r["metric"]][2]
+            higher = self.metric_specs[r["metric"]][2]
             prow.append({"comparison": f"{head_label(r['treatment'], self.loss)} − {head_label(r['baseline'], self.loss)}",
                          "metric": r["metric"] + (" (higher is better)" if higher else " (lower is better)"),
                          "difference": _signed(r["difference"]),
@@ -254,9 +273,14 @@ class Comparison:
         k = len(names)
         x = np.arange(k)
         groups = self.heads[self.heads["kind"] == "group"]
-        wide = max(12.0, 0.55 * k + 3)
+        marks = None
+        if "grouping" in groups.columns:              # overlapping groups: marked by grouping
+            of = groups.drop_duplicates("group").set_index("group")["grouping"]
+            marks = [str(of.get(n, "")) for n in names]
+        specs = self.metric_specs
+        wide = max(12.0, 0.55 * k + 3, 4.2 * len(specs))
         fig = plt.figure(figsize=(wide, 11))
-        grid = fig.add_gridspec(3, 3, height_ratios=(1.2, 0.9, 0.9))
+        grid = fig.add_gridspec(3, len(specs), height_ratios=(1.2, 0.9, 0.9))
         ax = fig.add_subplot(grid[0, :])
         width = 0.8 / len(HEADS)
         for j, head in enumerate(HEADS):
@@ -269,7 +293,7 @@ class Comparison:
         for position in x[:-1]:
             ax.axvline(position + 0.5, color="0.9", linewidth=0.8)
         rotate = k > 6
-        ax.set_xticks(x, names, rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
+        group_axis(ax, names, marks, rotate=rotate, fontsize=8)
         ax.set_ylabel("test loss")
         ax.set_title(f"test loss per group ({len(self.seeds)} seeds; dots: the seeds). The worst group can differ "
                      "from seed to seed: the paired panels below compare each seed's worst", fontsize=9)
@@ -281,11 +305,11 @@ class Comparison:
         for _, row in alpha.iterrows():
             ax.plot(x, row.to_numpy(dtype=float), ".", color="k", markersize=3)
         ax.axhline(1.0 / max(k, 1), color="k", linewidth=0.8, linestyle=":", label="uniform 1/K")
-        ax.set_xticks(x, names, rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
         ax.set_ylim(0, 1.05)
+        group_axis(ax, names, marks, rotate=rotate, fontsize=8)
         ax.set_title("GR's α* (train split; mean over seeds, dots: the seeds)", fontsize=10)
         ax.legend(fontsize=8)
-        for m, metric in enumerate(METRICS):
+        for m, metric in enumerate(specs):
             ax = fig.add_subplot(grid[2, m])
             part = self.paired[self.paired["metric"] == metric].reset_index(drop=True)
             y = np.arange(len(part))[::-1]
@@ -295,7 +319,7 @@ class Comparison:
             ax.axvline(0, color="0.5", linewidth=0.8)
             ax.set_yticks(y, [f"{_short(t, self.loss)} − {_short(b, self.loss)}"
                               for t, b in zip(part["treatment"], part["baseline"])], fontsize=8)
-            better = "higher" if METRICS[metric][2] else "lower"
+            better = "higher" if specs[metric][2] else "lower"
             ax.set_title(f"Δ {metric}\n({better} is better; {_level(self.level)} {self.interval})", fontsize=9)
         fig.suptitle(f"reference vs vanilla vs GR-{loss_label(self.loss)} on held-out test pairs", fontsize=11)
         fig.tight_layout()
@@ -404,10 +428,13 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
     rows, metric_rows, alphas, tables, notes = [], [], {}, {}, []
     small = {}
     group_names = None
+    specs, groupings = dict(METRICS), ()
     tic = time.perf_counter()
     for i, seed in enumerate(seeds):
         problem, _ = wd.load_problem(workdir, seed=seed, split_by=split_by, storage=storage)
-        group_names = list(problem.group_names) if group_names is None else group_names
+        if group_names is None:
+            group_names, groupings = list(problem.group_names), tuple(problem.union)
+            specs = metric_specs(groupings)
         if progress:
             sizes = {s: int(problem.data(s).group_sizes.sum()) for s in ("train", "val", "test")}
             print(f"seed {seed} ({i + 1}/{len(seeds)}): {sizes['train']} train, {sizes['val']} val, {sizes['test']} "
@@ -438,7 +465,7 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
             for record in flat.to_dict("records"):
                 rows.append(meta | record)
             agg = table.loc["aggregate"]
-            metric_rows.append(meta | {m: float(agg.loc[r, c]) for m, (r, c, _) in METRICS.items()}
+            metric_rows.append(meta | {m: float(agg.loc[r, c]) for m, (r, c, _) in specs.items()}
                                | {"worst_group": str(agg.loc["worst", "worst_group"])})
         test_groups = tables[(seed, "group_robust")].loc["group"]
         for name, row in test_groups.iterrows():                # the seed with the fewest test pairs of a group
@@ -449,9 +476,9 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
     heads_table = pd.DataFrame(rows)
     metrics = pd.DataFrame(metric_rows)
     paired = []
-    higher = {m: h for m, (_, _, h) in METRICS.items()}
+    higher = {m: h for m, (_, _, h) in specs.items()}
     for treatment, baseline in PAIRS:
-        p = paired_comparison(metrics, metrics=list(METRICS), treatment=treatment, baseline=baseline,
+        p = paired_comparison(metrics, metrics=list(specs), treatment=treatment, baseline=baseline,
                               method_column="head", seed_column="seed", higher_is_better=higher, level=level,
                               interval=interval)
         p.insert(0, "baseline", baseline)
@@ -467,4 +494,4 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
     return Comparison(heads=heads_table, metrics=metrics, paired=paired, alpha=alpha, small_groups=small_notes,
                       notes=notes, tables=tables, loss=loss, criterion=criterion, interval=interval, level=level,
                       seeds=seeds, radii=radii, adjustments=adjustments, workdir=str(workdir),
-                      group_names=group_names)
+                      group_names=group_names, metric_specs=specs, groupings=groupings)

@@ -99,40 +99,83 @@ def detect_format(frame, name="data"):
 
 
 # ============================================================================ pairs
-def pairs_from_frame(frame, *, group_column="group", name="data", groups=None):
+def _group_columns(group_column):
+    """The group column(s) as a list of distinct strings (one, or several groupings)."""
+    columns = [group_column] if isinstance(group_column, str) else list(group_column)
+    if not columns or not all(isinstance(c, str) and c for c in columns):
+        raise ValueError(f"group_column must be a column name or a list of them, got {group_column!r}")
+    if len(set(columns)) < len(columns):
+        raise ValueError(f"group columns named twice: {columns}")
+    if "split" in columns:
+        raise ValueError("'split' is the split column, not a grouping: choose other group column(s)")
+    return columns
+
+
+def pairs_from_frame(frame, *, group_column="group", name="data", groups=None, intersect=False, min_group_size=1,
+                     small_groups="keep"):
     """Validate and clean a frame of preference pairs into :class:`PreferencePairs`.
 
     Parameters
     ----------
     frame : DataFrame
-        TRL's standard or conversational preference format plus a group column.
-    group_column : str
+        TRL's standard or conversational preference format plus a group column (or several).
+    group_column : str or list of str
         The column holding each pair's group: strings (the group's name, as it is), or numbers
         (named by their decimal form, ``3`` → ``"3"``). A label that is missing (``None``, NaN,
         absent) or an empty string is a bad row (reason ``missing group`` / ``empty group``); labels
-        of different types that read as one name (``1`` and ``"1"``) raise ``ValueError``.
+        of different types that read as one name (``1`` and ``"1"``) raise ``ValueError``. Several
+        columns (``["country", "age_band"]``) are several groupings: by default their **union** — a
+        group ``"country=Kenya"`` for every value of every grouping, each pair in one group of each
+        grouping, so that the worst-off country *and* the worst-off age band are served (the
+        objective :math:`\\max_g L_g` over all of them, overlapping groups:
+        :class:`loglinear_grpo.PreferenceData`); with ``intersect=True`` the cells of their cross
+        product (``"country=Kenya & age_band=18-24"``, plain labels).
     groups : sequence of str, optional
-        Keep only these groups, in this order (default: all, in order of first appearance).
+        Keep only these groups, in this order (default: all, in order of first appearance). One
+        group column only.
+    intersect : bool
+        Several group columns: their cross product's cells instead of their union.
+    min_group_size, small_groups
+        The intersection's cells with fewer than ``min_group_size`` pairs are reported
+        (``small_cells``) and, by ``small_groups``, kept (``"keep"``), merged into one cell
+        (``"merge"``) or dropped (``"drop"``: their pairs are listed in ``skipped``, reason ``small
+        cell``); :func:`loglinear_grpo.intersect_groupings`.
 
     Raises
     ------
     ValueError
-        A missing column; labels of different types that read as one group; no usable pair.
+        A missing column; labels of different types that read as one group; no usable pair;
+        ``groups`` with several group columns; ``intersect`` with one.
     """
-    missing = [c for c in (*TEXT_COLUMNS, group_column) if c not in frame.columns]
+    columns = _group_columns(group_column)
+    several = len(columns) > 1
+    if intersect and not several:
+        raise ValueError("intersect: give at least two group columns to intersect (e.g. --group-columns country "
+                         "age_band --intersect)")
+    if several and groups is not None:
+        raise ValueError(f"groups= (--groups) keeps groups of one group column; with several ({columns}) select the "
+                         "rows of the data first")
+    if (min_group_size != 1 or small_groups != "keep") and not intersect:
+        raise ValueError("min_group_size / small_groups (--min-group-size / --small-groups) apply to an "
+                         "intersection of groupings (--intersect)")
+    missing = [c for c in (*TEXT_COLUMNS, *columns) if c not in frame.columns]
     if missing:
         hint = (" (TRL's implicit-prompt format, without a prompt column, is not supported: split the shared "
                 "prefix into a prompt column)" if missing == ["prompt"] else "")
-        if missing == [group_column]:
+        if set(missing) <= set(columns):
             hint = f" (choose the group column with --group-column / group_column=; columns found: " \
                    f"{sorted(map(str, frame.columns))})"
         raise ValueError(f"{name}: missing column(s) {missing}{hint}")
     frame = frame.reset_index(drop=True)
     conversational = any(_is_messages(v) for v in frame["prompt"].head(50))
     reasons = pd.Series([None] * len(frame), dtype=object)
-    group_problems = _group_problems(frame[group_column])
-    reasons[group_problems.notna().to_numpy()] = group_problems[group_problems.notna()].to_numpy()
-    _refuse_merged_labels(frame[group_column][group_problems.isna()], group_column, name)
+    for col in columns:
+        group_problems = _group_problems(frame[col])
+        if several:
+            group_problems = (col + ": " + group_problems[group_problems.notna()]).reindex(group_problems.index)
+        fill = (reasons.isna() & group_problems.notna()).to_numpy()
+        reasons[fill] = group_problems[fill].to_numpy()
+        _refuse_merged_labels(frame[col][group_problems.isna()], col, name)
     for col in TEXT_COLUMNS:
         problem = frame[col].map(lambda v: _text_problem(v, conversational))
         fill = reasons.isna() & problem.notna()
@@ -144,12 +187,16 @@ def pairs_from_frame(frame, *, group_column="group", name="data", groups=None):
     keep = reasons.isna().to_numpy()
     skipped = pd.DataFrame({"row": np.flatnonzero(~keep), "reason": reasons[~keep].to_numpy()})
     table = frame[keep].copy()
-    table["group"] = table[group_column].map(_group_name)
-    if group_column != "group" and "group" in frame.columns:
-        table["source_group"] = frame.loc[keep, "group"]
     if conversational:
         for col in TEXT_COLUMNS:
             table[col] = table[col].map(_plain)
+    if several:
+        return _several_groupings(table, columns, skipped, conversational, name, intersect, min_group_size,
+                                  small_groups)
+    group_column, = columns
+    table["group"] = table[group_column].map(_group_name)
+    if group_column != "group" and "group" in frame.columns:
+        table["source_group"] = frame.loc[keep, "group"]
     present = list(dict.fromkeys(table["group"]))
     if groups is not None:
         groups = [str(g) for g in ([groups] if isinstance(groups, str) else groups)]
@@ -165,6 +212,37 @@ def pairs_from_frame(frame, *, group_column="group", name="data", groups=None):
         table["split"] = table["split"].map(_split_name)
     return PreferencePairs(table=table.reset_index(drop=True), groups=tuple(present), skipped=skipped,
                            conversational=conversational, source=str(name))
+
+
+def _several_groupings(table, columns, skipped, conversational, name, intersect, min_group_size, small_groups):
+    """:class:`PreferencePairs` of several groupings: their union (a ``"column=value"`` group per value of
+    every column; each column keeps its group names) or their intersection (the cells, in ``group``)."""
+    for col in columns:
+        table[col] = table[col].map(_group_name)
+    if "group" in table.columns and "group" not in columns:
+        table = table.rename(columns={"group": "source_group"})
+    if table.empty:
+        raise ValueError(f"{name}: no usable pairs ({len(skipped)} bad rows: "
+                         f"{skipped['reason'].value_counts().head(3).to_dict()})")
+    small = {}
+    if intersect:
+        from loglinear_grpo import intersect_groupings
+        labels, cells, kept, small = intersect_groupings({c: table[c].to_numpy(dtype=object) for c in columns},
+                                                         min_size=min_group_size, small=small_groups)
+        if not kept.all():
+            dropped = pd.DataFrame({"row": table.index.to_numpy()[~kept],
+                                    "reason": f"small cell (< {min_group_size} pairs, --small-groups drop)"})
+            skipped = pd.concat([skipped, dropped], ignore_index=True) if len(skipped) else dropped
+        table = table[kept].copy()
+        table["group"] = np.asarray(cells, dtype=object)[labels[kept]]
+        present = list(cells)
+    else:
+        present = [f"{c}={v}" for c in columns for v in dict.fromkeys(table[c])]
+    if "split" in table.columns:
+        table["split"] = table["split"].map(_split_name)
+    return PreferencePairs(table=table.reset_index(drop=True), groups=tuple(present), skipped=skipped,
+                           conversational=conversational, source=str(name), groupings=tuple(columns),
+                           intersect=bool(intersect), small_cells=dict(small))
 
 
 def _label_kind(value):
@@ -256,13 +334,17 @@ def assign_splits(pairs, seed=0, split=(0.8, 0.1, 0.1), split_by=None):
 
 
 def load_preference_pairs(data, *, group_column="group", groups=None, limit=None, countries=None,
-                          hub_split=None, answer=None, template=None, name=None, na_values=None, strict=False):
+                          hub_split=None, answer=None, template=None, name=None, na_values=None, strict=False,
+                          intersect=False, min_group_size=1, small_groups="keep"):
     """Grouped preference pairs from a path, a hub id, a ``datasets`` object (or a ``save_to_disk``
     folder) or a DataFrame.
 
     GlobalOpinionQA's table is detected and converted (all options of a question become its
     candidates, with the country's survey distribution as the target); see
-    :func:`llm_head.opinions.opinion_pairs`. ``limit`` keeps the first ``limit`` pairs of each group;
+    :func:`llm_head.opinions.opinion_pairs`. ``group_column`` may name several columns (their union, or
+    with ``intersect=True`` their cells: :func:`pairs_from_frame`). ``limit`` keeps the first ``limit``
+    pairs of each group (overlapping groups: a pair stays when it is among the first ``limit`` of one
+    of its groups, so every group keeps at least ``limit`` pairs, or all it has);
     ``name`` is how messages call the data (default: its path or hub id); ``na_values`` are the
     strings that mean "missing" (default none; see :func:`read_table`: files are read as they are).
     A JSON Lines line that is not a JSON object is skipped and reported (``skipped`` rows with its
@@ -274,7 +356,8 @@ def load_preference_pairs(data, *, group_column="group", groups=None, limit=None
     frame, read_name = read_table(data, split=hub_split, na_values=na_values, strict=strict)
     bad_lines = frame.attrs.pop("bad_lines", [])
     name = name or read_name
-    pairs = _load_pairs(frame, name, group_column, groups, limit, countries, answer, template)
+    pairs = _load_pairs(frame, name, group_column, groups, limit, countries, answer, template,
+                        dict(intersect=intersect, min_group_size=min_group_size, small_groups=small_groups))
     if bad_lines:
         bad = pd.DataFrame({"row": pd.Series([None] * len(bad_lines), dtype=object),
                             "line": [n for n, _ in bad_lines], "reason": "malformed JSON line",
@@ -284,9 +367,13 @@ def load_preference_pairs(data, *, group_column="group", groups=None, limit=None
     return pairs
 
 
-def _load_pairs(frame, name, group_column, groups, limit, countries, answer, template):
+def _load_pairs(frame, name, group_column, groups, limit, countries, answer, template, grouping=None):
     kind = detect_format(frame, name)
     if kind == "global_opinions":
+        if not isinstance(group_column, str) or grouping and grouping["intersect"]:
+            raise ValueError(f"{name}: a GlobalOpinionQA table is grouped by country; several group columns "
+                             "(--group-columns, --intersect) apply to preference pairs (convert the table to "
+                             "pairs with a column per grouping)")
         kwargs = {k: v for k, v in (("template", template), ("answer", answer)) if v is not None}
         items = load_global_opinions(frame=frame, countries=countries or groups or PAPER_COUNTRIES, **kwargs)
         if limit is not None:
@@ -294,8 +381,13 @@ def _load_pairs(frame, name, group_column, groups, limit, countries, answer, tem
         pairs = opinion_pairs(items, source=name)
         pairs.opinion_items = items
         return pairs
-    pairs = pairs_from_frame(frame, group_column=group_column, name=name, groups=groups)
-    if limit is not None:
+    pairs = pairs_from_frame(frame, group_column=group_column, name=name, groups=groups, **(grouping or {}))
+    if limit is not None and pairs.union:
+        first = np.zeros(len(pairs.table), dtype=bool)
+        for col in pairs.union:                  # among the first `limit` of one of its groups
+            first |= pairs.table.groupby(col, sort=False).cumcount().to_numpy() < limit
+        pairs.table = pairs.table[first].reset_index(drop=True)
+    elif limit is not None:
         pairs.table = pairs.table.groupby("group", sort=False).head(limit).reset_index(drop=True)
     return pairs
 
@@ -328,13 +420,26 @@ def items_from_pairs(pairs):
     return pd.DataFrame(rows, columns=["prompt", "candidates", "targets"])
 
 
-def pair_indices(table, items, groups):
+def pair_indices(table, items, groups, union=()):
     """Item and candidate indices of every pair (``item``, ``chosen``, ``rejected``, ``group`` as 0..K−1)
     by looking the prompts and answers up in ``items``; a ``ValueError`` if one is not there (the data
-    changed since the features were extracted)."""
+    changed since the features were extracted).
+
+    ``union`` (:attr:`PreferencePairs.union`): the grouping columns of overlapping groups; then there is
+    no ``group`` column but one ``group/<column>`` per grouping, each the index in ``groups`` of the
+    pair's group ``"<column>=<value>"`` (what :class:`llm_head.train.HeadProblem` reads)."""
+    group_of = {g: k for k, g in enumerate(groups)}
+    if union:
+        out = pair_indices(table.assign(group=groups[0]), items, groups).drop(columns="group")
+        for col in union:
+            codes = (col + "=" + table[col].astype(str)).map(group_of)
+            if codes.isna().any():
+                r = int(np.flatnonzero(codes.isna().to_numpy())[0])
+                raise ValueError(f"pair {r}: unknown group {col}={table[col].iloc[r]!r}")
+            out[f"group/{col}"] = codes.to_numpy(dtype=np.int64)
+        return out
     item_of = {prompt_key(p): i for i, p in enumerate(items["prompt"])}
     cand_of = [{prompt_key(c): j for j, c in enumerate(cands)} for cands in items["candidates"]]
-    group_of = {g: k for k, g in enumerate(groups)}
     out = np.empty((len(table), 4), dtype=np.int64)
     for r, (prompt, chosen, rejected, group) in enumerate(zip(table["prompt"], table["chosen"], table["rejected"],
                                                               table["group"])):

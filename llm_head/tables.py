@@ -28,9 +28,21 @@ class PreferencePairs:
     table : pandas.DataFrame
         ``prompt``, ``chosen``, ``rejected`` (str, or lists of ``{"role", "content"}`` messages when
         ``conversational``), ``group`` (str), ``split`` (``train``/``val``/``test`` or missing), and any
-        other columns of the source.
+        other columns of the source. With several groupings (``groupings``) each grouping's column
+        holds its group names (str); the union of the groupings has no ``group`` column (a pair is in
+        one group of each grouping), their intersection has the cell's name in ``group``.
     groups : tuple of str
-        The group names, in order (the label of group g is ``groups[g]``).
+        The group names, in order (the label of group g is ``groups[g]``). The union of several
+        groupings names its groups ``"country=Kenya"``, the intersection its cells
+        ``"country=Kenya & age=18-24"``.
+    groupings : tuple of str
+        The group columns when there are several (``()`` for one group column, ``group``).
+    intersect : bool
+        With several groupings: the groups are the cells of their cross product (plain labels, in
+        ``group``) rather than the union of their groups.
+    small_cells : dict
+        The intersection's cells with fewer pairs than the stated minimum: {cell: pairs} (merged,
+        dropped or kept as asked; :func:`loglinear_grpo.intersect_groupings`).
     skipped : pandas.DataFrame
         ``row`` (in the source), ``reason``.
     conversational : bool
@@ -53,17 +65,42 @@ class PreferencePairs:
     source: str = ""
     candidate_sets: dict | None = None
     opinion_items: object = None
+    groupings: tuple = ()
+    intersect: bool = False
+    small_cells: dict = field(default_factory=dict)
 
     def __len__(self):
         return len(self.table)
 
+    @property
+    def union(self):
+        """The grouping columns whose union the groups are (``()`` for plain labels: one group column, or
+        the cells of an intersection)."""
+        return tuple(self.groupings) if self.groupings and not self.intersect else ()
+
     def group_sizes(self):
+        """Pairs per group, in the order of ``groups`` (with overlapping groups a pair counts in each of
+        its groups)."""
+        if self.union:
+            counts = pd.concat([(col + "=" + self.table[col].astype(str)).value_counts() for col in self.union])
+            return counts.reindex(list(self.groups), fill_value=0)
         return self.table["group"].value_counts().reindex(list(self.groups), fill_value=0)
 
     def report(self):
         """A short human-readable summary: pairs per group, what was skipped."""
         sizes = ", ".join(f"{g} {n}" for g, n in self.group_sizes().items())
-        text = f"{len(self)} pairs in {len(self.groups)} groups ({sizes})"
+        if self.union:
+            per = ", ".join(f"{col}: {sum(g.startswith(col + '=') for g in self.groups)}" for col in self.union)
+            text = (f"{len(self)} pairs in {len(self.groups)} overlapping groups, the union of {len(self.union)} "
+                    f"groupings ({per}; each pair in one group of each) ({sizes})")
+        elif self.groupings:
+            text = (f"{len(self)} pairs in {len(self.groups)} cells of {' x '.join(self.groupings)} ({sizes})")
+        else:
+            text = f"{len(self)} pairs in {len(self.groups)} groups ({sizes})"
+        if self.small_cells:
+            shown = ", ".join(f"{c} {n}" for c, n in list(self.small_cells.items())[:5])
+            text += (f"; {len(self.small_cells)} cell(s) below the minimum size ({shown}"
+                     f"{', …' if len(self.small_cells) > 5 else ''})")
         if len(self.skipped):
             reasons = self.skipped["reason"].value_counts()
             text += f"; skipped {len(self.skipped)} bad rows (" + \

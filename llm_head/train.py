@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from scipy.special import rel_entr
 
 import loglinear_grpo as lg
@@ -35,7 +36,10 @@ class HeadProblem:
     """Features of every item, the preference pairs over them, and the reference θ.
 
     ``pairs`` columns: ``item``, ``group`` (0..K−1), ``chosen``, ``rejected`` (candidate indices within
-    the item) and ``split``. ``item_probs`` (optional): each item's target distribution over its
+    the item) and ``split``. Overlapping groups (the union of several groupings,
+    :func:`llm_head.data.pair_indices` with ``union=``): no ``group`` column but one ``group/<grouping>``
+    per grouping, each pair's group in that grouping (an index into ``group_names``, whose names are
+    ``"<grouping>=<value>"``); :attr:`union` lists the groupings. ``item_probs`` (optional): each item's target distribution over its
     candidates (the survey answers), for the Jensen–Shannon distance. ``features_sha256``: the
     checksum of the work folder's features (recorded by every run trained on them). ``storage``: S as
     CSR or implicit (:func:`llm_head.features.pair_rows`; ``"auto"`` chooses by the CSR's predicted size).
@@ -50,9 +54,15 @@ class HeadProblem:
     storage: str = "auto"
 
     def __post_init__(self):
-        missing = {"item", "group", "chosen", "rejected", "split"} - set(self.pairs.columns)
+        self.union = tuple(str(c)[len("group/"):] for c in self.pairs.columns if str(c).startswith("group/"))
+        missing = {"item", "chosen", "rejected", "split"} - set(self.pairs.columns)
+        if not self.union and "group" not in self.pairs.columns:
+            missing.add("group")
         if missing:
             raise ValueError(f"pairs is missing columns {sorted(missing)}")
+        if self.union and "group" in self.pairs.columns:
+            raise ValueError("pairs has both a group column and group/<grouping> columns: give labels or the union "
+                             "of groupings, not both")
         self.theta_ref = np.asarray(self.theta_ref, dtype=np.float64)
         if self.theta_ref.shape != (self.features.dim,):
             raise ValueError(f"theta_ref must have shape ({self.features.dim},), got {self.theta_ref.shape}")
@@ -76,9 +86,19 @@ class HeadProblem:
             raise ValueError(f"no pairs in split {split!r}")
         return table
 
+    def _group_codes(self, table):
+        """Each pair's group (labels, shape (n,)) or groups (the union: shape (n, J), one per grouping)."""
+        if self.union:
+            return table[[f"group/{g}" for g in self.union]].to_numpy(dtype=np.int64)
+        return table["group"].to_numpy()
+
     def groups_in(self, split):
         """The groups that have pairs in ``split`` (indices into ``group_names``)."""
-        return np.unique(self.split_pairs(split)["group"].to_numpy())
+        return np.unique(self._group_codes(self.split_pairs(split)))
+
+    def groupings(self):
+        """{grouping: its group names} for the union of several groupings (``{}`` for plain labels)."""
+        return {g: [n for n in self.group_names if str(n).startswith(g + "=")] for g in self.union}
 
     def data(self, split="train"):
         """:class:`loglinear_grpo.PreferenceData` of one split (cached). A group with no pair in the
@@ -97,7 +117,12 @@ class HeadProblem:
             rejected = f.candidate_index(table["item"], table["rejected"])
             diff = pair_rows(f, chosen, rejected, self.storage, source_fingerprint=self.features_sha256)
             ref = diff.matvec(self.theta_ref) if isinstance(diff, PairDifferenceOperator) else diff @ self.theta_ref
-            self._cache[split] = lg.PreferenceData(diff, relabel[table["group"].to_numpy()], ref_margin=ref,
+            codes = relabel[self._group_codes(table)]
+            if self.union:                   # the N × K membership: a pair in one group of each grouping
+                n, j = codes.shape
+                codes = sp.csr_matrix((np.ones(n * j), (np.repeat(np.arange(n), j), codes.ravel())),
+                                      shape=(n, present.size))
+            self._cache[split] = lg.PreferenceData(diff, codes, ref_margin=ref,
                                                    group_names=[self.group_names[g] for g in present])
         return self._cache[split]
 
@@ -150,25 +175,47 @@ def evaluate(problem, theta, loss="dpo", beta=0.1, split="test"):
 
         A group named like an aggregate keeps its own row; ``table.loc["group"]`` is the per-group
         table, ``table.loc["aggregate"]`` the aggregates.
+
+        Overlapping groups (the union of several groupings, :meth:`HeadProblem.groupings`): the group
+        rows are named ``"<grouping>=<value>"``, ``mean over pairs`` counts every pair once, and one more
+        row per grouping, ``("aggregate", "worst <grouping>")``, is that grouping's worst group (its
+        row, named in ``worst_group``): the worst country and the worst age band side by side.
     """
     data = problem.data(split)
     theta = np.asarray(theta, dtype=np.float64)
     table = lg.group_metrics(theta, data, loss, beta).loc["group"]
-    policy_margin = data.matvec(theta)
-    counts = data.group_sizes
-    table["logps/accuracies"] = np.bincount(data.groups, weights=(policy_margin > 0).astype(float),
-                                            minlength=data.n_groups) / counts
+    full = lg.group_metrics(theta, data, loss, beta)
+    table = full.loc["group"]
+    pair_values = {"logps/accuracies": (data.matvec(theta) > 0).astype(np.float64)}
     if problem.candidate_targets is not None:
         pairs = problem.split_pairs(split)
         js = js_distances(problem.features, theta, problem.candidate_targets)[pairs["item"].to_numpy()]
-        table["js_distance"] = np.bincount(data.groups, weights=js, minlength=data.n_groups) / counts
+        pair_values["js_distance"] = js
+    for column, values in pair_values.items():
+        table[column] = data.membership.means(values)
     table = table.reindex(pd.Index(list(problem.group_names), name="group"))
     columns = [c for c in METRICS if c in table.columns]
     groups = table[columns + ["n_pairs"]].astype({c: "float64" for c in columns} | {"n_pairs": "Int64"})
     aggregates = lg.objective.group_aggregates(groups, METRICS)
+    if data.overlapping:         # every pair once (the n_g-weighted mean would count a pair once per group)
+        for column in columns:
+            aggregates.loc["mean over pairs", column] = (float(np.mean(pair_values[column])) if column in pair_values
+                                                         else full.loc[("aggregate", "mean over pairs"), column])
+        aggregates.loc["mean over pairs", "n_pairs"] = data.n_samples
+    for grouping, names in problem.groupings().items():
+        part = groups.loc[names]
+        part = part[part["n_pairs"].fillna(0).to_numpy() > 0]
+        if len(part):
+            worst = part["loss"].astype(np.float64).idxmax()
+            aggregates.loc[f"worst {grouping}"] = part.loc[worst].to_dict() | {"worst_group": str(worst)}
     aggregates = aggregates.astype({c: "float64" for c in columns} | {"n_pairs": "Int64"})
     groups["worst_group"] = pd.Series(pd.NA, index=groups.index, dtype=object)
-    return with_aggregates(groups, aggregates)
+    table = with_aggregates(groups, aggregates)
+    if problem.union:            # every group row marked with its grouping (and each grouping's worst row)
+        of = {name: g for g, names in problem.groupings().items() for name in names}
+        of_row = {f"worst {g}": g for g in problem.union}
+        table.insert(0, "grouping", [of[key] if kind == "group" else of_row.get(key, "") for kind, key in table.index])
+    return table
 
 
 def objective_meaning(method, chi=1.0, adjustment=0.0):

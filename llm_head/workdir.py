@@ -454,6 +454,10 @@ def dataset_record(pairs, items, rendering, kind, opinion_items=None):
               "skipped": pairs.skipped.astype(str).to_dict(orient="records"),
               "items": [{"prompt": p, "candidates": list(c), "targets": _jsonable(t)}
                         for p, c, t in zip(items["prompt"], items["candidates"], items["targets"])]}
+    if pairs.groupings:                  # several group columns (absent for one: older records keep their sha)
+        record["groupings"] = list(pairs.groupings)
+        record["intersect"] = bool(pairs.intersect)
+        record["small_cells"] = dict(pairs.small_cells)
     if kind == "global_opinions":
         table = opinion_items.table.assign(probs=opinion_items.table["probs"].map(list))
         record["opinion_items"] = table.to_dict(orient="records")
@@ -721,7 +725,10 @@ def pairs_for_seed(record, seed=0, split_by=None):
         pairs = opinion_pairs(items, seed=seed, split_by=split_by or "item")
     else:
         pairs = PreferencePairs(table=pd.DataFrame(record["pairs"]), groups=tuple(record["groups"]),
-                                conversational=record["conversational"], source=record["source"])
+                                conversational=record["conversational"], source=record["source"],
+                                groupings=tuple(record.get("groupings", ())),
+                                intersect=bool(record.get("intersect", False)),
+                                small_cells=dict(record.get("small_cells", {})))
         pairs.table["split"] = assign_splits(pairs, seed=seed, split_by=split_by).to_numpy()
     return pairs
 
@@ -734,7 +741,7 @@ def load_problem(workdir, seed=0, split_by=None, storage="auto"):
     features, theta_ref, record, _, sha = load_workdir(workdir, mmap=storage == "implicit")
     items = items_table(record)
     pairs = pairs_for_seed(record, seed, split_by)
-    index = pair_indices(pairs.table, items, pairs.groups).assign(split=pairs.table["split"].to_numpy())
+    index = pair_indices(pairs.table, items, pairs.groups, pairs.union).assign(split=pairs.table["split"].to_numpy())
     targets = list(items["targets"]) if items["targets"].notna().all() else None
     problem = HeadProblem(features, index, theta_ref, list(pairs.groups), item_probs=targets, features_sha256=sha,
                           storage=storage)
