@@ -436,7 +436,7 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
             group_names, groupings = list(problem.group_names), tuple(problem.union)
             specs = metric_specs(groupings)
         if progress:
-            sizes = {s: int(problem.data(s).group_sizes.sum()) for s in ("train", "val", "test")}
+            sizes = {s: problem.data(s).n_samples for s in ("train", "val", "test")}
             print(f"seed {seed} ({i + 1}/{len(seeds)}): {sizes['train']} train, {sizes['val']} val, {sizes['test']} "
                   f"test pairs "
                   f"({time.perf_counter() - tic:.0f} s so far)", flush=True)

@@ -269,7 +269,7 @@ def select_head(problem, *, loss="dpo", method="group_robust", radii=DEFAULT_RAD
     if progress:
         solves = sum(r > 0 for r in radii) * len(adjustments)
         print(f"select ({method}, {loss}): {solves} certified solve(s) on the train split, R in "
-              f"[{_format_grid(radii)}] x C in [{_format_grid(adjustments)}]; each scored on {int(val.group_sizes.sum())} "
+              f"[{_format_grid(radii)}] x C in [{_format_grid(adjustments)}]; each scored on {val.n_samples} "
               f"validation pairs ({crit.words})", flush=True)
     path = lg.solve_path(problem.data("train"), radii, adjustments, center=problem.theta_ref, loss=loss,
                          beta=beta, method=method, tol=tol, progress=progress, **solve_kw)
