@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from .groups import Membership, _parse_groups, membership_from  # noqa: F401 (_parse_groups: the labels' rule)
+from .groups import (Membership, _parse_groups, intersect_groupings, is_groupings,  # noqa: F401 (_parse_groups:
+                     membership_from)                                            # the labels' rule)
 from .operators import PairOperator
 from .storage import (CHUNK_ROWS, MAX_SCALE, MIN_SCALE, Rows, as_rows, check_scale as _check_scale,  # noqa: F401
                       weighted_gram)
@@ -67,7 +68,8 @@ class PreferenceData:
 
         Then ``groups`` is ``None``, ``membership`` holds the matrix and ``overlapping`` is True. A pair
         in no group, an empty group, a matrix of the wrong shape or with other entries than 0/1 are
-        refused, one clear error each.
+        refused, one clear error each. With ``intersect=True`` several groupings give the cells of their
+        cross product instead (plain labels).
     ref_margin : array_like, shape (N,), optional
         :math:`r_i = \\log\\pi_\\mathrm{ref}(y_w|x) - \\log\\pi_\\mathrm{ref}(y_l|x)`;
         zeros (a uniform reference policy) when omitted.
@@ -83,6 +85,11 @@ class PreferenceData:
         ``matvec`` (:func:`~loglinear_grpo.operators.check_adjoint`; relative tolerance 10⁻⁶ for
         float64 products, 1.2·10⁻³ for float32), and refuse it otherwise; ``False`` skips the check.
         Ignored for an explicit S.
+    intersect : bool, default False
+        With several groupings in ``groups``: one group per non-empty cell of their cross product,
+        named ``"country=Kenya & age=18-24"`` (plain labels, not overlapping), instead of their union.
+        Every cell is kept; to report, merge or drop the small ones use
+        :func:`~loglinear_grpo.intersect_groupings` (and :meth:`subset`) first.
 
     Raises
     ------
@@ -104,6 +111,7 @@ class PreferenceData:
     n_groups: int | None = None
     check_finite: bool = True
     check_adjoint: bool = True
+    intersect: bool = False
     group_sizes: np.ndarray = field(init=False, repr=False)
     storage: Rows = field(init=False, repr=False)
     membership: Membership = field(init=False, repr=False)
@@ -116,6 +124,15 @@ class PreferenceData:
             raise ValueError("diff must hold at least one pair (N >= 1)")
 
         raw = self.groups
+        if self.intersect:
+            if not is_groupings(raw):
+                raise ValueError("intersect=True needs several groupings in groups (a dict or DataFrame of label "
+                                 "columns, or a list of label arrays)")
+            if self.group_names is not None:
+                raise ValueError("intersect=True names the cells itself ('country=Kenya & age=18-24'): give no "
+                                 "group_names")
+            raw, cells, _, _ = intersect_groupings(raw, n)
+            object.__setattr__(self, "group_names", tuple(cells))
         if isinstance(raw, Membership) and not raw.overlapping:
             if self.n_groups is None:                 # keep its K (an empty declared group is then refused)
                 object.__setattr__(self, "n_groups", raw.n_groups)

@@ -433,6 +433,15 @@ def _is_matrix(a):
     return hasattr(a, "tocsr") and hasattr(a, "nnz")
 
 
+def is_groupings(groups, n=None):
+    """Whether ``groups`` is several groupings: a dict or DataFrame of label columns, or a list of label
+    arrays (each of length ``n`` when given)."""
+    if isinstance(groups, dict) or (hasattr(groups, "columns") and hasattr(groups, "items")):   # dict, DataFrame
+        return True
+    return isinstance(groups, (list, tuple)) and len(groups) > 0 and np.ndim(groups) != 1 and all(
+        not isinstance(g, (str, bytes)) and np.ndim(g) == 1 and (n is None or np.shape(g)[0] == n) for g in groups)
+
+
 def membership_from(groups, n, names):
     """``(Membership, names)`` from what :class:`~loglinear_grpo.PreferenceData` was given as ``groups``: a
     Membership, an N × K membership matrix (scipy sparse or 2-D), or several groupings (a dict/DataFrame
@@ -443,16 +452,10 @@ def membership_from(groups, n, names):
         return matrix_membership(groups.matrix, n, names), names      # (checked like any other matrix)
     if _is_matrix(groups):
         return matrix_membership(groups, n, names), names
-    if isinstance(groups, dict) or (hasattr(groups, "columns") and hasattr(groups, "items")):   # dict, DataFrame
+    if is_groupings(groups, n):
         if names is not None:
             raise ValueError("group_names: the union of groupings names its groups 'grouping=value' itself")
-        return union_memberships(groups, n)
-    if isinstance(groups, (list, tuple)) and len(groups) and all(
-            not isinstance(g, (str, bytes)) and np.ndim(g) == 1 and np.shape(g)[0] == n for g in groups) \
-            and np.ndim(groups) != 1:
-        if names is not None:
-            raise ValueError("group_names: the union of groupings names its groups 'grouping=value' itself")
-        return union_memberships(list(groups), n)
+        return union_memberships(groups if not isinstance(groups, tuple) else list(groups), n)
     if not isinstance(groups, (list, tuple)) and np.ndim(groups) == 2:          # a 2-D array of 0/1
         return matrix_membership(groups, n, names), names
     return None, names

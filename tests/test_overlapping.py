@@ -234,6 +234,24 @@ def test_intersections_report_and_merge_or_drop_small_cells():
     assert not data.overlapping and data.n_groups == 4
 
 
+def test_preference_data_intersect_gives_the_cells_as_labels():
+    n = 150
+    g = _groupings(n, seed=3)
+    s = np.random.default_rng(3).normal(size=(n, 4))
+    labels, names, _, _ = intersect_groupings(g, n)
+    cells = lg.PreferenceData(s, g, intersect=True)
+    assert not cells.overlapping and cells.group_names == tuple(names)
+    np.testing.assert_array_equal(cells.groups, labels)
+    plain = lg.PreferenceData(s, labels, group_names=names)
+    kw = dict(loss="dpo", radius=1.0, tol=1e-8)
+    assert lg.solve(cells, **kw).value == lg.solve(plain, **kw).value            # the same problem, same path
+    assert lg.PreferenceData(s, (g["country"], g["age"])).overlapping         # a tuple of groupings: the union
+    with pytest.raises(ValueError, match="needs several groupings"):
+        lg.PreferenceData(s, g["country"], intersect=True)
+    with pytest.raises(ValueError, match="give no group_names"):
+        lg.PreferenceData(s, g, group_names=names, intersect=True)
+
+
 def test_review_fixes_metrics_membership_objects_and_sparse_rows():
     """The mean over pairs counts each pair once; a Membership given directly is checked; the group sums
     of a sparse S with overlapping groups need no N × K dense array and equal the dense S's."""
