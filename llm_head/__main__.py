@@ -798,9 +798,9 @@ def plot_run(heads, alpha_star, path, title, split):
         if len(weights):
             ax.axhline(1.0 / len(weights), color="k", linewidth=0.8, linestyle=":", label="uniform 1/K")
             ax.legend(fontsize=7)
-        ticks(ax)
         top = float(np.nanmax(weights.to_numpy())) if len(weights) else 1.0
-        ax.set_ylim(0, min(1.0, 1.25 * top) if top > 0 else 1.0)
+        ax.set_ylim(0, min(1.0, 1.15 * top) if top > 0 else 1.0)
+        ticks(ax)                                      # after the limits: the groupings' names get head room
         ax.set_title("α*: the certificate's optimal group weights (train split)", fontsize=10)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 if len(names) <= 6 else 0.03, 1, 1))

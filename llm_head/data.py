@@ -100,19 +100,25 @@ def detect_format(frame, name="data"):
 
 # ============================================================================ pairs
 def _group_columns(group_column):
-    """The group column(s) as a list of distinct strings (one, or several groupings)."""
-    columns = [group_column] if isinstance(group_column, str) else list(group_column)
-    if not columns or not all(isinstance(c, str) and c for c in columns):
-        raise ValueError(f"group_column must be a column name or a list of them, got {group_column!r}")
-    if len(set(columns)) < len(columns):
-        raise ValueError(f"group columns named twice: {columns}")
-    if "split" in columns:
-        raise ValueError("'split' is the split column, not a grouping: choose other group column(s)")
+    """The group column(s) as a list: one column (any name, as before), or several groupings (distinct
+    string names without ``=``, which joins a grouping to its values, and not ``split``)."""
+    columns = list(group_column) if isinstance(group_column, (list, tuple)) else [group_column]
+    if not columns:
+        raise ValueError("group_column: give a column name, or a list of them")
+    if len(columns) > 1:
+        if not all(isinstance(c, str) and c for c in columns):
+            raise ValueError(f"group columns: several groupings are named by strings, got {columns!r}")
+        if len(set(columns)) < len(columns):
+            raise ValueError(f"group columns named twice: {columns}")
+        bad = [c for c in columns if "=" in c or c == "split"]
+        if bad:
+            raise ValueError(f"group columns {bad}: a grouping's name may not hold '=' (its groups are named "
+                             "'column=value') nor be the split column; rename the column")
     return columns
 
 
 def pairs_from_frame(frame, *, group_column="group", name="data", groups=None, intersect=False, min_group_size=1,
-                     small_groups="keep"):
+                     small_groups="keep", limit=None):
     """Validate and clean a frame of preference pairs into :class:`PreferencePairs`.
 
     Parameters
@@ -140,6 +146,10 @@ def pairs_from_frame(frame, *, group_column="group", name="data", groups=None, i
         (``small_cells``) and, by ``small_groups``, kept (``"keep"``), merged into one cell
         (``"merge"``) or dropped (``"drop"``: their pairs are listed in ``skipped``, reason ``small
         cell``); :func:`loglinear_grpo.intersect_groupings`.
+    limit : int, optional
+        Keep the first ``limit`` pairs of each group (of each cell, before small cells are merged or
+        dropped; with the union, a pair stays when it is among the first ``limit`` of one of its
+        groups, so every group keeps at least ``limit`` pairs, or all it has).
 
     Raises
     ------
@@ -192,7 +202,7 @@ def pairs_from_frame(frame, *, group_column="group", name="data", groups=None, i
             table[col] = table[col].map(_plain)
     if several:
         return _several_groupings(table, columns, skipped, conversational, name, intersect, min_group_size,
-                                  small_groups)
+                                  small_groups, limit)
     group_column, = columns
     table["group"] = table[group_column].map(_group_name)
     if group_column != "group" and "group" in frame.columns:
@@ -205,6 +215,8 @@ def pairs_from_frame(frame, *, group_column="group", name="data", groups=None, i
             raise ValueError(f"{name}: groups not found: {absent}; groups present: {present}")
         table = table[table["group"].isin(groups)]
         present = groups
+    if limit is not None:
+        table = table.groupby("group", sort=False).head(limit)
     if table.empty:
         raise ValueError(f"{name}: no usable pairs ({len(skipped)} bad rows: "
                          f"{skipped['reason'].value_counts().head(3).to_dict()})")
@@ -214,11 +226,19 @@ def pairs_from_frame(frame, *, group_column="group", name="data", groups=None, i
                            conversational=conversational, source=str(name))
 
 
-def _several_groupings(table, columns, skipped, conversational, name, intersect, min_group_size, small_groups):
+def _several_groupings(table, columns, skipped, conversational, name, intersect, min_group_size, small_groups,
+                       limit=None):
     """:class:`PreferencePairs` of several groupings: their union (a ``"column=value"`` group per value of
     every column; each column keeps its group names) or their intersection (the cells, in ``group``)."""
     for col in columns:
         table[col] = table[col].map(_group_name)
+    if limit is not None and intersect:          # the first `limit` of each cell, before small cells are handled
+        table = table.groupby(columns, sort=False).head(limit)
+    elif limit is not None:                      # among the first `limit` of one of its groups
+        first = np.zeros(len(table), dtype=bool)
+        for col in columns:
+            first |= table.groupby(col, sort=False).cumcount().to_numpy() < limit
+        table = table[first]
     if "group" in table.columns and "group" not in columns:
         table = table.rename(columns={"group": "source_group"})
     if table.empty:
@@ -232,7 +252,8 @@ def _several_groupings(table, columns, skipped, conversational, name, intersect,
         if not kept.all():
             dropped = pd.DataFrame({"row": table.index.to_numpy()[~kept],
                                     "reason": f"small cell (< {min_group_size} pairs, --small-groups drop)"})
-            skipped = pd.concat([skipped, dropped], ignore_index=True) if len(skipped) else dropped
+            skipped = (pd.concat([skipped, dropped], ignore_index=True).sort_values("row", kind="stable")
+                       .reset_index(drop=True) if len(skipped) else dropped)
         table = table[kept].copy()
         table["group"] = np.asarray(cells, dtype=object)[labels[kept]]
         present = list(cells)
@@ -370,10 +391,11 @@ def load_preference_pairs(data, *, group_column="group", groups=None, limit=None
 def _load_pairs(frame, name, group_column, groups, limit, countries, answer, template, grouping=None):
     kind = detect_format(frame, name)
     if kind == "global_opinions":
-        if not isinstance(group_column, str) or grouping and grouping["intersect"]:
+        if len(_group_columns(group_column)) > 1 or grouping and (
+                grouping["intersect"] or grouping["min_group_size"] != 1 or grouping["small_groups"] != "keep"):
             raise ValueError(f"{name}: a GlobalOpinionQA table is grouped by country; several group columns "
-                             "(--group-columns, --intersect) apply to preference pairs (convert the table to "
-                             "pairs with a column per grouping)")
+                             "(--group-columns, --intersect, --min-group-size, --small-groups) apply to preference "
+                             "pairs (convert the table to pairs with a column per grouping)")
         kwargs = {k: v for k, v in (("template", template), ("answer", answer)) if v is not None}
         items = load_global_opinions(frame=frame, countries=countries or groups or PAPER_COUNTRIES, **kwargs)
         if limit is not None:
@@ -381,15 +403,8 @@ def _load_pairs(frame, name, group_column, groups, limit, countries, answer, tem
         pairs = opinion_pairs(items, source=name)
         pairs.opinion_items = items
         return pairs
-    pairs = pairs_from_frame(frame, group_column=group_column, name=name, groups=groups, **(grouping or {}))
-    if limit is not None and pairs.union:
-        first = np.zeros(len(pairs.table), dtype=bool)
-        for col in pairs.union:                  # among the first `limit` of one of its groups
-            first |= pairs.table.groupby(col, sort=False).cumcount().to_numpy() < limit
-        pairs.table = pairs.table[first].reset_index(drop=True)
-    elif limit is not None:
-        pairs.table = pairs.table.groupby("group", sort=False).head(limit).reset_index(drop=True)
-    return pairs
+    return pairs_from_frame(frame, group_column=group_column, name=name, groups=groups, limit=limit,
+                            **(grouping or {}))
 
 
 # ============================================================================ items (what the LLM reads)

@@ -63,6 +63,14 @@ class HeadProblem:
         if self.union and "group" in self.pairs.columns:
             raise ValueError("pairs has both a group column and group/<grouping> columns: give labels or the union "
                              "of groupings, not both")
+        for grouping in self.union:          # each grouping's groups are named "<grouping>=<value>"
+            codes = np.unique(self.pairs[f"group/{grouping}"].to_numpy())
+            if codes.min() < 0 or codes.max() >= len(self.group_names):
+                raise ValueError(f"pairs: group/{grouping} holds indices outside 0..{len(self.group_names) - 1}")
+            wrong = [str(self.group_names[c]) for c in codes if not str(self.group_names[c]).startswith(grouping + "=")]
+            if wrong:
+                raise ValueError(f"pairs: group/{grouping} points at groups {wrong[:3]}, whose names are not "
+                                 f"'{grouping}=<value>' (llm_head.data.pair_indices with union= makes them)")
         self.theta_ref = np.asarray(self.theta_ref, dtype=np.float64)
         if self.theta_ref.shape != (self.features.dim,):
             raise ValueError(f"theta_ref must have shape ({self.features.dim},), got {self.theta_ref.shape}")
@@ -183,7 +191,6 @@ def evaluate(problem, theta, loss="dpo", beta=0.1, split="test"):
     """
     data = problem.data(split)
     theta = np.asarray(theta, dtype=np.float64)
-    table = lg.group_metrics(theta, data, loss, beta).loc["group"]
     full = lg.group_metrics(theta, data, loss, beta)
     table = full.loc["group"]
     pair_values = {"logps/accuracies": (data.matvec(theta) > 0).astype(np.float64)}

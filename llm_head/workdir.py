@@ -470,8 +470,9 @@ def dataset_record(pairs, items, rendering, kind, opinion_items=None):
 
 
 #: fields of a dataset record that do not change any run: where the data were read from, the time the
-#: extraction took, and the default ``--split-by`` of later ``train`` commands (each run records its own)
-INFORMATIONAL_RECORD_KEYS = ("source", "extraction_seconds", "split_by")
+#: extraction took, the default ``--split-by`` of later ``train`` commands (each run records its own), and
+#: the report of an intersection's small cells (what was merged or dropped shows in the groups and pairs)
+INFORMATIONAL_RECORD_KEYS = ("source", "extraction_seconds", "split_by", "small_cells")
 
 
 def dataset_sha(record):

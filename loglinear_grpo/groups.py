@@ -353,6 +353,8 @@ def _groupings(columns, n):
     names = [name for name, _ in items]
     if len(set(names)) != len(names):
         raise ValueError(f"groups: grouping names repeat: {names}")
+    if any("=" in name for name in names):        # "a" = "b=c" and "a=b" = "c" would both be named "a=b=c"
+        raise ValueError(f"groups: a grouping's name may not hold '=' (groups are named 'grouping=value'): {names}")
     for name, col in items:
         if np.shape(col) != (n,):
             raise ValueError(f"groups: grouping {name!r} must have shape ({n},) to match diff, got {np.shape(col)}")
@@ -438,7 +440,7 @@ def is_groupings(groups, n=None):
     arrays (each of length ``n`` when given)."""
     if isinstance(groups, dict) or (hasattr(groups, "columns") and hasattr(groups, "items")):   # dict, DataFrame
         return True
-    return isinstance(groups, (list, tuple)) and len(groups) > 0 and np.ndim(groups) != 1 and all(
+    return isinstance(groups, (list, tuple)) and len(groups) > 0 and all(
         not isinstance(g, (str, bytes)) and np.ndim(g) == 1 and (n is None or np.shape(g)[0] == n) for g in groups)
 
 

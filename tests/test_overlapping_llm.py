@@ -96,6 +96,32 @@ def test_several_group_columns_refuse_what_does_not_apply():
         load_preference_pairs(str(GLOBAL_OPINIONS), group_column=["country", "source"])
 
 
+def test_review_fixes_limit_names_and_one_column_inputs():
+    frame = survey_pairs(per_country=200)
+    # --limit with --intersect: the first `limit` of each cell, *then* the small cells (all below 30 here)
+    cells = load_preference_pairs(frame, group_column=["country", "survey"], intersect=True, min_group_size=40,
+                                  small_groups="merge", limit=50)        # Japan x WVS has 33 pairs, the rest >= 60
+    assert cells.small_cells == {"country=Japan & survey=WVS": 33}
+    sizes = cells.group_sizes()
+    assert sizes["other (cells < 40)"] == 33 and (sizes.drop("other (cells < 40)") == 50).all() and len(sizes) == 8
+    with pytest.raises(ValueError, match="every one of the 8 cells has fewer than min_size=40"):
+        load_preference_pairs(frame, group_column=["country", "survey"], intersect=True, min_group_size=40,
+                              small_groups="merge", limit=20)
+    # a grouping name holding "=" could collide with another's group names: refused (llm_head and the core)
+    bad = toy_frame().rename(columns={"age": "age=band"})
+    with pytest.raises(ValueError, match="may not hold '='"):
+        pairs_from_frame(bad, group_column=["country", "age=band"])
+    with pytest.raises(ValueError, match="may not hold '='"):
+        lg.PreferenceData(np.ones((4, 2)), {"a=b": [0, 0, 1, 1], "a": ["x", "y", "x", "y"]})
+    # one column: any column name as before, and "split"-named columns are not refused
+    numbered = toy_frame().rename(columns={"country": 0})
+    assert pairs_from_frame(numbered, group_column=0).groups == ("Kenya", "Peru", "Chile")
+    assert load_preference_pairs(str(GLOBAL_OPINIONS), group_column=["country"], limit=2).groups  # a list of one
+    # a ragged list of groupings gets the labels' own message, not numpy's
+    with pytest.raises(ValueError, match="1-D array of group labels"):
+        lg.PreferenceData(np.ones((6, 2)), [np.array(list("aabbcc")), np.array(list("xyxyx"))])
+
+
 def test_limit_keeps_at_least_limit_pairs_of_every_overlapping_group():
     frame = survey_pairs(per_country=200)
     full = pairs_from_frame(frame, group_column=["country", "survey"]).group_sizes()
@@ -207,13 +233,21 @@ def test_cli_intersection(union_work, gemma_folder, tmp_path):
         assert json.load(fh)["certificate"]["converged"]
 
 
+#: dataset_sha of the record below, computed by the code before several groupings existed (commit 1bc19c9)
+ONE_COLUMN_SHA = "418fb18f4a0b47af00a22d8fb7aed59346690d04f46087d73b630e99437af50a"
+
+
 def test_one_group_column_keeps_its_record_and_checksum():
-    """A record of one group column has no grouping keys (so the checksums of older work folders, and the
-    runs trained on them, stay valid); the same pairs under the union of two groupings have another one."""
+    """A record of one group column is what it was (its checksum pinned from the code before several
+    groupings: older work folders, and the runs trained on them, stay valid); the same pairs under the union
+    of two groupings have another one."""
     from llm_head.data import items_from_pairs
     from llm_head.extract import Rendering
     from llm_head.workdir import dataset_record, dataset_sha
     frame = survey_pairs(per_country=10)
+    pinned = load_preference_pairs(frame, group_column="country", limit=7)
+    record = dataset_record(pinned, items_from_pairs(pinned), Rendering(chat_template=False, add_eos=True), "pairs")
+    assert dataset_sha(record) == ONE_COLUMN_SHA
     one = load_preference_pairs(frame, group_column="country")
     two = load_preference_pairs(frame, group_column=["country", "survey"])
     rendering = Rendering(chat_template=False, add_eos=True)
