@@ -868,12 +868,20 @@ COMMANDS = {"extract": cmd_extract, "train": cmd_train, "select": cmd_select, "c
             "evaluate": cmd_evaluate, "export": cmd_export}
 
 
+def _warning_line(message, category, filename, lineno, line=None):
+    """A warning as the command's user reads it: its kind and message, not the library's source line."""
+    return f"warning ({category.__name__}): {message}\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    shown, warnings.formatwarning = warnings.formatwarning, _warning_line
     try:
         return COMMANDS[args.command](args)
     except (ValueError, OSError, MemoryError) as exc:
         raise SystemExit(f"llm_head {args.command}: {exc}") from None
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ def metric_specs(groupings=()):
     return dict(METRICS) | {f"worst {g} loss": (f"worst {g}", "loss", False) for g in groupings}
 
 
+#: what compare says first when both trained heads are the frozen model in every seed
+FROZEN_NOTE = ("note: both trained heads chose R = 0 (the frozen model) in every seed, so the three heads are the "
+               "same model and every difference below is 0: nothing was compared. On the validation split no "
+               "trained head beat the frozen model; more pairs (or more of them per group) are needed.")
+
 #: the metric of the plain sentences for each criterion
 CRITERION_METRIC = {"worst-loss": "worst-group loss", "min-accuracy": "min-group rewards/accuracies"}
 
@@ -148,6 +153,8 @@ class Comparison:
         """The lines compare prints: the heads' means and the sentences."""
         lines = [f"test split, {len(self.seeds)} seeds ({self.interval_words()} intervals):"]
         lines.append(self.head_table().to_string(index=False))
+        if self.frozen_everywhere():
+            lines.append(FROZEN_NOTE)
         lines += self.sentences()
         lines += [f"note: group {g}: {n}" for g, n in self.small_groups.items()]
         return "\n".join(lines)
@@ -166,12 +173,19 @@ class Comparison:
                 if "accuracies" in metric:                    # a share: its interval clipped to [0, 1]
                     low, high = max(0.0, low), min(1.0, high)
                 row[metric] = f"{ci.estimate:.4f} [{low:.4f}, {high:.4f}]"
-            worst = part["worst_group"].value_counts()
-            top = worst[worst == worst.max()].index
-            top = [g for g in self.group_names if g in set(top)] or list(top)
-            row["most frequent worst test group"] = f"{top[0]} ({int(worst.max())} of {len(part)} seeds)"
+            for column, label in [("worst_group", "most frequent worst test group")] + [
+                    (f"worst_group/{g}", f"most frequent worst {g}") for g in self.groupings]:
+                worst = part[column].value_counts()
+                top = worst[worst == worst.max()].index
+                top = [g for g in self.group_names if g in set(top)] or list(top)
+                row[label] = f"{top[0]} ({int(worst.max())} of {len(part)} seeds)"
             rows.append(row)
         return pd.DataFrame(rows)
+
+    def frozen_everywhere(self):
+        """True when both trained heads chose R = 0 (the frozen model) in every seed: nothing was compared."""
+        trained = self.metrics[self.metrics["head"] != "reference"]
+        return bool(len(trained)) and bool((trained["radius"] == 0).all())
 
     def report(self):
         """``report.md``: the heads, the choices per seed, GR's α*, the paired differences and how to
@@ -189,6 +203,8 @@ class Comparison:
                     if self.interval == "t" else " (percentile bootstrap over the seeds)."), "",
                  f"## Heads on the test split (mean and {lvl} interval over seeds)", ""]
         table = self.head_table()
+        if self.frozen_everywhere():
+            lines += [f"**{FROZEN_NOTE}**", ""]
         lines += _markdown(table)
         lines += ["", "## Chosen regularisation per seed (on the validation split)", ""]
         chosen = []
@@ -209,8 +225,9 @@ class Comparison:
                  for g in alpha.columns]
         lines += _markdown(pd.DataFrame(arows))
         lines += ["", f"Uniform weights would be 1/K = {1 / max(1, alpha.shape[1]):.3f}. A weight near 1 on one group: "
-                  "the robust head spends its whole budget on that group; α* for a seed where GR chose R = 0 "
-                  "is the reference point's (the weight shared by its worst train groups).", "",
+                  "the robust head spends its whole budget on that group. For a seed where GR chose R = 0 the "
+                  "weights are the reference point's, where every group's loss is log 2: any weights are optimal "
+                  "there, so read nothing into them.", "",
                   "`rewards/accuracies` counts a tie as wrong (TRL's definition). The reference head's margins "
                   "are all 0, so its accuracy is 0 by construction: read accuracy differences between trained "
                   "heads, not against the reference (whose losses are the meaningful comparison).", "",
@@ -325,6 +342,18 @@ class Comparison:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def _worst_name(table, row, grouping=None):
+    """The worst group of an aggregate row, or ``"tie: k groups"`` when k > 1 groups share the largest
+    loss (the frozen model gives every group log 2: no group is the worst)."""
+    groups = table.loc["group"]
+    if grouping is not None:
+        groups = groups[groups["grouping"] == grouping]
+    losses = groups["loss"].dropna().to_numpy(dtype=float)
+    worst = float(table.loc[("aggregate", row), "loss"])
+    tied = int(np.sum(np.isclose(losses, worst, rtol=1e-12, atol=0.0)))
+    return f"tie: {tied} groups" if tied > 1 else str(table.loc[("aggregate", row), "worst_group"])
 
 
 def _short(head, loss):
@@ -466,7 +495,8 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
                 rows.append(meta | record)
             agg = table.loc["aggregate"]
             metric_rows.append(meta | {m: float(agg.loc[r, c]) for m, (r, c, _) in specs.items()}
-                               | {"worst_group": str(agg.loc["worst", "worst_group"])})
+                               | {"worst_group": _worst_name(table, "worst")}
+                               | {f"worst_group/{g}": _worst_name(table, f"worst {g}", g) for g in groupings})
         test_groups = tables[(seed, "group_robust")].loc["group"]
         for name, row in test_groups.iterrows():                # the seed with the fewest test pairs of a group
             n = 0 if pd.isna(row["n_pairs"]) else int(row["n_pairs"])

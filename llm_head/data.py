@@ -233,6 +233,10 @@ def _several_groupings(table, columns, skipped, conversational, name, intersect,
     for col in columns:
         table[col] = table[col].map(_group_name)
     if limit is not None and intersect:          # the first `limit` of each cell, before small cells are handled
+        if limit < min_group_size:
+            raise ValueError(f"limit={limit} (--limit) keeps at most {limit} pairs of each cell, fewer than "
+                             f"min_group_size={min_group_size} (--min-group-size): every cell would be small; "
+                             "raise the limit or lower the minimum")
         table = table.groupby(columns, sort=False).head(limit)
     elif limit is not None:                      # among the first `limit` of one of its groups
         first = np.zeros(len(table), dtype=bool)

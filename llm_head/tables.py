@@ -101,9 +101,13 @@ class PreferencePairs:
             shown = ", ".join(f"{c} {n}" for c, n in list(self.small_cells.items())[:5])
             text += (f"; {len(self.small_cells)} cell(s) below the minimum size ({shown}"
                      f"{', …' if len(self.small_cells) > 5 else ''})")
-        if len(self.skipped):
-            reasons = self.skipped["reason"].value_counts()
-            text += f"; skipped {len(self.skipped)} bad rows (" + \
+        small = self.skipped["reason"].astype(str).str.startswith("small cell") if len(self.skipped) else None
+        if small is not None and small.any():           # not bad rows: the pairs of the cells asked to be dropped
+            text += f"; dropped the {int(small.sum())} pairs of the small cells (--small-groups drop)"
+        bad = self.skipped[~small.to_numpy()] if small is not None else self.skipped
+        if len(bad):
+            reasons = bad["reason"].value_counts()
+            text += f"; skipped {len(bad)} bad rows (" + \
                 ", ".join(f"{r}: {n}" for r, n in reasons.items()) + ")"
             if "line" in self.skipped.columns and self.skipped["line"].notna().any():
                 lines = [(int(n), None) for n in self.skipped["line"].dropna()]

@@ -78,6 +78,7 @@ def test_intersection_cells_small_ones_kept_merged_or_dropped():
     assert len(dropped) == 20 and not any("Togo" in g for g in dropped.groups)
     assert list(dropped.skipped["row"]) == [0, 1, 2, 3]
     assert dropped.skipped["reason"].str.startswith("small cell").all()
+    assert "dropped the 4 pairs of the small cells" in dropped.report() and "bad rows" not in dropped.report()
 
 
 def test_several_group_columns_refuse_what_does_not_apply():
@@ -104,7 +105,7 @@ def test_review_fixes_limit_names_and_one_column_inputs():
     assert cells.small_cells == {"country=Japan & survey=WVS": 33}
     sizes = cells.group_sizes()
     assert sizes["other (cells < 40)"] == 33 and (sizes.drop("other (cells < 40)") == 50).all() and len(sizes) == 8
-    with pytest.raises(ValueError, match="every one of the 8 cells has fewer than min_size=40"):
+    with pytest.raises(ValueError, match=r"limit=20 \(--limit\) keeps at most 20 pairs of each cell"):
         load_preference_pairs(frame, group_column=["country", "survey"], intersect=True, min_group_size=40,
                               small_groups="merge", limit=20)
     # a grouping name holding "=" could collide with another's group names: refused (llm_head and the core)
@@ -212,6 +213,25 @@ def test_cli_union_train_evaluate_compare(union_work):
     report = open(os.path.join(out, "report.md")).read()
     assert "changed the worst survey loss" in report and "changed the worst country loss" in report
     assert os.path.exists(os.path.join(out, "compare.png"))
+
+
+def test_compare_says_when_nothing_was_compared_and_names_ties(union_work, tmp_path):
+    """With R = 0 only, every head is the frozen model: compare says so first, and the worst group of a tie
+    (every group's loss is log 2) is 'tie: k groups', not the first group of the file."""
+    import warnings as w
+    from llm_head.__main__ import _warning_line, main as cli
+    from llm_head.compare import FROZEN_NOTE
+    work, _ = union_work
+    before = w.formatwarning
+    with w.catch_warnings():
+        w.simplefilter("ignore")
+        assert cli(["compare", "--workdir", work, "--seeds", "2", "--radii", "0", "--adjustments", "0",
+                    "--out", str(tmp_path / "c")]) == 0
+    assert w.formatwarning is before                      # the command's warning format does not leak
+    assert _warning_line("no pairs", UserWarning, "x.py", 3) == "warning (UserWarning): no pairs\n"
+    report = (tmp_path / "c" / "report.md").read_text()
+    assert FROZEN_NOTE in report
+    assert "| tie: 6 groups (2 of 2 seeds) | tie: 4 groups (2 of 2 seeds) | tie: 2 groups (2 of 2 seeds) |" in report
 
 
 def test_cli_intersection(union_work, gemma_folder, tmp_path):
