@@ -168,6 +168,13 @@ class Membership:
         else:
             self.n_pairs = matrix.shape[0]
             self.sizes = np.asarray(matrix.sum(axis=0)).ravel().round().astype(np.int64)
+            #: m when every pair is in exactly m groups (the union of m groupings), else None: then the
+            #: sums and spreads read m label arrays (the solvers' memberships are CSR, checked)
+            self.per_pair = None
+            if getattr(matrix, "format", None) == "csr":
+                counts = np.diff(matrix.indptr)
+                if counts.size and np.all(counts == counts[0]):
+                    self.per_pair = int(counts[0])
 
     # ------------------------------------------------------------------ sums and spreads
     def sums(self, values, start=0, stop=None):
@@ -176,8 +183,23 @@ class Membership:
         stop = self.n_pairs if stop is None else stop
         if self.labels is not None:
             return np.bincount(self.labels[start:stop], weights=values, minlength=self.n_groups)
+        if self.per_pair is not None:           # m label arrays: m bincounts, no gather
+            values = np.asarray(values, dtype=np.float64)
+            out = None
+            for labels in self._label_columns():
+                part = np.bincount(labels[start:stop], weights=values, minlength=self.n_groups)
+                out = part if out is None else out + part
+            return out
         groups, rows = self.entries(start, stop)
         return np.bincount(groups, weights=np.asarray(values, dtype=np.float64)[rows], minlength=self.n_groups)
+
+    def _label_columns(self):
+        """Every pair in exactly m groups (:attr:`per_pair`): its j-th group for j < m, as m contiguous label
+        arrays of N (made on first use: the matrix's indices once more, laid out by j)."""
+        if getattr(self, "_columns", None) is None:
+            by_pair = self.matrix.indices.reshape(self.n_pairs, self.per_pair)
+            self._columns = np.ascontiguousarray(by_pair.T, dtype=np.intp)
+        return self._columns
 
     def entries(self, start=0, stop=None):
         """Overlapping groups: ``(groups, rows)``, one entry per membership (g, i) of the pairs start..stop−1,
@@ -201,6 +223,12 @@ class Membership:
         group_values = np.asarray(group_values, dtype=np.float64)
         if self.labels is not None:
             return group_values[self.labels[start:stop]]
+        if self.per_pair is not None:           # m label arrays: m gathers
+            columns = self._label_columns()
+            out = group_values[columns[0][start:stop]]
+            for labels in columns[1:]:
+                out += group_values[labels[start:stop]]
+            return out
         groups, rows = self.entries(start, stop)
         return np.bincount(rows, weights=group_values[groups], minlength=stop - start)
 
@@ -216,6 +244,9 @@ class Membership:
             return sp.csr_matrix((entries, (g, np.arange(n))), shape=(self.n_groups, n))
         groups, rows = self.entries(start, stop)
         entries = values[rows] if scale is None else values[rows] * np.asarray(scale, dtype=np.float64)[groups]
+        if self.per_pair is not None:           # column i holds pair i's m entries: CSC as it is, no sort
+            indptr = np.arange(0, n * self.per_pair + 1, self.per_pair)
+            return sp.csc_matrix((entries, groups, indptr), shape=(self.n_groups, n))
         return sp.csr_matrix((entries, (groups, rows)), shape=(self.n_groups, n))
 
     def _csc(self):
