@@ -50,6 +50,30 @@ def _run(data, estimator, loss, steps=None):
     return res, time.perf_counter() - t
 
 
+def _ops(s, labels, union, block=65536, repeats=7):
+    """The memberships' operations, labels against the union: the median of ``repeats`` timings, in ms."""
+    rng = np.random.default_rng(0)
+    values = rng.random(s.shape[0])
+    rows = []
+    for name, data in (("labels", labels), ("union", union)):
+        m = data.membership
+        group_values = rng.random(m.n_groups)
+        ops = {"sums (N)": lambda: m.sums(values), "spread (N)": lambda: m.spread(group_values),
+               f"indicator @ S block ({block})": lambda: m.indicator(values[:block], 0, block) @ s[:block]}
+        for op, f in ops.items():
+            f()
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - t)
+            rows.append({"membership": name, "operation": op, "ms": 1e3 * float(np.median(times))})
+    table = pd.DataFrame(rows).pivot(index="operation", columns="membership", values="ms")
+    table["union / labels"] = table["union"] / table["labels"]
+    print(table.round(2).to_string())
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=1_000_000)
@@ -59,6 +83,9 @@ def main(argv=None):
     p.add_argument("--estimators", nargs="+", default=["newton", "newton_cg", "full", "stochastic"])
     p.add_argument("--name", default="overlapping", help="output file stem")
     p.add_argument("--out", default=os.path.join(ROOT, "paper_figures", "performance"))
+    p.add_argument("--ops", action="store_true",
+                   help="instead: time the memberships' own operations (group sums, spreads, the group indicator "
+                        "and its product with a block of S), labels against the union, in ms")
     args = p.parse_args(argv)
     s, r, first, second = _problem(args.pairs, args.dim)
     t = time.perf_counter()
@@ -69,6 +96,8 @@ def main(argv=None):
     setup_union = time.perf_counter() - t
     print(f"N={args.pairs:,} d={args.dim}: labels K={labels.n_groups} (setup {setup_labels:.2f} s), union "
           f"K={union.n_groups} (setup {setup_union:.2f} s)", flush=True)
+    if args.ops:
+        return _ops(s, labels, union)
     rows = []
     for loss in args.losses:
         for estimator in args.estimators:
