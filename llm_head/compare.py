@@ -26,6 +26,7 @@ from loglinear_grpo.inference import MIN_GROUP_PAIRS, paired_comparison, paired_
 
 from . import workdir as wd
 from .plots import group_axis
+from .train import worst_group_name
 from .select import (C_FREE_METHODS, CRITERIA, DEFAULT_ADJUSTMENTS, DEFAULT_RADII, check_criterion, check_grid,
                      score_table, select_head)
 
@@ -307,6 +308,11 @@ class Comparison:
                     label=head_label(head, self.loss) + " (mean over seeds)")
             for seed in part.columns:                                  # every seed's value, a dot
                 ax.plot(offset, part[seed].to_numpy(dtype=float), ".", color=f"C{j}", markersize=4, alpha=0.6)
+        tested = groups.dropna(subset=["loss"])["group"]
+        for position, name in zip(x, names):              # a group without test pairs in any seed: say so
+            if name not in set(tested):
+                ax.text(position, 0.5, "no test\npairs", transform=ax.get_xaxis_transform(), ha="center",
+                        va="center", fontsize=7, color="0.4")
         for position in x[:-1]:
             ax.axvline(position + 0.5, color="0.9", linewidth=0.8)
         rotate = k > 6
@@ -342,18 +348,6 @@ class Comparison:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
-
-
-def _worst_name(table, row, grouping=None):
-    """The worst group of an aggregate row, or ``"tie: k groups"`` when k > 1 groups share the largest
-    loss (the frozen model gives every group log 2: no group is the worst)."""
-    groups = table.loc["group"]
-    if grouping is not None:
-        groups = groups[groups["grouping"] == grouping]
-    losses = groups["loss"].dropna().to_numpy(dtype=float)
-    worst = float(table.loc[("aggregate", row), "loss"])
-    tied = int(np.sum(np.isclose(losses, worst, rtol=1e-12, atol=0.0)))
-    return f"tie: {tied} groups" if tied > 1 else str(table.loc[("aggregate", row), "worst_group"])
 
 
 def _short(head, loss):
@@ -495,8 +489,8 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
                 rows.append(meta | record)
             agg = table.loc["aggregate"]
             metric_rows.append(meta | {m: float(agg.loc[r, c]) for m, (r, c, _) in specs.items()}
-                               | {"worst_group": _worst_name(table, "worst")}
-                               | {f"worst_group/{g}": _worst_name(table, f"worst {g}", g) for g in groupings})
+                               | {"worst_group": worst_group_name(table)}
+                               | {f"worst_group/{g}": worst_group_name(table, g) for g in groupings})
         test_groups = tables[(seed, "group_robust")].loc["group"]
         for name, row in test_groups.iterrows():                # the seed with the fewest test pairs of a group
             n = 0 if pd.isna(row["n_pairs"]) else int(row["n_pairs"])

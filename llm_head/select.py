@@ -16,7 +16,7 @@ import pandas as pd
 
 import loglinear_grpo as lg
 
-from .train import evaluate
+from .train import evaluate, worst_group_name
 
 #: the default grid of radii R (0 is the reference head; it is always added)
 DEFAULT_RADII = (0, 0.1, 0.3, 1, 3, 10)
@@ -278,7 +278,7 @@ def select_head(problem, *, loss="dpo", method="group_robust", radii=DEFAULT_RAD
         table = score_table(problem, result.theta, loss, beta, "val")
         tables.append(table)
         worst = table.loc[("aggregate", "worst")]
-        rows.append({"score": crit.score(table), "val_worst_group": str(worst["worst_group"]),
+        rows.append({"score": crit.score(table), "val_worst_group": worst_group_name(table),
                      "val_worst_loss": float(worst["loss"]),
                      "val_min_accuracy": float(table.loc[("aggregate", "extreme"), "rewards/accuracies"]),
                      "val_mean_loss": float(table.loc[("aggregate", "mean over pairs"), "loss"])})

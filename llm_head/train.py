@@ -225,6 +225,20 @@ def evaluate(problem, theta, loss="dpo", beta=0.1, split="test"):
     return table
 
 
+def worst_group_name(table, grouping=None):
+    """The worst group of an :func:`evaluate` table (of one grouping's groups: its ``worst <grouping>``
+    row), or ``"tie: k groups"`` when k > 1 groups share the largest loss — the frozen model gives every
+    group log 2, and then no group is the worst."""
+    row = "worst" if grouping is None else f"worst {grouping}"
+    groups = table.loc["group"]
+    if grouping is not None:
+        groups = groups[groups["grouping"] == grouping]
+    losses = groups["loss"].dropna().to_numpy(dtype=float)
+    worst = float(table.loc[("aggregate", row), "loss"])
+    tied = int(np.sum(np.isclose(losses, worst, rtol=1e-12, atol=0.0)))
+    return f"tie: {tied} groups" if tied > 1 else str(table.loc[("aggregate", row), "worst_group"])
+
+
 def objective_meaning(method, chi=1.0, adjustment=0.0):
     """What :attr:`loglinear_grpo.SolveResult.value` of a ``train`` run is, in words (the words of
     :attr:`loglinear_grpo.SolverConfig.objective_name`, on the train split): ``"worst-group loss

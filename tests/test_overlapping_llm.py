@@ -232,6 +232,12 @@ def test_compare_says_when_nothing_was_compared_and_names_ties(union_work, tmp_p
     report = (tmp_path / "c" / "report.md").read_text()
     assert FROZEN_NOTE in report
     assert "| tie: 6 groups (2 of 2 seeds) | tie: 4 groups (2 of 2 seeds) | tie: 2 groups (2 of 2 seeds) |" in report
+    from llm_head import select_head
+    from llm_head.workdir import load_problem
+    with w.catch_warnings():
+        w.simplefilter("ignore")
+        sel = select_head(load_problem(work)[0], radii=[0.0], adjustments=[0.0], progress=False)
+    assert list(sel.scores["val_worst_group"]) == ["tie: 6 groups"]          # select's table says so too
 
 
 def test_cli_intersection(union_work, gemma_folder, tmp_path):
