@@ -50,8 +50,9 @@ def _run(data, estimator, loss, steps=None):
     return res, time.perf_counter() - t
 
 
-def _ops(s, labels, union, block=65536, repeats=7):
-    """The memberships' operations, labels against the union: the median of ``repeats`` timings, in ms."""
+def _ops(s, labels, union, path, args, block=65536, repeats=31):
+    """The memberships' operations, labels against the union: the median of ``repeats`` timings, in ms
+    (printed, and written to ``path``)."""
     rng = np.random.default_rng(0)
     values = rng.random(s.shape[0])
     rows = []
@@ -71,6 +72,13 @@ def _ops(s, labels, union, block=65536, repeats=7):
     table = pd.DataFrame(rows).pivot(index="operation", columns="membership", values="ms")
     table["union / labels"] = table["union"] / table["labels"]
     print(table.round(2).to_string())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/overlapping.py --ops "
+                 f"--pairs {args.pairs} --dim {args.dim}`: median of {repeats}, ms\n\n")
+        fh.write("| operation | labels | union | union / labels |\n|---|---|---|---|\n")
+        for op, row in table.iterrows():
+            fh.write(f"| {op} | {row['labels']:.2f} | {row['union']:.2f} | {row['union / labels']:.2f} |\n")
     return 0
 
 
@@ -97,7 +105,7 @@ def main(argv=None):
     print(f"N={args.pairs:,} d={args.dim}: labels K={labels.n_groups} (setup {setup_labels:.2f} s), union "
           f"K={union.n_groups} (setup {setup_union:.2f} s)", flush=True)
     if args.ops:
-        return _ops(s, labels, union)
+        return _ops(s, labels, union, os.path.join(args.out, f"{args.name}_ops.md"), args)
     rows = []
     for loss in args.losses:
         for estimator in args.estimators:

@@ -155,7 +155,7 @@ class Comparison:
         lines = [f"test split, {len(self.seeds)} seeds ({self.interval_words()} intervals):"]
         lines.append(self.head_table().to_string(index=False))
         if self.frozen_everywhere():
-            lines.append(FROZEN_NOTE)
+            lines.append(self.frozen_note())
         lines += self.sentences()
         lines += [f"note: group {g}: {n}" for g, n in self.small_groups.items()]
         return "\n".join(lines)
@@ -183,6 +183,12 @@ class Comparison:
             rows.append(row)
         return pd.DataFrame(rows)
 
+    def frozen_note(self):
+        """What compare says first when :meth:`frozen_everywhere`: why, by the grid."""
+        if not any(r > 0 for r in self.radii):
+            return FROZEN_NOTE.split(" On the validation")[0] + " The grid of radii holds only R = 0: give --radii > 0."
+        return FROZEN_NOTE
+
     def frozen_everywhere(self):
         """True when both trained heads chose R = 0 (the frozen model) in every seed: nothing was compared."""
         trained = self.metrics[self.metrics["head"] != "reference"]
@@ -205,7 +211,7 @@ class Comparison:
                  f"## Heads on the test split (mean and {lvl} interval over seeds)", ""]
         table = self.head_table()
         if self.frozen_everywhere():
-            lines += [f"**{FROZEN_NOTE}**", ""]
+            lines += [f"**{self.frozen_note()}**", ""]
         lines += _markdown(table)
         lines += ["", "## Chosen regularisation per seed (on the validation split)", ""]
         chosen = []
@@ -227,8 +233,8 @@ class Comparison:
         lines += _markdown(pd.DataFrame(arows))
         lines += ["", f"Uniform weights would be 1/K = {1 / max(1, alpha.shape[1]):.3f}. A weight near 1 on one group: "
                   "the robust head spends its whole budget on that group. For a seed where GR chose R = 0 the "
-                  "weights are the reference point's, where every group's loss is log 2: any weights are optimal "
-                  "there, so read nothing into them.", "",
+                  "weights are the reference point's, where every group has the same loss (the loss at margin 0: "
+                  "log 2 for DPO): any weights are optimal there, so read nothing into them.", "",
                   "`rewards/accuracies` counts a tie as wrong (TRL's definition). The reference head's margins "
                   "are all 0, so its accuracy is 0 by construction: read accuracy differences between trained "
                   "heads, not against the reference (whose losses are the meaningful comparison).", "",
@@ -485,7 +491,10 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
             meta = {"seed": seed, "head": head, "radius": info["radius"], "adjustment": info["adjustment"],
                     "val_score": info["val_score"], "converged": info["converged"], "gap": info["gap"]}
             flat = table.reset_index()
+            named = {"worst": worst_group_name(table)} | {f"worst {g}": worst_group_name(table, g) for g in groupings}
             for record in flat.to_dict("records"):
+                if record["kind"] == "aggregate" and record["group"] in named:   # a tie named as in report.md
+                    record["worst_group"] = named[record["group"]]
                 rows.append(meta | record)
             agg = table.loc["aggregate"]
             metric_rows.append(meta | {m: float(agg.loc[r, c]) for m, (r, c, _) in specs.items()}

@@ -233,7 +233,7 @@ def _several_groupings(table, columns, skipped, conversational, name, intersect,
     for col in columns:
         table[col] = table[col].map(_group_name)
     if limit is not None and intersect:          # the first `limit` of each cell, before small cells are handled
-        if limit < min_group_size:
+        if limit < min_group_size and small_groups != "keep":     # every cell would be merged or dropped
             raise ValueError(f"limit={limit} (--limit) keeps at most {limit} pairs of each cell, fewer than "
                              f"min_group_size={min_group_size} (--min-group-size): every cell would be small; "
                              "raise the limit or lower the minimum")

@@ -61,8 +61,8 @@ class Selection:
     scores : pandas.DataFrame
         One row per grid point, sorted by ``radius`` then ``adjustment``: ``radius``, ``adjustment``,
         the training objective's ``value``, ``gap`` and ``converged``; on the validation split ``score``
-        (the criterion's), ``val_worst_group`` and ``val_worst_loss`` (the worst validation group and
-        its loss), ``val_min_accuracy`` (min-group rewards/accuracies) and ``val_mean_loss`` (mean loss
+        (the criterion's), ``val_worst_group`` and ``val_worst_loss`` (the worst validation group — or
+        ``"tie: k groups"`` when k groups share the largest loss, as at R = 0 — and its loss), ``val_min_accuracy`` (min-group rewards/accuracies) and ``val_mean_loss`` (mean loss
         over pairs); ``chosen`` (True on one row).
     radius, adjustment : float
         The chosen R and C.

@@ -227,8 +227,8 @@ def evaluate(problem, theta, loss="dpo", beta=0.1, split="test"):
 
 def worst_group_name(table, grouping=None):
     """The worst group of an :func:`evaluate` table (of one grouping's groups: its ``worst <grouping>``
-    row), or ``"tie: k groups"`` when k > 1 groups share the largest loss — the frozen model gives every
-    group log 2, and then no group is the worst."""
+    row), or ``"tie: k groups"`` when k > 1 groups share the largest loss (within a relative 10⁻¹²) — the
+    frozen model gives every group the loss at margin 0 (log 2 for DPO), and then no group is the worst."""
     row = "worst" if grouping is None else f"worst {grouping}"
     groups = table.loc["group"]
     if grouping is not None:

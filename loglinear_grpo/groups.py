@@ -153,6 +153,9 @@ class Membership:
     overlapping : bool
         ``matrix`` is set (even if every row happens to hold one 1: it is not converted to labels, so
         that a given membership is used as given).
+    per_pair : int or None
+        m when every pair is in exactly m ≥ 1 groups (a union of m groupings; CSR matrix only), else None:
+        then sums and spreads read m label arrays instead of the matrix's entries.
     """
 
     def __init__(self, n_groups, labels=None, matrix=None):
@@ -162,18 +165,16 @@ class Membership:
         self.labels = labels
         self.matrix = matrix
         self.overlapping = matrix is not None
+        self.per_pair = None
         if labels is not None:
             self.n_pairs = labels.shape[0]
             self.sizes = np.bincount(labels, minlength=self.n_groups).astype(np.int64)
         else:
             self.n_pairs = matrix.shape[0]
             self.sizes = np.asarray(matrix.sum(axis=0)).ravel().round().astype(np.int64)
-            #: m when every pair is in exactly m groups (the union of m groupings), else None: then the
-            #: sums and spreads read m label arrays (the solvers' memberships are CSR, checked)
-            self.per_pair = None
-            if getattr(matrix, "format", None) == "csr":
+            if getattr(matrix, "format", None) == "csr":        # the solvers' memberships are CSR, checked
                 counts = np.diff(matrix.indptr)
-                if counts.size and np.all(counts == counts[0]):
+                if counts.size and counts[0] > 0 and np.all(counts == counts[0]):
                     self.per_pair = int(counts[0])
 
     # ------------------------------------------------------------------ sums and spreads
@@ -242,11 +243,16 @@ class Membership:
             g = self.labels[start:stop]
             entries = values if scale is None else values * np.asarray(scale)[g]
             return sp.csr_matrix((entries, (g, np.arange(n))), shape=(self.n_groups, n))
-        groups, rows = self.entries(start, stop)
-        entries = values[rows] if scale is None else values[rows] * np.asarray(scale, dtype=np.float64)[groups]
         if self.per_pair is not None:           # column i holds pair i's m entries: CSC as it is, no sort
+            m = self.matrix
+            groups = m.indices[m.indptr[start]:m.indptr[stop]].copy()      # its own: the membership stays
+            entries = np.repeat(values, self.per_pair)
+            if scale is not None:
+                entries *= np.asarray(scale, dtype=np.float64)[groups]
             indptr = np.arange(0, n * self.per_pair + 1, self.per_pair)
             return sp.csc_matrix((entries, groups, indptr), shape=(self.n_groups, n))
+        groups, rows = self.entries(start, stop)
+        entries = values[rows] if scale is None else values[rows] * np.asarray(scale, dtype=np.float64)[groups]
         return sp.csr_matrix((entries, (groups, rows)), shape=(self.n_groups, n))
 
     def _csc(self):
@@ -329,7 +335,8 @@ def matrix_membership(raw, n, names=None):
     """A :class:`Membership` from an N × K 0/1 matrix (scipy sparse, or a 2-D array of 0/1 or bool), with
     one clear error each for a wrong shape, entries other than 0/1, pairs in no group and empty groups."""
     if _is_matrix(raw):
-        matrix = sp.csr_matrix(raw, dtype=np.float64)
+        matrix = sp.csr_matrix(raw, dtype=np.float64, copy=True)      # the caller's matrix is left as it is
+        matrix.sum_duplicates()                     # a pair listed twice in a group is an entry 2: refused below
     else:
         try:
             dense = np.asarray(raw)

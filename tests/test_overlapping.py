@@ -234,6 +234,29 @@ def test_intersections_report_and_merge_or_drop_small_cells():
     assert not data.overlapping and data.n_groups == 4
 
 
+def test_a_membership_matrix_is_checked_on_a_copy_and_duplicates_are_refused():
+    s = np.ones((2, 2))
+    doubled = sp.csr_matrix((np.ones(4), np.array([0, 0, 0, 1]), np.array([0, 2, 4])), shape=(2, 2))
+    with pytest.raises(ValueError, match="only 0 and 1"):           # pair 0 listed twice in group 0
+        lg.PreferenceData(s, doubled)
+    unsorted = sp.csr_matrix((np.array([1.0, 1.0, 0.0, 1.0]), np.array([1, 0, 1, 0]), np.array([0, 2, 4])),
+                             shape=(2, 2))
+    before = (unsorted.indices.copy(), unsorted.data.copy())
+    data = lg.PreferenceData(s, unsorted)
+    assert list(data.group_sizes) == [2, 1]
+    np.testing.assert_array_equal(unsorted.indices, before[0])     # the caller's matrix is not reordered
+    np.testing.assert_array_equal(unsorted.data, before[1])        # nor its explicit zero removed
+    m = data.membership
+    assert m.per_pair is None                                        # pair 0 in two groups, pair 1 in one
+    union = lg.PreferenceData(np.ones((4, 2)), {"a": [0, 0, 1, 1], "b": list("xyxy")}).membership
+    assert union.per_pair == 2
+    indices = union.matrix.indices.copy()
+    block = union.indicator(np.array([1.0, 2.0]), 1, 3)              # pairs 1 (a=0, b=y) and 2 (a=1, b=x)
+    np.testing.assert_array_equal(block.toarray(), [[1, 0], [0, 2], [0, 2], [1, 0]])
+    block.indices[:] = 0                                              # the indicator is its own matrix
+    np.testing.assert_array_equal(union.matrix.indices, indices)
+
+
 def test_preference_data_intersect_gives_the_cells_as_labels():
     n = 150
     g = _groupings(n, seed=3)

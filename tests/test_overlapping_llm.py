@@ -108,6 +108,9 @@ def test_review_fixes_limit_names_and_one_column_inputs():
     with pytest.raises(ValueError, match=r"limit=20 \(--limit\) keeps at most 20 pairs of each cell"):
         load_preference_pairs(frame, group_column=["country", "survey"], intersect=True, min_group_size=40,
                               small_groups="merge", limit=20)
+    kept = load_preference_pairs(frame, group_column=["country", "survey"], intersect=True, min_group_size=40,
+                                 limit=20)          # keep: every cell kept (and reported), as asked
+    assert len(kept.small_cells) == 8 and (kept.group_sizes() == 20).all()
     # a grouping name holding "=" could collide with another's group names: refused (llm_head and the core)
     bad = toy_frame().rename(columns={"age": "age=band"})
     with pytest.raises(ValueError, match="may not hold '='"):
@@ -230,7 +233,9 @@ def test_compare_says_when_nothing_was_compared_and_names_ties(union_work, tmp_p
     assert w.formatwarning is before                      # the command's warning format does not leak
     assert _warning_line("no pairs", UserWarning, "x.py", 3) == "warning (UserWarning): no pairs\n"
     report = (tmp_path / "c" / "report.md").read_text()
-    assert FROZEN_NOTE in report
+    assert FROZEN_NOTE.split(" On the validation")[0] in report and "holds only R = 0" in report
+    heads = pd.read_csv(tmp_path / "c" / "heads.csv")
+    assert set(heads.loc[heads["group"] == "worst", "worst_group"]) == {"tie: 6 groups"}   # as in report.md
     assert "| tie: 6 groups (2 of 2 seeds) | tie: 4 groups (2 of 2 seeds) | tie: 2 groups (2 of 2 seeds) |" in report
     from llm_head import select_head
     from llm_head.workdir import load_problem
