@@ -218,12 +218,17 @@ def pairs_from_frame(frame, *, group_column="group", name="data", groups=None, i
     if limit is not None:
         table = table.groupby("group", sort=False).head(limit)
     if table.empty:
-        raise ValueError(f"{name}: no usable pairs ({len(skipped)} bad rows: "
-                         f"{skipped['reason'].value_counts().head(3).to_dict()})")
+        raise _no_usable_pairs(name, skipped)
     if "split" in table.columns:
         table["split"] = table["split"].map(_split_name)
     return PreferencePairs(table=table.reset_index(drop=True), groups=tuple(present), skipped=skipped,
                            conversational=conversational, source=str(name))
+
+
+def _no_usable_pairs(name, skipped):
+    """The error for data of which no pair is usable, with the commonest reasons."""
+    return ValueError(f"{name}: no usable pairs ({len(skipped)} bad rows: "
+                      f"{skipped['reason'].value_counts().head(3).to_dict()})")
 
 
 def _several_groupings(table, columns, skipped, conversational, name, intersect, min_group_size, small_groups,
@@ -246,8 +251,7 @@ def _several_groupings(table, columns, skipped, conversational, name, intersect,
     if "group" in table.columns and "group" not in columns:
         table = table.rename(columns={"group": "source_group"})
     if table.empty:
-        raise ValueError(f"{name}: no usable pairs ({len(skipped)} bad rows: "
-                         f"{skipped['reason'].value_counts().head(3).to_dict()})")
+        raise _no_usable_pairs(name, skipped)
     small = {}
     if intersect:
         from loglinear_grpo import intersect_groupings
