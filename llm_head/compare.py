@@ -52,8 +52,11 @@ def metric_specs(groupings=()):
 
 #: what compare says first when both trained heads are the frozen model in every seed
 FROZEN_NOTE = ("note: both trained heads chose R = 0 (the frozen model) in every seed, so the three heads are the "
-               "same model and every difference below is 0: nothing was compared. On the validation split no "
-               "trained head beat the frozen model; more pairs (or more of them per group) are needed.")
+               "same model and every difference below is 0: nothing was compared.")
+#: why, after FROZEN_NOTE: the grid had R > 0 (and validation kept R = 0), or it had none
+FROZEN_WHY = {True: " On the validation split no trained head beat the frozen model; more pairs (or more of them "
+                    "per group) are needed.",
+              False: " The grid of radii holds only R = 0: give --radii > 0."}
 
 #: the metric of the plain sentences for each criterion
 CRITERION_METRIC = {"worst-loss": "worst-group loss", "min-accuracy": "min-group rewards/accuracies"}
@@ -185,9 +188,7 @@ class Comparison:
 
     def frozen_note(self):
         """What compare says first when :meth:`frozen_everywhere`: why, by the grid."""
-        if not any(r > 0 for r in self.radii):
-            return FROZEN_NOTE.split(" On the validation")[0] + " The grid of radii holds only R = 0: give --radii > 0."
-        return FROZEN_NOTE
+        return FROZEN_NOTE + FROZEN_WHY[any(r > 0 for r in self.radii)]
 
     def frozen_everywhere(self):
         """True when both trained heads chose R = 0 (the frozen model) in every seed: nothing was compared."""
@@ -498,8 +499,8 @@ def compare_methods(workdir, *, loss="dpo", seeds=3, radii=DEFAULT_RADII, adjust
                 rows.append(meta | record)
             agg = table.loc["aggregate"]
             metric_rows.append(meta | {m: float(agg.loc[r, c]) for m, (r, c, _) in specs.items()}
-                               | {"worst_group": worst_group_name(table)}
-                               | {f"worst_group/{g}": worst_group_name(table, g) for g in groupings})
+                               | {"worst_group": named["worst"]}
+                               | {f"worst_group/{g}": named[f"worst {g}"] for g in groupings})
         test_groups = tables[(seed, "group_robust")].loc["group"]
         for name, row in test_groups.iterrows():                # the seed with the fewest test pairs of a group
             n = 0 if pd.isna(row["n_pairs"]) else int(row["n_pairs"])
